@@ -1,0 +1,1 @@
+"""Models: the multi-task U-Net, its losses, metrics, the LightningModule and callbacks."""

@@ -1,0 +1,308 @@
+"""Losses of the multi-task network: segmentation, classification, and how the two are weighted.
+
+Tensor conventions (the whole package uses them):
+
+* ``mask_logits``: float ``(B, 1, H, W)``, raw logits of the lesion mask;
+* ``masks``: float ``(B, 1, H, W)`` with values in ``{0, 1}`` (``(B, H, W)`` is accepted too);
+* ``class_logits``: float ``(B, C)`` raw logits, ``C = NUM_CLASSES = 3``;
+* ``labels``: long ``(B,)`` with values in ``0 .. C - 1`` (see :mod:`busiseg.data.labels`).
+
+Every constructor takes plain values (floats, str, lists) or modules, so that Hydra can build the whole loss
+from a nested config through ``_target_``. For example::
+
+    loss:
+      _target_: busiseg.models.losses.MultiTaskLoss
+      segmentation: {_target_: busiseg.models.losses.SegmentationLoss, dice_weight: 1.0, bce_weight: 1.0}
+      classification: {_target_: busiseg.models.losses.ClassificationLoss, kind: mse}
+      weighting: {_target_: busiseg.models.losses.FixedWeighting, w_seg: 1.0, w_cls: 1.0}
+
+:class:`UncertaintyWeighting` has learnable parameters: the :class:`MultiTaskLoss` must be a submodule of the
+LightningModule (``self.loss = ...``) so that they reach the optimizer (preferably without weight decay).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from busiseg.data.labels import NUM_CLASSES
+
+__all__ = [
+    "ClassificationLoss",
+    "FixedWeighting",
+    "MultiTaskLoss",
+    "SegOnlyWeighting",
+    "SegmentationLoss",
+    "TaskWeighting",
+    "UncertaintyWeighting",
+]
+
+CLASSIFICATION_KINDS: tuple[str, ...] = ("mse", "ce")
+
+
+def _check_weight(value: float, key: str) -> float:
+    """Return ``value`` as a float; ValueError naming the config ``key`` unless it is finite and >= 0."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be a number >= 0, got {value!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
+    return value
+
+
+def _as_mask(masks: Tensor, mask_logits: Tensor) -> Tensor:
+    """Bring ``masks`` to the shape and dtype of ``mask_logits`` (accepts ``(B, H, W)`` masks)."""
+    if masks.dim() == mask_logits.dim() - 1:
+        masks = masks.unsqueeze(1)
+    if masks.shape != mask_logits.shape:
+        raise ValueError(
+            f"masks of shape {tuple(masks.shape)} do not match mask_logits of shape {tuple(mask_logits.shape)}"
+        )
+    return masks.to(dtype=mask_logits.dtype)
+
+
+class SegmentationLoss(nn.Module):
+    """Soft Dice + binary cross-entropy on mask logits.
+
+    ``loss = dice_weight * (1 - soft_dice) + bce_weight * BCEWithLogits``, with
+
+    ``soft_dice = (2 * sum(p * t) + smooth) / (sum(p) + sum(t) + smooth)``, ``p = sigmoid(mask_logits)``.
+
+    The sums run over **all pixels of the whole batch** (batch-aggregated soft Dice), not per image and then
+    averaged. BUSI has "normal" images whose true mask is empty: a per-image Dice on such an image is either
+    ``smooth / (sum(p) + smooth)`` (very sensitive to ``smooth`` and to a handful of false-positive pixels) or
+    undefined, and it would dominate the batch mean. Aggregating over the batch gives one well-conditioned ratio;
+    a batch made only of empty masks still gets a Dice term that pushes ``p`` to 0, since ``smooth > 0``.
+    The BCE term is the mean over all pixels.
+
+    Args:
+        dice_weight: weight of the Dice term (>= 0).
+        bce_weight: weight of the BCE term (>= 0).
+        smooth: additive smoothing in the Dice numerator and denominator (> 0 keeps empty batches defined).
+    """
+
+    def __init__(self, dice_weight: float = 1.0, bce_weight: float = 1.0, smooth: float = 1.0) -> None:
+        super().__init__()
+        self.dice_weight = _check_weight(dice_weight, "loss.segmentation.dice_weight")
+        self.bce_weight = _check_weight(bce_weight, "loss.segmentation.bce_weight")
+        self.smooth = _check_weight(smooth, "loss.segmentation.smooth")
+
+    def dice_loss(self, mask_logits: Tensor, masks: Tensor) -> Tensor:
+        """``1 - soft Dice``, aggregated over the batch (scalar)."""
+        masks = _as_mask(masks, mask_logits)
+        probs = torch.sigmoid(mask_logits.float())
+        target = masks.float()
+        intersection = (probs * target).sum()
+        denominator = probs.sum() + target.sum()
+        dice = (2.0 * intersection + self.smooth) / (denominator + self.smooth).clamp_min(1e-7)
+        return 1.0 - dice
+
+    def bce_loss(self, mask_logits: Tensor, masks: Tensor) -> Tensor:
+        """Mean binary cross-entropy over all pixels (scalar)."""
+        masks = _as_mask(masks, mask_logits)
+        return F.binary_cross_entropy_with_logits(mask_logits.float(), masks.float())
+
+    def forward(self, mask_logits: Tensor, masks: Tensor) -> Tensor:
+        total = mask_logits.new_zeros((), dtype=torch.float32)
+        if self.dice_weight:
+            total = total + self.dice_weight * self.dice_loss(mask_logits, masks)
+        if self.bce_weight:
+            total = total + self.bce_weight * self.bce_loss(mask_logits, masks)
+        return total
+
+    def extra_repr(self) -> str:
+        return f"dice_weight={self.dice_weight}, bce_weight={self.bce_weight}, smooth={self.smooth}"
+
+
+class ClassificationLoss(nn.Module):
+    """Loss of the classification head.
+
+    * ``kind="mse"`` (the study's choice): mean squared error between ``softmax(class_logits)`` and
+      ``one_hot(labels)``, averaged over the batch and the classes.
+    * ``kind="ce"``: cross-entropy on the logits (:func:`torch.nn.functional.cross_entropy`).
+
+    ``class_weights`` (one non-negative weight per class, or None): for ``"ce"`` it is passed as ``weight=`` to
+    the cross-entropy; for ``"mse"`` each sample's loss (mean over classes) is weighted by the weight of its
+    true class and the batch is reduced as ``sum(w_i * l_i) / sum(w_i)``, the same convention as weighted CE.
+    With no weights, both are plain means.
+    """
+
+    def __init__(
+        self,
+        kind: str = "mse",
+        num_classes: int = NUM_CLASSES,
+        class_weights: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        kind_norm = str(kind).lower()
+        if kind_norm not in CLASSIFICATION_KINDS:
+            raise ValueError(
+                f"loss.classification.kind must be one of {', '.join(repr(k) for k in CLASSIFICATION_KINDS)}, "
+                f"got {kind!r}"
+            )
+        self.kind = kind_norm
+        self.num_classes = int(num_classes)
+        if self.num_classes < 2:
+            raise ValueError(f"loss.classification.num_classes must be >= 2, got {num_classes!r}")
+        if class_weights is not None:
+            # list(...) also accepts an omegaconf ListConfig, as Hydra passes it.
+            weights = [_check_weight(w, "loss.classification.class_weights") for w in list(class_weights)]
+            if len(weights) != self.num_classes:
+                raise ValueError(
+                    f"loss.classification.class_weights needs {self.num_classes} values (one per class), "
+                    f"got {len(weights)}"
+                )
+            if sum(weights) <= 0:
+                raise ValueError("loss.classification.class_weights must not all be 0")
+            self.register_buffer("class_weights", torch.tensor(weights, dtype=torch.float32))
+        else:
+            self.register_buffer("class_weights", None)
+
+    def forward(self, class_logits: Tensor, labels: Tensor) -> Tensor:
+        if class_logits.dim() != 2 or class_logits.shape[1] != self.num_classes:
+            raise ValueError(
+                f"class_logits must have shape (B, {self.num_classes}), got {tuple(class_logits.shape)}"
+            )
+        labels = labels.long().view(-1)
+        logits = class_logits.float()
+        if self.kind == "ce":
+            return F.cross_entropy(logits, labels, weight=self.class_weights)
+        probs = logits.softmax(dim=1)
+        one_hot = F.one_hot(labels, num_classes=self.num_classes).to(probs.dtype)
+        per_sample = ((probs - one_hot) ** 2).mean(dim=1)
+        if self.class_weights is None:
+            return per_sample.mean()
+        w = self.class_weights[labels]
+        return (w * per_sample).sum() / w.sum().clamp_min(1e-12)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, num_classes={self.num_classes}"
+
+
+class TaskWeighting(nn.Module):
+    """How the segmentation and classification losses combine into the loss that is optimized.
+
+    ``forward(seg_loss, cls_loss) -> (total, extras)``: ``total`` is the scalar to backpropagate, ``extras`` a
+    dict of detached scalar tensors worth logging (e.g. the effective weights ``w_seg`` / ``w_cls``).
+    """
+
+    def forward(self, seg_loss: Tensor, cls_loss: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        raise NotImplementedError
+
+
+class FixedWeighting(TaskWeighting):
+    """``total = w_seg * seg_loss + w_cls * cls_loss`` with constant weights (>= 0).
+
+    A weight that is exactly 0 drops its term from the graph altogether (not multiplied by 0): the loss gets no
+    gradient from that task at all, and a non-finite loss of a dropped task cannot poison the total.
+    """
+
+    def __init__(self, w_seg: float = 1.0, w_cls: float = 1.0) -> None:
+        super().__init__()
+        self.w_seg = _check_weight(w_seg, "loss.w_seg")
+        self.w_cls = _check_weight(w_cls, "loss.w_cls")
+        if self.w_seg == 0 and self.w_cls == 0:
+            raise ValueError("loss.w_seg and loss.w_cls are both 0: nothing would be optimized")
+
+    def forward(self, seg_loss: Tensor, cls_loss: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        terms = []
+        if self.w_seg != 0:
+            terms.append(seg_loss if self.w_seg == 1 else self.w_seg * seg_loss)
+        if self.w_cls != 0:
+            terms.append(cls_loss if self.w_cls == 1 else self.w_cls * cls_loss)
+        total = terms[0] if len(terms) == 1 else terms[0] + terms[1]
+        extras = {
+            "w_seg": seg_loss.new_tensor(self.w_seg).detach(),
+            "w_cls": seg_loss.new_tensor(self.w_cls).detach(),
+        }
+        return total, extras
+
+    def extra_repr(self) -> str:
+        return f"w_seg={self.w_seg}, w_cls={self.w_cls}"
+
+
+class SegOnlyWeighting(FixedWeighting):
+    """Ablation baseline: ``total = w_seg * seg_loss``, ``w_cls = 0`` exactly.
+
+    The classification head still runs and its loss is still computed and logged, but it is not part of the
+    optimized total, so the head's parameters get no gradient (their ``.grad`` stays None). Under DDP this means
+    unused parameters: use ``strategy="ddp_find_unused_parameters_true"``.
+    """
+
+    def __init__(self, w_seg: float = 1.0) -> None:
+        super().__init__(w_seg=w_seg, w_cls=0.0)
+
+
+class UncertaintyWeighting(TaskWeighting):
+    """Learned homoscedastic-uncertainty weighting (Kendall, Gal & Cipolla, CVPR 2018).
+
+    With learnable ``s_seg = log_var_seg`` and ``s_cls = log_var_cls`` (``s = log sigma^2``, initialised to 0):
+
+        ``total = 0.5 * exp(-s_seg) * L_seg + 0.5 * s_seg + 0.5 * exp(-s_cls) * L_cls + 0.5 * s_cls``
+
+    i.e. ``L / (2 sigma^2) + log sigma`` per task, the form of the paper's Gaussian likelihood, parametrised by
+    the log-variance for numerical stability. At init the total is ``0.5 * (L_seg + L_cls)``. The regulariser
+    ``0.5 * s`` is what stops ``s`` from growing without bound; note the total can be negative.
+
+    Extras (detached): ``w_seg = exp(-s_seg)`` and ``w_cls = exp(-s_cls)`` (the learned precisions ``1/sigma^2``;
+    the factor that multiplies each loss in the total is ``0.5 * w``) and the raw ``log_var_seg`` /
+    ``log_var_cls``.
+    """
+
+    def __init__(self, init_log_var_seg: float = 0.0, init_log_var_cls: float = 0.0) -> None:
+        super().__init__()
+        self.log_var_seg = nn.Parameter(torch.tensor(float(init_log_var_seg)))
+        self.log_var_cls = nn.Parameter(torch.tensor(float(init_log_var_cls)))
+
+    def forward(self, seg_loss: Tensor, cls_loss: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        s_seg = self.log_var_seg
+        s_cls = self.log_var_cls
+        total = (
+            0.5 * torch.exp(-s_seg) * seg_loss
+            + 0.5 * s_seg
+            + 0.5 * torch.exp(-s_cls) * cls_loss
+            + 0.5 * s_cls
+        )
+        extras = {
+            "w_seg": torch.exp(-s_seg).detach(),
+            "w_cls": torch.exp(-s_cls).detach(),
+            "log_var_seg": s_seg.detach().clone(),
+            "log_var_cls": s_cls.detach().clone(),
+        }
+        return total, extras
+
+
+class MultiTaskLoss(nn.Module):
+    """Segmentation loss + classification loss, combined by a :class:`TaskWeighting`.
+
+    ``forward(mask_logits, class_logits, masks, labels)`` returns a dict with ``"loss"`` (the total, to
+    backpropagate), ``"seg_loss"``, ``"cls_loss"`` (both always computed, also when a task's weight is 0) and the
+    weighting's extras (``"w_seg"``, ``"w_cls"``, ...). All values are scalar tensors.
+    """
+
+    RESERVED_KEYS: tuple[str, ...] = ("loss", "seg_loss", "cls_loss")
+
+    def __init__(
+        self,
+        segmentation: SegmentationLoss,
+        classification: ClassificationLoss,
+        weighting: TaskWeighting,
+    ) -> None:
+        super().__init__()
+        self.segmentation = segmentation
+        self.classification = classification
+        self.weighting = weighting
+
+    def forward(self, mask_logits: Tensor, class_logits: Tensor, masks: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        seg_loss = self.segmentation(mask_logits, masks)
+        cls_loss = self.classification(class_logits, labels)
+        total, extras = self.weighting(seg_loss, cls_loss)
+        clash = set(extras) & set(self.RESERVED_KEYS)
+        if clash:
+            raise KeyError(f"weighting extras must not use the reserved keys {sorted(clash)}")
+        return {"loss": total, "seg_loss": seg_loss, "cls_loss": cls_loss, **extras}

@@ -1,0 +1,106 @@
+"""LightningModule: one training/validation/test step for the multi-task U-Net."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from torch import nn
+
+from busiseg.data.labels import NUM_CLASSES
+from busiseg.models.losses import MultiTaskLoss
+from busiseg.models.metrics import classification_metrics, confusion_matrix_metric, segmentation_metrics
+
+STAGES = ("train", "val", "test")
+
+
+class MultiTaskModule(L.LightningModule):
+    """Wraps the network, the loss and one set of metrics per stage.
+
+    Args:
+        net: returns ``(mask_logits, class_logits)`` for images in [0, 1].
+        loss: MultiTaskLoss (segmentation + classification + weighting).
+        optimizer: half-built optimizer (Hydra ``_partial_: true``), completed with the parameters.
+        scheduler: half-built ``busiseg.models.scheduler`` factory taking ``total_steps``, or None.
+        config: the resolved run config as plain containers; stored in the checkpoint's
+            hyperparameters so eval/predict can rebuild the model (no objects: checkpoints
+            load with ``torch.load(weights_only=True)``).
+    """
+
+    def __init__(self, net: nn.Module, loss: MultiTaskLoss, optimizer: Callable[..., torch.optim.Optimizer],
+                 scheduler: Callable[..., Any] | None = None, config: dict | None = None):
+        super().__init__()
+        self.save_hyperparameters({"config": config or {}})
+        self.net = net
+        self.loss = loss
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        # ModuleDict keys cannot be "train" (nn.Module.train exists): keyed "train_", "val_", "test_"
+        self.seg_metrics = nn.ModuleDict({f"{s}_": segmentation_metrics(f"{s}/") for s in STAGES})
+        self.cls_metrics = nn.ModuleDict({f"{s}_": classification_metrics(f"{s}/", NUM_CLASSES) for s in STAGES})
+        self.test_confusion = confusion_matrix_metric(NUM_CLASSES)
+        self.test_confusion_result: torch.Tensor | None = None
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.net(images)
+
+    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        mask_logits, class_logits = self(batch["image"])
+        losses = self.loss(mask_logits, class_logits, batch["mask"], batch["label"])
+        mask_probs = torch.sigmoid(mask_logits.detach().float())
+        class_probs = torch.softmax(class_logits.detach().float(), dim=1)
+        self.seg_metrics[f"{stage}_"].update(mask_probs, batch["mask"].int())
+        self.cls_metrics[f"{stage}_"].update(class_probs, batch["label"])
+        if stage == "test":
+            self.test_confusion.update(class_probs, batch["label"])
+        batch_size = batch["image"].shape[0]
+        main = {f"{stage}/{k}": losses[k].detach() for k in ("loss", "seg_loss", "cls_loss")}
+        self.log_dict(main, on_step=stage == "train", on_epoch=True, batch_size=batch_size)
+        if stage == "train":
+            # task weights (fixed, or learned by the uncertainty weighting)
+            extras = {f"train/{k}": v.detach() for k, v in losses.items() if k not in ("loss", "seg_loss", "cls_loss")}
+            self.log_dict(extras, on_step=False, on_epoch=True, batch_size=batch_size)
+        return losses["loss"]
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def _log_epoch_metrics(self, stage: str) -> None:
+        values = {**self.seg_metrics[f"{stage}_"].compute(), **self.cls_metrics[f"{stage}_"].compute()}
+        self.log_dict({k: v.float() for k, v in values.items()}, prog_bar=False)
+        self.seg_metrics[f"{stage}_"].reset()
+        self.cls_metrics[f"{stage}_"].reset()
+
+    def on_train_start(self) -> None:
+        # The sanity check ran validation steps; their counts must not leak into epoch 0.
+        self.seg_metrics["val_"].reset()
+        self.cls_metrics["val_"].reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch_metrics("train")
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            self.seg_metrics["val_"].reset()
+            self.cls_metrics["val_"].reset()
+            return
+        self._log_epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics("test")
+        self.test_confusion_result = self.test_confusion.compute().cpu()
+        self.test_confusion.reset()
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(params=self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer, total_steps=self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

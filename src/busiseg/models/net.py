@@ -1,0 +1,81 @@
+"""The network: an smp U-Net whose encoder also feeds a 3-class head."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import segmentation_models_pytorch as smp
+import torch
+from torch import nn
+
+from busiseg.data.labels import NUM_CLASSES
+
+
+class EncoderWeightsUnavailable(RuntimeError):
+    """Named pretrained weights could not be fetched (no network, or not cached)."""
+
+
+def build_unet(encoder_name: str, encoder_weights: str | None, in_channels: int, decoder_channels: Sequence[int],
+               num_classes: int, head_dropout: float) -> smp.Unet:
+    """smp.Unet with ``aux_params`` for the class head; a failed weight download is one clear error."""
+    kwargs = dict(
+        encoder_name=encoder_name,
+        in_channels=in_channels,
+        classes=1,
+        decoder_channels=tuple(decoder_channels),
+        aux_params=dict(classes=num_classes, pooling="avg", dropout=head_dropout or None),
+    )
+    try:
+        return smp.Unet(encoder_weights=encoder_weights, **kwargs)
+    except (OSError, RuntimeError, ValueError, KeyError) as exc:
+        if encoder_weights is None:
+            if isinstance(exc, KeyError) or "encoder" in str(exc).lower():
+                raise ValueError(f"model.encoder_name={encoder_name!r} is not an encoder smp knows ({exc})") from exc
+            raise
+        raise EncoderWeightsUnavailable(
+            f"cannot load '{encoder_weights}' weights for encoder {encoder_name} "
+            f"({exc.__class__.__name__}); this machine may be offline. Train from scratch with "
+            f"model.encoder_weights=null, or download the weights once where there is network "
+            f"(they are cached under ~/.cache/huggingface and ~/.cache/torch)."
+        ) from exc
+
+
+class MultiTaskUnet(nn.Module):
+    """U-Net for the lesion mask plus a classification head on the encoder's deepest features.
+
+    Inputs are images in [0, 1]; they are standardised inside the network with fixed
+    ``input_mean``/``input_std`` so data, callbacks and exported models all speak [0, 1].
+    ``forward`` returns ``(mask_logits (B,1,H,W), class_logits (B,3))``.
+    """
+
+    def __init__(
+        self,
+        encoder_name: str = "resnet34",
+        encoder_weights: str | None = None,
+        in_channels: int = 1,
+        decoder_channels: Sequence[int] = (256, 128, 64, 32, 16),
+        num_classes: int = NUM_CLASSES,
+        head_dropout: float = 0.2,
+        input_mean: float = 0.5,
+        input_std: float = 0.25,
+    ):
+        super().__init__()
+        if input_std <= 0:
+            raise ValueError(f"model.input_std must be > 0, got {input_std}")
+        self.unet = build_unet(encoder_name, encoder_weights, in_channels, decoder_channels, num_classes, head_dropout)
+        self.in_channels = in_channels
+        self._zero_init_class_head()
+        self.register_buffer("input_mean", torch.tensor(float(input_mean)), persistent=False)
+        self.register_buffer("input_std", torch.tensor(float(input_std)), persistent=False)
+
+    def _zero_init_class_head(self) -> None:
+        # Start from uniform class probabilities. With the MSE-on-softmax loss a head that
+        # starts (or drifts) saturated gets almost no gradient and never recovers; zero
+        # logits at step 0 keep the softmax in its sensitive range.
+        linears = [m for m in self.unet.classification_head.modules() if isinstance(m, nn.Linear)]
+        nn.init.zeros_(linears[-1].weight)
+        nn.init.zeros_(linears[-1].bias)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mask_logits, class_logits = self.unet((images - self.input_mean) / self.input_std)
+        return mask_logits, class_logits

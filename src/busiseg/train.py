@@ -1,0 +1,186 @@
+"""Train the multi-task U-Net: ``python -m busiseg.train [overrides]``.
+
+Builds everything from ``conf/`` with Hydra, fits, tests the best checkpoint, writes
+``metrics.json`` in the run dir and returns ``cfg.optimized_metric`` for sweepers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import hydra  # noqa: E402
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from busiseg.data.busi import DatasetError, summarize  # noqa: E402
+from busiseg.data.labels import CLASS_NAMES  # noqa: E402
+from busiseg.data.splits import PARTS  # noqa: E402
+from busiseg.models.module import MultiTaskModule  # noqa: E402
+from busiseg.models.net import EncoderWeightsUnavailable  # noqa: E402
+
+log = logging.getLogger("busiseg.train")
+
+CONFIG_DIR = os.environ.get("BUSISEG_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key."""
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Catch impossible values before any heavy work, naming the key."""
+    data = cfg.data
+    if data.get("root") in (None, "", "???"):
+        raise ConfigError("data.root is not set: pass data.root=/path/to/Dataset_BUSI_with_GT or set BUSI_ROOT")
+    size = int(data.image_size)
+    if size < 32 or size % 32:
+        raise ConfigError(f"data.image_size must be a multiple of 32 (the U-Net halves it 5 times), got {size}")
+    precision = str(cfg.trainer.get("precision", 32))
+    allowed = ("32", "32-true", "64", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
+    if precision not in allowed:
+        raise ConfigError(f"trainer.precision={precision} is not one of {', '.join(allowed)}")
+    accelerator = cfg.trainer.get("accelerator", "auto")
+    if accelerator == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("trainer.accelerator=gpu but no CUDA device is visible; use trainer=cpu or trainer=default (auto)")
+    if precision == "16-mixed" and accelerator == "cpu":
+        raise ConfigError("trainer.precision=16-mixed needs a GPU; on CPU use 32 or bf16-mixed")
+
+
+def _plain(cfg: DictConfig) -> dict[str, Any]:
+    """The run's config as plain, resolved containers (Hydra's own node left out)."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.pop("hydra", None)  # present only when composed with return_hydra_config
+    return plain  # type: ignore[return-value]
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "/"))
+        elif isinstance(v, (int, float, str, bool)) or v is None:
+            out[key] = "null" if v is None else v
+        else:
+            out[key] = str(v)
+    return out
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Atomic write: a killed run never leaves a half-written file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _scalars(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
+    """Epoch-level scalars under ``prefix`` (per-step duplicates dropped, ``_epoch`` suffix removed)."""
+    return {
+        k.removesuffix("_epoch"): float(v)
+        for k, v in sorted(metrics.items())
+        if k.startswith(prefix) and not k.endswith("_step") and torch.as_tensor(v).numel() == 1
+    }
+
+
+def build(cfg: DictConfig) -> tuple[L.LightningDataModule, MultiTaskModule, L.Trainer]:
+    """Instantiate datamodule, module and trainer from the config (no training)."""
+    output_dir = Path(cfg.paths.output_dir)
+    datamodule = hydra.utils.instantiate(
+        cfg.data,
+        train_transform=hydra.utils.instantiate(cfg.augment),
+        splitter=hydra.utils.instantiate(cfg.split),
+        split_out=str(output_dir / "split.json"),
+        _convert_="object",
+    )
+    module = MultiTaskModule(
+        net=hydra.utils.instantiate(cfg.model),
+        loss=hydra.utils.instantiate(cfg.loss),
+        optimizer=hydra.utils.instantiate(cfg.optimizer),
+        scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        config=_plain(cfg),
+    )
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return datamodule, module, trainer
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit, test the best checkpoint, write metrics.json; return the metrics."""
+    check_config(cfg)
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    datamodule, module, trainer = build(cfg)
+
+    started = time.perf_counter()
+    if cfg.get("train", True):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    fit_seconds = time.perf_counter() - started
+    fit_metrics = dict(trainer.callback_metrics)
+
+    best_ckpt = None
+    if trainer.checkpoint_callback is not None and not trainer.fast_dev_run:
+        best_ckpt = trainer.checkpoint_callback.best_model_path or None
+    test_metrics: dict[str, Any] = {}
+    if cfg.get("test", True):
+        if best_ckpt is None:
+            log.warning("no best checkpoint (fast_dev_run or no checkpoint callback): testing the current weights")
+        trainer.test(module, datamodule=datamodule, ckpt_path=best_ckpt, weights_only=True)
+        test_metrics = dict(trainer.callback_metrics)
+
+    metrics = {**_scalars(fit_metrics, "val/"), **_scalars(fit_metrics, "train/"), **_scalars(test_metrics, "test/")}
+    summary = {
+        "metrics": metrics,
+        "best_checkpoint": best_ckpt,
+        "epochs_trained": trainer.current_epoch,
+        "fit_seconds": round(fit_seconds, 2),
+        "class_names": list(CLASS_NAMES),
+        "test_confusion_matrix": (
+            module.test_confusion_result.tolist() if module.test_confusion_result is not None else None
+        ),
+        "images_per_split": {
+            p: summarize([datamodule.records[i] for i in getattr(datamodule, f"{p}_dataset").indices]) for p in PARTS
+        },
+        "data_root": str(datamodule.root),
+    }
+    if trainer.is_global_zero:
+        write_json(output_dir / "metrics.json", summary)
+        hparam_metrics = {k: v for k, v in metrics.items() if k.startswith(("test/", "val/")) and "loss" not in k}
+        params = _flatten(_plain(cfg))
+        for lg in trainer.loggers:
+            if isinstance(lg, TensorBoardLogger):  # the HPARAMS tab pairs params with these metrics
+                lg.log_hyperparams(params, metrics=hparam_metrics)
+            else:
+                lg.log_hyperparams(params)
+            lg.save()
+        log.info("metrics: %s", json.dumps({k: round(v, 4) for k, v in metrics.items() if k.startswith("test/")}))
+        log.info("run dir: %s", output_dir)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        summary = train(cfg)
+    except (DatasetError, ConfigError, EncoderWeightsUnavailable) as exc:
+        log.error("%s", exc)
+        print(f"busiseg: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    value = summary["metrics"].get(cfg.get("optimized_metric") or "")
+    return float(value) if value is not None else None
+
+
+if __name__ == "__main__":
+    main()
