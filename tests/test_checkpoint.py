@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from busiseg.checkpoint import CheckpointError, load_model
+from busiseg.models.net import MultiTaskUnet
+
+MODEL_CFG = {
+    "_target_": "busiseg.models.net.MultiTaskUnet",
+    "encoder_name": "resnet18",
+    "encoder_weights": None,
+    "in_channels": 1,
+    "decoder_channels": [16, 16, 8, 8, 8],
+}
+
+
+def _ckpt(tmp_path, extra=None):
+    net = MultiTaskUnet(encoder_name="resnet18", decoder_channels=(16, 16, 8, 8, 8))
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.01)
+    ckpt = {"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+            "hyper_parameters": {"config": {"model": MODEL_CFG}}}
+    if extra:
+        ckpt.update(extra)
+    path = tmp_path / "m.ckpt"
+    torch.save(ckpt, path)
+    return net.eval(), path
+
+
+def test_round_trip_same_outputs(tmp_path):
+    net, path = _ckpt(tmp_path)
+    loaded, config = load_model(path)
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(net(x), loaded(x)):
+            torch.testing.assert_close(a, b)
+    assert config["model"]["encoder_name"] == "resnet18"
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("this ran at load time",))
+
+
+def test_pickled_object_refused(tmp_path):
+    _, path = _ckpt(tmp_path, {"payload": Evil()})
+    with pytest.raises(CheckpointError, match="refused"):
+        load_model(path)
+
+
+def test_missing_and_garbage_files_named(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(tmp_path / "nope.ckpt")
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="bad.ckpt"):
+        load_model(bad)
