@@ -1,0 +1,150 @@
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from busiseg.data.busi import DatasetError, load_record, mask_to_bool, scan_busi, summarize
+from busiseg.data.dataset import DecodedCache
+from busiseg.data.labels import CLASS_NAMES, LABEL_OF
+from tests.conftest import write_case
+
+
+def test_labels_are_fixed():
+    assert CLASS_NAMES == ("normal", "benign", "malignant")
+    assert LABEL_OF == {"normal": 0, "benign": 1, "malignant": 2}
+
+
+def test_scan_counts_labels_and_numeric_order(tiny_busi: Path):
+    write_case(tiny_busi, "benign", 10)  # sorts after 7, not between 1 and 2
+    records = scan_busi(tiny_busi)
+    assert summarize(records) == {"normal": 4, "benign": 5, "malignant": 4}
+    benign = [r.image.name for r in records if r.class_name == "benign"]
+    assert benign == [f"benign ({n}).png" for n in (1, 2, 4, 7, 10)]
+    assert {r.label for r in records if r.class_name == "malignant"} == {2}
+    assert records[0].name.startswith(records[0].class_name + "/")
+
+
+def test_multi_mask_union(tmp_path: Path):
+    root = tmp_path / "d"
+    write_case(root, "benign", 1, masks=((0, 0, 10, 10), (20, 20, 30, 30), (5, 5, 15, 15)))
+    for c in ("malignant", "normal"):
+        write_case(root, c, 1)
+    rec = [r for r in scan_busi(root) if r.class_name == "benign"][0]
+    assert [p.name for p in rec.masks] == ["benign (1)_mask.png", "benign (1)_mask_1.png", "benign (1)_mask_2.png"]
+    _, mask = load_record(rec)
+    expected = np.zeros((32, 40), bool)
+    expected[0:10, 0:10] = expected[20:30, 20:30] = expected[5:15, 5:15] = True
+    np.testing.assert_array_equal(mask, expected)
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "RGB", "RGBA", "P"])
+def test_mask_formats(tmp_path: Path, mode: str):
+    m = np.zeros((16, 16), np.uint8)
+    m[4:8, 4:12] = 255
+    im = Image.fromarray(m, "L").convert(mode)
+    if mode == "RGBA":
+        # like BUSI's RGBA masks: opaque everywhere, lesion only in the colour channels
+        assert np.asarray(im)[..., 3].min() == 255
+    np.testing.assert_array_equal(mask_to_bool(im), m > 0)
+
+
+def test_any_nonzero_pixel_is_lesion():
+    m = np.zeros((8, 8), np.uint8)
+    m[1, 1] = 1
+    m[2, 2] = 128
+    assert mask_to_bool(Image.fromarray(m, "L")).sum() == 2
+
+
+def test_rgb_overlay_image_becomes_grey_or_rgb(tmp_path: Path):
+    root = tmp_path / "d"
+    path = write_case(root, "benign", 1)
+    arr = np.asarray(Image.open(path)).copy()
+    arr[0:4, 0:4] = (255, 0, 0)  # a colour overlay
+    Image.fromarray(arr).save(path)
+    for c in ("malignant", "normal"):
+        write_case(root, c, 1)
+    rec = [r for r in scan_busi(root) if r.class_name == "benign"][0]
+    grey, _ = load_record(rec, in_channels=1)
+    rgb, _ = load_record(rec, in_channels=3)
+    assert grey.shape == (32, 40) and grey.dtype == np.uint8
+    assert rgb.shape == (32, 40, 3)
+    assert grey[0, 0] == 76  # ITU-R 601 luma of pure red
+
+
+def test_stray_files_ignored_with_one_counting_warning(tiny_busi: Path):
+    (tiny_busi / "benign" / "Thumbs.db").write_bytes(b"x")
+    (tiny_busi / "normal" / "notes.txt").write_text("hi")
+    (tiny_busi / "normal" / ".DS_Store").write_bytes(b"x")
+    with pytest.warns(UserWarning, match=r"ignored 3 file\(s\)"):
+        records = scan_busi(tiny_busi)
+    assert len(records) == 12
+
+
+def test_missing_root(tmp_path: Path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        scan_busi(tmp_path / "nope")
+
+
+def test_missing_class_folder_named(tiny_busi: Path):
+    import shutil
+
+    shutil.rmtree(tiny_busi / "normal")
+    with pytest.raises(DatasetError, match=r"normal/"):
+        scan_busi(tiny_busi)
+
+
+def test_empty_dataset(tmp_path: Path):
+    for c in CLASS_NAMES:
+        (tmp_path / c).mkdir()
+    with pytest.raises(DatasetError, match="holds no images"):
+        scan_busi(tmp_path)
+
+
+def test_every_image_without_mask_and_mask_without_image_listed(tiny_busi: Path):
+    (tiny_busi / "benign" / "benign (2)_mask.png").unlink()
+    (tiny_busi / "normal" / "normal (4)_mask.png").unlink()
+    (tiny_busi / "malignant" / "malignant (7).png").unlink()
+    with pytest.raises(DatasetError) as info:
+        scan_busi(tiny_busi)
+    msg = str(info.value)
+    assert "3 problem(s)" in msg
+    assert "benign (2).png: image without a mask" in msg
+    assert "normal (4).png: image without a mask" in msg
+    assert "malignant (7)_mask.png: mask without an image" in msg
+
+
+def test_bad_files_all_reported_before_training(tiny_busi: Path):
+    # a mask of the wrong size, a truncated PNG, and a text file named .png
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(tiny_busi / "benign" / "benign (1)_mask.png")
+    data = (tiny_busi / "malignant" / "malignant (2).png").read_bytes()
+    (tiny_busi / "malignant" / "malignant (2).png").write_bytes(data[: len(data) // 2])
+    (tiny_busi / "normal" / "normal (7).png").write_text("not a png")
+    records = scan_busi(tiny_busi)
+    with pytest.raises(DatasetError) as info:
+        DecodedCache(records, image_size=32, progress=False)
+    msg = str(info.value)
+    assert "3 of 12 image(s) cannot be used" in msg
+    assert "benign (1)_mask.png: mask size 10x10 differs from its image's 40x32" in msg
+    assert "malignant (2).png: cannot read the image" in msg
+    assert "normal (7).png: cannot read the image" in msg
+
+
+def test_cache_resizes_and_keeps_masks_binary(tiny_busi: Path):
+    records = scan_busi(tiny_busi)
+    cache = DecodedCache(records, image_size=64, progress=False)
+    assert cache.images.shape == (12, 64, 64) and cache.images.dtype == np.uint8
+    assert cache.masks.dtype == bool
+    normal = [i for i, r in enumerate(records) if r.class_name == "normal"]
+    assert not cache.masks[normal].any()
+    benign0 = [i for i, r in enumerate(records) if r.class_name == "benign"][0]
+    # box 12x12 of 40x32 -> area fraction preserved after resizing to 64x64
+    assert abs(cache.masks[benign0].mean() - (12 * 12) / (40 * 32)) < 0.02
+
+
+def test_image_size_must_fit_unet(tiny_busi: Path):
+    with pytest.raises(ValueError, match="multiple of 32"):
+        DecodedCache(scan_busi(tiny_busi), image_size=100, progress=False)
