@@ -1,0 +1,1 @@
+"""Data: scanning the BUSI layout, the synthetic phantom, splits, datasets and the datamodule."""

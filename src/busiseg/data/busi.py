@@ -1,0 +1,193 @@
+"""Read a folder in the BUSI (Kaggle) layout into records, and decode one record.
+
+Layout: ``ROOT/{benign,malignant,normal}/NAME (N).png`` beside its masks
+``NAME (N)_mask.png``, ``NAME (N)_mask_1.png``, ... Scanning reads no pixels;
+``load_record`` decodes one image and merges its masks; the dataset cache
+(data/dataset.py) decodes every record once before training and reports every
+bad file in one error.
+
+Quirks of real downloads handled here (see docs/data.md):
+- several masks per image: merged by union;
+- masks saved as 1-bit, L, RGB or RGBA PNGs; in RGBA masks the alpha channel is
+  opaque everywhere, so only the colour channels say where the lesion is;
+- images saved as RGB, some with colour overlays (Doppler, calipers): converted
+  to grey with ITU-R 601 luma unless 3 channels are asked for;
+- image numbers with gaps; stray files (thumbnails, .DS_Store, desktop.ini).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from busiseg.data.labels import CLASS_NAMES, LABEL_OF
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+_MASK_RE = re.compile(r"^(?P<stem>.+)_mask(?:_(?P<k>\d+))?$", re.IGNORECASE)
+
+
+class DatasetError(ValueError):
+    """Bad input in a dataset folder; the message names every file at fault."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image of the dataset: where its pixels are and what it is. No pixels."""
+
+    image: Path
+    masks: tuple[Path, ...]
+    label: int
+
+    @property
+    def class_name(self) -> str:
+        return CLASS_NAMES[self.label]
+
+    @property
+    def name(self) -> str:
+        """Path relative to the dataset root, e.g. ``benign/benign (3).png``."""
+        return f"{self.image.parent.name}/{self.image.name}"
+
+
+def _image_number(path: Path) -> tuple[int, str]:
+    """Sort key: the number in ``NAME (N)`` numerically, then the name."""
+    m = re.search(r"\((\d+)\)", path.stem)
+    return (int(m.group(1)) if m else -1, path.name)
+
+
+def scan_busi(root: str | Path, classes: tuple[str, ...] = CLASS_NAMES) -> list[Record]:
+    """List the dataset's images with their masks and labels, sorted by class then number.
+
+    Raises DatasetError naming the folder or files at fault: a missing root or class
+    folder, an empty dataset, images without masks, masks without images.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(
+            f"dataset root {root} does not exist or is not a folder "
+            "(set data.root to a folder holding benign/, malignant/ and normal/)"
+        )
+    missing = [c for c in classes if not (root / c).is_dir()]
+    if missing:
+        raise DatasetError(
+            f"dataset root {root} lacks the class folder(s) {', '.join(missing)}/ "
+            f"(expected one folder per class: {', '.join(classes)})"
+        )
+
+    records: list[Record] = []
+    problems: list[str] = []
+    ignored: list[Path] = []
+    for class_name in classes:
+        images: dict[str, Path] = {}
+        masks: dict[str, list[tuple[int, Path]]] = {}
+        for path in sorted((root / class_name).iterdir()):
+            if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith("."):
+                ignored.append(path)
+                continue
+            m = _MASK_RE.match(path.stem)
+            if m:
+                masks.setdefault(m.group("stem"), []).append((int(m.group("k") or 0), path))
+            else:
+                images[path.stem] = path
+        for stem in sorted(set(masks) - set(images)):
+            for _, p in masks[stem]:
+                problems.append(f"{p}: mask without an image (expected {stem}.png beside it)")
+        for stem, image in sorted(images.items(), key=lambda kv: _image_number(kv[1])):
+            if stem not in masks:
+                problems.append(f"{image}: image without a mask (expected {stem}_mask.png beside it)")
+                continue
+            mask_paths = tuple(p for _, p in sorted(masks[stem]))
+            records.append(Record(image=image, masks=mask_paths, label=LABEL_OF[class_name]))
+
+    if ignored:
+        warnings.warn(
+            f"{root}: ignored {len(ignored)} file(s) that are neither images nor masks "
+            f"(e.g. {ignored[0].name})",
+            stacklevel=2,
+        )
+    if problems:
+        raise DatasetError(format_problems(f"{root}: {len(problems)} problem(s) in the dataset", problems))
+    if not records:
+        raise DatasetError(f"dataset root {root} holds no images in {', '.join(c + '/' for c in classes)}")
+    return records
+
+
+def format_problems(head: str, lines: list[str], limit: int = 50) -> str:
+    shown = "\n".join(f"  - {line}" for line in lines[:limit])
+    more = f"\n  ... and {len(lines) - limit} more" if len(lines) > limit else ""
+    return f"{head}:\n{shown}{more}"
+
+
+def _open(path: Path) -> Image.Image:
+    """Open and fully decode an image, naming the file in any error."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DatasetError(f"{path}: cannot read the image ({exc.__class__.__name__}: {exc})") from exc
+
+
+def mask_to_bool(im: Image.Image) -> np.ndarray:
+    """Lesion pixels of one mask file: any non-zero colour value.
+
+    The alpha channel is ignored: BUSI's RGBA masks are opaque everywhere, so
+    counting alpha would mark the whole image as lesion.
+    """
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        arr = np.asarray(im)[..., :3]
+    elif im.mode in ("1", "L", "I", "I;16", "F"):
+        arr = np.asarray(im)
+    else:
+        arr = np.asarray(im.convert("RGB"))
+    if arr.ndim == 3:
+        arr = arr.max(axis=-1)
+    return arr > 0
+
+
+def merge_masks(mask_images: list[Image.Image], paths: list[Path], size: tuple[int, int]) -> np.ndarray:
+    """Union of an image's masks; every mask must have the image's size (width, height)."""
+    merged = np.zeros((size[1], size[0]), dtype=bool)
+    for im, path in zip(mask_images, paths):
+        if im.size != size:
+            raise DatasetError(
+                f"{path}: mask size {im.size[0]}x{im.size[1]} differs from its image's {size[0]}x{size[1]}"
+            )
+        merged |= mask_to_bool(im)
+    return merged
+
+
+def image_to_array(im: Image.Image, in_channels: int = 1) -> np.ndarray:
+    """uint8 HxW (grey) or HxWx3 array; 16-bit and float images are scaled to 0..255."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        hi = arr.max() if arr.max() > 0 else 1.0
+        im = Image.fromarray((arr / hi * 255.0).round().astype(np.uint8), mode="L")
+    if in_channels == 1:
+        return np.asarray(im.convert("L"))
+    if in_channels == 3:
+        return np.asarray(im.convert("RGB"))
+    raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
+
+
+def load_record(record: Record, in_channels: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Decode one record at its original size: (image uint8 HxW[x3], merged bool mask HxW)."""
+    image = _open(record.image)
+    masks = [_open(p) for p in record.masks]
+    mask = merge_masks(masks, list(record.masks), image.size)
+    return image_to_array(image, in_channels), mask
+
+
+def summarize(records: list[Record]) -> dict[str, int]:
+    """Image count per class name (all classes present, zero where none)."""
+    counts = Counter(r.class_name for r in records)
+    return {name: counts.get(name, 0) for name in CLASS_NAMES}

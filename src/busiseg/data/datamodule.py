@@ -1,0 +1,129 @@
+"""LightningDataModule: folder -> records -> split -> decoded cache -> three datasets."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from busiseg.data.busi import Record, scan_busi, summarize
+from busiseg.data.dataset import BusiDataset, DecodedCache
+from busiseg.data.labels import CLASS_NAMES
+from busiseg.data.splits import PARTS, HoldoutSplitter, load_split, save_split
+
+log = logging.getLogger(__name__)
+
+
+def resolve_num_workers(num_workers: int | str) -> int:
+    """``"auto"``: one worker per core beyond the main process, at most 8."""
+    if num_workers == "auto":
+        return max(0, min(8, (os.cpu_count() or 1) - 1))
+    if int(num_workers) < 0:
+        raise ValueError(f"data.num_workers must be >= 0 or 'auto', got {num_workers}")
+    return int(num_workers)
+
+
+class BusiDataModule(L.LightningDataModule):
+    """Reads a BUSI-layout folder (or writes the synthetic phantom there first).
+
+    Args:
+        root: dataset folder holding benign/, malignant/, normal/.
+        synthetic: if given, generation parameters of the phantom written into ``root``
+            on first use (see ``busiseg.data.synthetic.ensure_phantom``).
+        image_size: square preprocessing size (multiple of 32).
+        in_channels: 1 (grey) or 3.
+        train_transform: albumentations pipeline for training samples (config group ``augment``).
+        splitter: object with ``split(records) -> {"train","val","test"}`` (config group ``split``).
+        split_file: reuse this saved split instead of computing one.
+        split_out: write the split used to this JSON file (the run dir's ``split.json``).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        synthetic: Mapping[str, Any] | None = None,
+        image_size: int = 128,
+        in_channels: int = 1,
+        batch_size: int = 16,
+        eval_batch_size: int | None = None,
+        num_workers: int | str = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        train_transform: Callable | None = None,
+        splitter: Any | None = None,
+        split_file: str | None = None,
+        split_out: str | None = None,
+    ):
+        super().__init__()
+        if in_channels not in (1, 3):
+            raise ValueError(f"data.in_channels must be 1 or 3, got {in_channels}")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        self.root = Path(root).expanduser()
+        self.synthetic = dict(synthetic) if synthetic else None
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = resolve_num_workers(num_workers)
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers and self.num_workers > 0
+        self.train_transform = train_transform
+        self.splitter = splitter or HoldoutSplitter()
+        self.split_file = split_file
+        self.split_out = split_out
+        self.records: list[Record] = []
+        self.split: dict[str, list[str]] = {}
+        self.cache: DecodedCache | None = None
+
+    def prepare_data(self) -> None:
+        if self.synthetic is not None:
+            from busiseg.data.synthetic import ensure_phantom
+
+            ensure_phantom(self.root, **self.synthetic)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.cache is not None:
+            return
+        if self.synthetic is not None and not self.root.exists():
+            self.prepare_data()
+        self.records = scan_busi(self.root)
+        self.split = load_split(self.split_file) if self.split_file else self.splitter.split(self.records)
+        by_name = {r.name: i for i, r in enumerate(self.records)}
+        unknown = [n for p in PARTS for n in self.split[p] if n not in by_name]
+        if unknown:
+            raise ValueError(f"split names {len(unknown)} image(s) not in {self.root}, e.g. {unknown[0]}")
+        if self.split_out:
+            save_split(self.split, self.split_out)
+        self.cache = DecodedCache(self.records, self.image_size, self.in_channels)
+        index = {p: [by_name[n] for n in self.split[p]] for p in PARTS}
+        self.train_dataset = BusiDataset(self.cache, index["train"], self.train_transform)
+        self.val_dataset = BusiDataset(self.cache, index["val"])
+        self.test_dataset = BusiDataset(self.cache, index["test"])
+        for p in PARTS:
+            counts = summarize([self.records[i] for i in index[p]])
+            log.info("%s: %d images (%s)", p, len(index[p]), ", ".join(f"{c} {counts[c]}" for c in CLASS_NAMES))
+
+    def _loader(self, dataset: BusiDataset, shuffle: bool, batch_size: int) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(dataset) > batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, True, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, False, self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, False, self.eval_batch_size)
