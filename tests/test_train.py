@@ -160,3 +160,9 @@ def test_cli_bad_dataset_is_one_clear_error(tmp_path):
     assert proc.returncode == 2
     assert "busiseg: error:" in proc.stderr and "normal/" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_channels_last_run_matches_default_metrics_keys(tmp_path, data_dir):
+    cfg = compose_train(tmp_path, data_dir, ["debug=fdr", "channels_last=true"])
+    summary = train(cfg)
+    assert 0.0 <= summary["metrics"]["test/dice"] <= 1.0

@@ -26,11 +26,18 @@ class MultiTaskModule(L.LightningModule):
         config: the resolved run config as plain containers; stored in the checkpoint's
             hyperparameters so eval/predict can rebuild the model (no objects: checkpoints
             load with ``torch.load(weights_only=True)``).
+        channels_last: run the network in NHWC memory format (faster convolutions on
+            GPUs with tensor cores and on recent CPUs; measure, see docs/performance.md).
+        compile: ``torch.compile`` the network in place (state_dict keys unchanged, so
+            checkpoints stay interchangeable); pays off on long GPU runs.
     """
 
     def __init__(self, net: nn.Module, loss: MultiTaskLoss, optimizer: Callable[..., torch.optim.Optimizer],
-                 scheduler: Callable[..., Any] | None = None, config: dict | None = None):
+                 scheduler: Callable[..., Any] | None = None, config: dict | None = None,
+                 channels_last: bool = False, compile: bool = False):
         super().__init__()
+        self.channels_last = channels_last
+        self.compile_net = compile
         self.save_hyperparameters({"config": config or {}})
         self.net = net
         self.loss = loss
@@ -42,7 +49,16 @@ class MultiTaskModule(L.LightningModule):
         self.test_confusion = confusion_matrix_metric(NUM_CLASSES)
         self.test_confusion_result: torch.Tensor | None = None
 
+    def setup(self, stage: str) -> None:
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        if self.compile_net and not getattr(self, "_compiled", False):
+            self.net.compile()
+            self._compiled = True
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.net(images)
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
