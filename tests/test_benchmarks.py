@@ -38,3 +38,15 @@ def test_train_overhead_benchmark_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert len(result["busiseg"]) == len(result["plain"]) == 1 and result["ratios"][0] > 0
+
+
+@pytest.mark.slow
+def test_data_pipeline_benchmark_runs(tmp_path):
+    out = tmp_path / "data.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "data_pipeline.py"), "--size", "64", "--epochs", "2",
+           "--workers", "0", "1", "--train-batches", "1", "--batch-size", "4", "--data-dir", str(tmp_path / "data"),
+           "--json", str(out), *TINY]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["n_images"] == 16 and set(result["loader"]) == {"0", "1"}
