@@ -166,3 +166,9 @@ def test_channels_last_run_matches_default_metrics_keys(tmp_path, data_dir):
     cfg = compose_train(tmp_path, data_dir, ["debug=fdr", "channels_last=true"])
     summary = train(cfg)
     assert 0.0 <= summary["metrics"]["test/dice"] <= 1.0
+
+
+def test_disk_cache_run(tmp_path, data_dir):
+    cfg = compose_train(tmp_path, data_dir, ["debug=fdr", "data.cache=disk", f"data.cache_dir={tmp_path / 'cache'}"])
+    train(cfg)
+    assert len(list((tmp_path / "cache").glob("*/done.json"))) == 1

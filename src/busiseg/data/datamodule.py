@@ -11,7 +11,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from busiseg.data.busi import Record, scan_busi, summarize
-from busiseg.data.dataset import BusiDataset, DecodedCache
+from busiseg.data.dataset import BusiDataset, make_cache
 from busiseg.data.labels import CLASS_NAMES
 from busiseg.data.splits import PARTS, HoldoutSplitter, load_split, save_split
 
@@ -40,6 +40,9 @@ class BusiDataModule(L.LightningDataModule):
         splitter: object with ``split(records) -> {"train","val","test"}`` (config group ``split``).
         split_file: reuse this saved split instead of computing one.
         split_out: write the split used to this JSON file (the run dir's ``split.json``).
+        cache: ``memory`` (decode all once, in RAM), ``disk`` (decode once into
+            ``cache_dir``, reused across runs, RSS flat), or ``none`` (decode per access).
+        cache_dir: folder for the disk cache.
     """
 
     def __init__(
@@ -57,6 +60,8 @@ class BusiDataModule(L.LightningDataModule):
         splitter: Any | None = None,
         split_file: str | None = None,
         split_out: str | None = None,
+        cache: str = "memory",
+        cache_dir: str | None = None,
     ):
         super().__init__()
         if in_channels not in (1, 3):
@@ -76,9 +81,11 @@ class BusiDataModule(L.LightningDataModule):
         self.splitter = splitter or HoldoutSplitter()
         self.split_file = split_file
         self.split_out = split_out
+        self.cache_mode = cache
+        self.cache_dir = cache_dir
         self.records: list[Record] = []
         self.split: dict[str, list[str]] = {}
-        self.cache: DecodedCache | None = None
+        self.cache = None
 
     def prepare_data(self) -> None:
         if self.synthetic is not None:
@@ -99,7 +106,7 @@ class BusiDataModule(L.LightningDataModule):
             raise ValueError(f"split names {len(unknown)} image(s) not in {self.root}, e.g. {unknown[0]}")
         if self.split_out:
             save_split(self.split, self.split_out)
-        self.cache = DecodedCache(self.records, self.image_size, self.in_channels)
+        self.cache = make_cache(self.cache_mode, self.records, self.image_size, self.in_channels, self.cache_dir)
         index = {p: [by_name[n] for n in self.split[p]] for p in PARTS}
         self.train_dataset = BusiDataset(self.cache, index["train"], self.train_transform)
         self.val_dataset = BusiDataset(self.cache, index["val"])
