@@ -58,7 +58,8 @@ class InferenceOptions:
 
 def prepare_image(image: np.ndarray, image_size: int) -> torch.Tensor:
     """uint8 HxW or HxWx3 -> float (C,S,S) in [0,1], resized as the training cache does."""
-    resized = np.asarray(Image.fromarray(image).resize((image_size, image_size), Image.BILINEAR))
+    # np.array, not asarray: a writable copy (torch.from_numpy warns on Pillow's read-only buffer)
+    resized = np.array(Image.fromarray(image).resize((image_size, image_size), Image.BILINEAR))
     t = torch.from_numpy(np.ascontiguousarray(resized)).float().div_(255.0)
     return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
 

@@ -1,0 +1,141 @@
+"""Predict masks and classes for new images: ``python -m busiseg.predict ckpt_path=CKPT input=IN output=OUT``.
+
+``input`` is an image or a folder (walked recursively). For ``benign/benign (3).png`` the
+output folder gets ``benign/benign (3)_pred_mask.png`` (0/255 at the image's original
+size) and ``benign/benign (3)_overlay.png``, plus one ``predictions.csv`` for the run.
+The ``inference`` config group (TTA, post-processing) applies. Unreadable files are
+reported by name and skipped; the exit status is 1 when any file failed, 2 when the run
+could not start. Hydra's run dir is the output folder itself (``.hydra/`` and
+``predict.log`` beside the predictions). See docs/deployment.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import hydra  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from busiseg.checkpoint import CheckpointError, load_model  # noqa: E402
+from busiseg.data.labels import CLASS_NAMES  # noqa: E402
+from busiseg.inference import InferenceOptions, postprocess_mask, predict_probs, prepare_image, restore_size  # noqa: E402
+from busiseg.onnx_predictor import IMAGE_SUFFIXES, InputError, PredictionSummary, find_images, predict_files  # noqa: E402
+
+log = logging.getLogger("busiseg.predict")
+
+CONFIG_DIR = os.environ.get("BUSISEG_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key."""
+
+
+class TorchPredictor:
+    """A checkpoint's network: uint8 images -> (bool mask at the image's size, class probabilities)."""
+
+    def __init__(self, net: torch.nn.Module, image_size: int, in_channels: int, options: InferenceOptions,
+                 device: str | torch.device = "cpu", class_names: tuple[str, ...] = CLASS_NAMES):
+        self.net = net.to(device).eval()
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.options = options
+        self.device = torch.device(device)
+        self.class_names = class_names
+
+    def __call__(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        batch = torch.stack([prepare_image(im, self.image_size) for im in images]).to(self.device)
+        mask_probs, class_probs = predict_probs(self.net, batch, self.options)
+        mask_probs, class_probs = mask_probs.cpu().numpy(), class_probs.cpu().numpy()
+        results = []
+        for i, image in enumerate(images):
+            prob = restore_size(mask_probs[i, 0], image.shape[:2])
+            results.append((postprocess_mask(prob, class_probs[i], self.options), class_probs[i]))
+        return results
+
+
+def _required(cfg: DictConfig, key: str) -> Any:
+    if OmegaConf.is_missing(cfg, key) or cfg.get(key) in (None, ""):
+        raise ConfigError(f"{key} is not set: pass {key}=...")
+    return cfg[key]
+
+
+def _data_setting(config: dict[str, Any], key: str, ckpt: str) -> int:
+    try:
+        return int(config["data"][key])
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{ckpt}: the stored config has no usable data.{key}") from None
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but no CUDA device is visible; use device=cpu or device=auto")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ConfigError(f"device must be auto, cpu or cuda[:N], got {name!r}")
+    return name
+
+
+def _skip_masks(value: Any) -> bool | str:
+    if isinstance(value, bool) or value == "auto":
+        return value
+    raise ConfigError(f"skip_masks must be true, false or auto, got {value!r}")
+
+
+def load_predictor(ckpt_path: str | Path, options: InferenceOptions, device: str = "cpu") -> TorchPredictor:
+    """The checkpoint's network with its training image size and channels."""
+    net, config = load_model(ckpt_path)
+    return TorchPredictor(net, _data_setting(config, "image_size", str(ckpt_path)),
+                          _data_setting(config, "in_channels", str(ckpt_path)), options, device)
+
+
+def predict(cfg: DictConfig) -> PredictionSummary:
+    """Predict every image under ``cfg.input`` into ``cfg.output``; return the summary (nothing raised per file)."""
+    ckpt_path, input_path, output = (_required(cfg, k) for k in ("ckpt_path", "input", "output"))
+    batch_size = int(cfg.get("batch_size", 8))
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    try:
+        options = hydra.utils.instantiate(cfg.inference, _convert_="all")
+    except Exception as exc:  # hydra wraps the dataclass's ValueError
+        raise ConfigError(f"inference: {exc.__cause__ or exc}") from exc
+    output = Path(output)
+    if Path(input_path).is_dir() and Path(input_path).resolve() == output.resolve():
+        raise ConfigError(f"output={output} is the input folder; choose another folder (a subfolder is fine) so "
+                          f"predictions do not mix with the images")
+    images, skipped = find_images(input_path, _skip_masks(cfg.get("skip_masks", "auto")), exclude=[output])
+    if not images:
+        raise InputError(f"input {input_path}: no images found ({', '.join(IMAGE_SUFFIXES)}; hidden files and "
+                         f"mask files are skipped)")
+    predictor = load_predictor(ckpt_path, options, _device(str(cfg.get("device", "auto"))))
+    log.info("%d image(s) from %s, checkpoint %s, image size %d", len(images), input_path, ckpt_path,
+             predictor.image_size)
+    return predict_files(predictor, images, output, batch_size=batch_size, overlays=bool(cfg.get("overlays", True)),
+                         progress=bool(cfg.get("progress", True)) and Path(input_path).is_dir(),
+                         skipped_masks=len(skipped))
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
+def main(cfg: DictConfig) -> None:
+    try:
+        summary = predict(cfg)
+    except (ConfigError, CheckpointError, InputError) as exc:
+        log.error("%s", exc)
+        print(f"busiseg.predict: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    # Hydra's logging prints to the console and to predict.log in the output folder.
+    (log.error if summary.failed else log.info)("%s", summary.report())
+    if summary.failed:
+        sys.exit(summary.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""busiseg.export: ONNX and TorchScript artifacts reproduce PyTorch, with a sidecar the predictor can use."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from busiseg import export as export_module
+from busiseg.checkpoint import load_model
+from busiseg.export import ConfigError, ExportError, export
+from tests.test_predict import CONF, tiny_ckpt, write_inputs  # noqa: F401  (tiny_ckpt: a fixture)
+
+CHECK_IMAGES = {"a.png": ("L", (70, 50)), "b/c.jpg": ("RGB", (90, 120)), "b/d.tif": ("I;16", (64, 64))}
+
+
+def run_export(ckpt: Path, *overrides: str) -> dict:
+    with initialize_config_dir(CONF, version_base="1.3"):
+        cfg = compose("export", overrides=[f"ckpt_path='{ckpt}'", *overrides])
+    return export(cfg)
+
+
+_EXPORTED: dict[Path, tuple[Path, dict, Path]] = {}
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_ckpt, tmp_path_factory) -> tuple[Path, dict, Path]:
+    """(model.onnx, its sidecar, the folder of real-looking images it was checked on).
+
+    Exported once per session: test_onnx_predictor imports this fixture, which makes it a
+    second fixture definition, so the result is cached here as well.
+    """
+    if tiny_ckpt not in _EXPORTED:
+        folder = tmp_path_factory.mktemp("onnx")
+        images = folder / "check"
+        write_inputs(images, CHECK_IMAGES)
+        sidecar = run_export(tiny_ckpt, "format=onnx", f"output='{folder / 'tiny.onnx'}'", f"check_input='{images}'")
+        _EXPORTED[tiny_ckpt] = (folder / "tiny.onnx", sidecar, images)
+    return _EXPORTED[tiny_ckpt]
+
+
+def test_onnx_export_matches_pytorch(tiny_ckpt, tiny_onnx):
+    import onnxruntime as ort
+
+    model, sidecar, _ = tiny_onnx
+    assert json.loads(Path(f"{model}.json").read_text()) == sidecar
+    assert sidecar["image_size"] == 64 and sidecar["in_channels"] == 1 and sidecar["threshold"] == 0.5
+    assert sidecar["class_names"] == ["normal", "benign", "malignant"]
+    checks = {c["input"]: c for c in sidecar["parity"]["checks"]}
+    assert any(k.startswith("real") for k in checks) and any(k.startswith("random") for k in checks)
+    assert sidecar["parity"]["max_abs_diff"] <= 1e-4
+    assert not list(model.parent.glob(".*partial*"))
+
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    assert [o.name for o in session.get_outputs()] == ["mask_logits", "class_logits"]
+    net, _ = load_model(tiny_ckpt)
+    for shape in [(1, 1, 64, 64), (5, 1, 64, 64), (2, 1, 96, 160)]:  # dynamic batch, H/W multiples of 32
+        x = torch.rand(*shape)
+        mask, cls = session.run(None, {"image": x.numpy()})
+        with torch.no_grad():
+            ref_mask, ref_cls = net(x)
+        assert mask.shape == (shape[0], 1, *shape[2:]) and cls.shape == (shape[0], 3)
+        assert np.abs(mask - ref_mask.numpy()).max() <= 1e-4
+        assert np.abs(cls - ref_cls.numpy()).max() <= 1e-4
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit")
+@pytest.mark.parametrize("fmt", ["torchscript", "pt2"])
+def test_torch_formats_match_pytorch(fmt, tiny_ckpt, tiny_onnx, tmp_path, capsys):
+    _, _, images = tiny_onnx
+    out = tmp_path / f"tiny.{fmt}"
+    sidecar = run_export(tiny_ckpt, f"format={fmt}", f"output='{out}'", f"check_input='{images}'")
+    printed = capsys.readouterr().out
+    assert f"parity {fmt} vs PyTorch" in printed and "real, 3 images" in printed and "OK" in printed
+    assert sidecar["format"] == fmt and sidecar["parity"]["max_abs_diff"] <= 1e-4
+    assert Path(f"{out}.json").is_file()
+    loaded = torch.jit.load(str(out)) if fmt == "torchscript" else torch.export.load(str(out)).module()
+    net, _ = load_model(tiny_ckpt)
+    x = torch.rand(3, 1, 96, 64)
+    with torch.no_grad():
+        for a, b in zip(loaded(x), net(x)):
+            assert (a - b).abs().max() <= 1e-4
+
+
+def test_export_refuses_a_model_that_differs(tiny_ckpt, tmp_path, monkeypatch):
+    real_runner = export_module.torchscript_runner
+
+    def off_by_a_bit(path):
+        run = real_runner(path)
+        return lambda x: tuple(a + 1e-3 for a in run(x))
+
+    monkeypatch.setattr(export_module, "torchscript_runner", off_by_a_bit)
+    out = tmp_path / "m.pt"
+    with pytest.raises(ExportError, match="differs from PyTorch"):
+        run_export(tiny_ckpt, "format=torchscript", f"output='{out}'", "check_input=null")
+    assert list(tmp_path.iterdir()) == []  # neither the model, its temp file nor a sidecar
+
+
+def test_export_errors_name_the_key(tiny_ckpt, tmp_path):
+    with pytest.raises(ConfigError, match="format=tflite"):
+        run_export(tiny_ckpt, "format=tflite")
+    with pytest.raises(ConfigError, match="inference.threshold"):
+        run_export(tiny_ckpt, "inference.threshold=1.5")
+    with initialize_config_dir(CONF, version_base="1.3"):
+        cfg = compose("export")
+    with pytest.raises(ConfigError, match="ckpt_path"):
+        export(cfg)

@@ -1,0 +1,86 @@
+"""busiseg.onnx_predictor: imports without torch, and writes what busiseg.predict writes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from busiseg.inference import restore_size
+from busiseg.onnx_predictor import InputError, OnnxPredictor, find_images, predict_files, resize_bilinear
+from tests.test_export import tiny_onnx  # noqa: F401  (session fixture: one export for both files)
+from tests.test_predict import REPO, run_predict, tiny_ckpt, write_inputs  # noqa: F401
+
+COMPARE = {"g.png": ("L", (70, 50)), "s/rgb.jpg": ("RGB", (130, 90)), "s/rgba.png": ("RGBA", (64, 64)),
+           "s/t/p.bmp": ("P", (45, 77)), "s/t/w.tif": ("I;16", (200, 150)), "big.png": ("L", (400, 300))}
+
+
+def _rows(path: Path) -> dict[str, dict[str, str]]:
+    with open(path / "predictions.csv", newline="") as fh:
+        return {r["file"]: r for r in csv.DictReader(fh)}
+
+
+def test_imports_without_torch():
+    code = "import sys; import busiseg.onnx_predictor; assert 'torch' not in sys.modules, 'torch was imported'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_resize_matches_opencv_restore_size():
+    rng = np.random.default_rng(0)
+    prob = rng.random((64, 64)).astype(np.float32)
+    for size in [(471, 558), (100, 37), (64, 64), (20, 30), (64, 200)]:
+        np.testing.assert_allclose(resize_bilinear(prob, size), restore_size(prob, size), atol=1e-5)
+
+
+def test_same_masks_and_classes_as_predict(tiny_ckpt, tiny_onnx, tmp_path):
+    model, _, _ = tiny_onnx
+    write_inputs(tmp_path / "in", COMPARE)
+    torch_summary = run_predict(tiny_ckpt, tmp_path / "in", tmp_path / "torch", "batch_size=3")
+    images, _ = find_images(tmp_path / "in")
+    onnx_summary = predict_files(OnnxPredictor(model), images, tmp_path / "onnx", batch_size=4)
+    assert torch_summary.exit_code == onnx_summary.exit_code == 0
+    torch_rows, onnx_rows = _rows(tmp_path / "torch"), _rows(tmp_path / "onnx")
+    assert set(torch_rows) == set(onnx_rows) == set(COMPARE)
+    for name, row in torch_rows.items():
+        other = onnx_rows[name]
+        assert row["class"] == other["class"], name
+        for key in ("prob_normal", "prob_benign", "prob_malignant"):
+            assert abs(float(row[key]) - float(other[key])) <= 2e-4, (name, key)
+        a = np.asarray(Image.open(tmp_path / "torch" / row["mask"])) > 0
+        b = np.asarray(Image.open(tmp_path / "onnx" / other["mask"])) > 0
+        assert a.shape == b.shape
+        union = (a | b).sum()
+        iou = (a & b).sum() / union if union else 1.0
+        assert iou >= 0.999, (name, iou)
+        assert (tmp_path / "onnx" / other["overlay"]).is_file()
+
+
+def test_cli(tiny_onnx, tmp_path):
+    model, sidecar, _ = tiny_onnx
+    write_inputs(tmp_path / "in", {"a/b.png": ("L", (50, 40)), "c.tif": ("I;16", (33, 66))})
+    (tmp_path / "in" / "a" / "bad.jpg").write_bytes(b"\xff\xd8 broken")
+    result = subprocess.run([sys.executable, "-m", "busiseg.onnx_predictor", str(model), str(tmp_path / "in"),
+                             str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 1  # one file failed
+    assert "bad.jpg" in result.stdout + result.stderr
+    assert Image.open(tmp_path / "out" / "a" / "b_pred_mask.png").size == (50, 40)
+    assert Image.open(tmp_path / "out" / "c_pred_mask.png").size == (33, 66)
+    assert set(_rows(tmp_path / "out")) == {"a/b.png", "c.tif"}
+
+
+def test_missing_or_broken_sidecar_named(tiny_onnx, tmp_path):
+    model, sidecar, _ = tiny_onnx
+    lone = tmp_path / "lone.onnx"
+    lone.symlink_to(model)
+    with pytest.raises(InputError, match="lone.onnx.json"):
+        OnnxPredictor(lone)
+    (tmp_path / "lone.onnx.json").write_text(json.dumps({k: v for k, v in sidecar.items() if k != "image_size"}))
+    with pytest.raises(InputError, match="image_size"):
+        OnnxPredictor(lone)

@@ -1,0 +1,258 @@
+"""busiseg.predict: every input mode, sizes restored, folders mirrored, bad files skipped, no path escape."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from busiseg.models.net import MultiTaskUnet
+from busiseg.onnx_predictor import (CSV_NAME, InputError, UnsafeOutputPath, find_images, output_base,
+                                    safe_output_path)
+from busiseg.predict import ConfigError, predict
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = str(REPO / "conf")
+
+TINY_MODEL = {
+    "_target_": "busiseg.models.net.MultiTaskUnet",
+    "encoder_name": "resnet18",
+    "encoder_weights": None,
+    "in_channels": 1,
+    "decoder_channels": [16, 16, 8, 8, 8],
+}
+
+
+def make_tiny_checkpoint(path: Path, image_size: int = 64) -> Path:
+    """A busiseg checkpoint without training: random weights, class head made non-uniform."""
+    torch.manual_seed(0)
+    net = MultiTaskUnet(encoder_name="resnet18", decoder_channels=(16, 16, 8, 8, 8))
+    head = [m for m in net.unet.classification_head.modules() if isinstance(m, torch.nn.Linear)][-1]
+    torch.nn.init.normal_(head.weight, std=0.05)  # the real head starts at zero: every class 1/3
+    torch.nn.init.normal_(head.bias, std=0.5)
+    config = {"model": TINY_MODEL, "data": {"image_size": image_size, "in_channels": 1}}
+    torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+                "hyper_parameters": {"config": config}}, path)
+    return path
+
+
+_CKPT: list[Path] = []
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """One tiny checkpoint per session (cached: the export and ONNX tests import this fixture)."""
+    if not _CKPT:
+        _CKPT.append(make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"))
+    return _CKPT[0]
+
+
+def grey_pattern(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A bright blob on a darker textured background, so masks are neither empty nor full."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    blob = ((xx - width * 0.4) / (width * 0.25)) ** 2 + ((yy - height * 0.5) / (height * 0.3)) ** 2 < 1
+    return np.clip(60 + 120 * blob + rng.normal(0, 20, (height, width)), 0, 255).astype(np.uint8)
+
+
+def _save(grey: np.ndarray, path: Path, mode: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "I;16":
+        Image.fromarray(grey.astype(np.uint16) * 257).save(path)
+    else:
+        Image.fromarray(grey, "L").convert(mode).save(path)
+
+
+# name -> (PIL mode to save in, (width, height)); every suffix and every kind of pixel
+INPUT_MODES = {
+    "grey.png": ("L", (70, 50)),
+    "colour/rgb.png": ("RGB", (33, 47)),
+    "colour/rgba.png": ("RGBA", (128, 64)),
+    "colour/palette.png": ("P", (61, 90)),
+    "deep/16bit.png": ("I;16", (45, 45)),
+    "deep/nested/16bit.tif": ("I;16", (80, 31)),
+    "photo.jpg": ("RGB", (101, 77)),
+    "dark.jpeg": ("L", (64, 64)),
+    "bitmap.bmp": ("RGB", (55, 40)),
+    "deep/nested/scan.tiff": ("RGB", (300, 200)),
+    "binary.png": ("1", (40, 52)),
+}
+
+
+def write_inputs(root: Path, names=INPUT_MODES) -> dict[str, tuple[int, int]]:
+    for i, (name, (mode, (w, h))) in enumerate(names.items()):
+        _save(grey_pattern(w, h, i), root / name, mode)
+    return {name: size for name, (_, size) in names.items()}
+
+
+def run_predict(ckpt: Path, input_path: Path, output: Path, *overrides: str):
+    with initialize_config_dir(CONF, version_base="1.3"):
+        cfg = compose("predict", overrides=[f"ckpt_path='{ckpt}'", f"input='{input_path}'", f"output='{output}'",
+                                            "progress=false", "device=cpu", *overrides])
+    return predict(cfg)
+
+
+def read_rows(output: Path) -> dict[str, dict[str, str]]:
+    with open(output / CSV_NAME, newline="") as fh:
+        return {row["file"]: row for row in csv.DictReader(fh)}
+
+
+def test_every_input_mode_restored_to_its_size_and_mirrored(tiny_ckpt, tmp_path):
+    sizes = write_inputs(tmp_path / "in")
+    summary = run_predict(tiny_ckpt, tmp_path / "in", tmp_path / "out", "batch_size=4")
+    assert summary.failed == [] and summary.exit_code == 0
+    rows = read_rows(tmp_path / "out")
+    assert set(rows) == set(sizes)
+    for name, (w, h) in sizes.items():
+        stem = name.rsplit(".", 1)[0]
+        mask = Image.open(tmp_path / "out" / f"{stem}_pred_mask.png")
+        assert mask.mode == "L" and mask.size == (w, h), name
+        values = set(np.unique(np.asarray(mask)).tolist())
+        assert values <= {0, 255}, name
+        overlay = Image.open(tmp_path / "out" / f"{stem}_overlay.png")
+        assert overlay.mode == "RGB" and overlay.width >= w and overlay.height > h
+        row = rows[name]
+        assert (int(row["width"]), int(row["height"])) == (w, h)
+        assert int(row["lesion_area_px"]) == int((np.asarray(mask) > 0).sum())
+        assert row["class"] in ("normal", "benign", "malignant")
+        probs = [float(row[f"prob_{c}"]) for c in ("normal", "benign", "malignant")]
+        assert abs(sum(probs) - 1) < 1e-3
+        if int(row["lesion_area_px"]):
+            ys, xs = np.nonzero(np.asarray(mask))
+            assert [int(row[k]) for k in ("bbox_x_min", "bbox_y_min", "bbox_x_max", "bbox_y_max")] == \
+                [xs.min(), ys.min(), xs.max(), ys.max()]
+    # no temp files left behind by the atomic writes
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_single_file_input(tiny_ckpt, tmp_path):
+    write_inputs(tmp_path, {"one.png": ("L", (90, 60))})
+    summary = run_predict(tiny_ckpt, tmp_path / "one.png", tmp_path / "out")
+    assert summary.exit_code == 0
+    assert Image.open(tmp_path / "out" / "one_pred_mask.png").size == (90, 60)
+
+
+def test_unreadable_files_skipped_and_named(tiny_ckpt, tmp_path):
+    write_inputs(tmp_path / "in", {"good.png": ("L", (40, 40)), "sub/good2.png": ("RGB", (50, 30))})
+    (tmp_path / "in" / "garbage.png").write_bytes(b"not an image")
+    whole = (tmp_path / "in" / "good.png").read_bytes()
+    Image.fromarray(grey_pattern(200, 200)).save(tmp_path / "in" / "truncated.jpg")
+    data = (tmp_path / "in" / "truncated.jpg").read_bytes()
+    (tmp_path / "in" / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    (tmp_path / "in" / "notes.txt").write_text("not an image suffix: ignored, not failed")
+    summary = run_predict(tiny_ckpt, tmp_path / "in", tmp_path / "out", "batch_size=2")
+    failed = {Path(p).name for p, _ in summary.failed}
+    assert failed == {"garbage.png", "truncated.jpg"}
+    assert summary.exit_code == 1
+    assert set(read_rows(tmp_path / "out")) == {"good.png", "sub/good2.png"}
+    assert "garbage.png" in summary.report() and "FAILED 2" in summary.report()
+    assert (tmp_path / "in" / "good.png").read_bytes() == whole  # inputs untouched
+
+
+def test_busi_layout_masks_skipped_by_default(tiny_ckpt, tiny_busi, tmp_path):
+    summary = run_predict(tiny_ckpt, tiny_busi, tmp_path / "out")
+    assert len(summary.rows) == 12 and summary.skipped_masks == 12
+    assert (tmp_path / "out" / "benign" / "benign (2)_pred_mask.png").is_file()
+    assert "benign/benign (2).png" in read_rows(tmp_path / "out")
+    everything = run_predict(tiny_ckpt, tiny_busi, tmp_path / "all", "skip_masks=false")
+    assert len(everything.rows) == 24 and everything.skipped_masks == 0
+
+
+def test_lone_mask_names_kept_in_auto_mode(tmp_path):
+    write_inputs(tmp_path, {"x_mask.png": ("L", (32, 32)), "y.png": ("L", (32, 32)), "y_mask_1.png": ("L", (32, 32))})
+    images, skipped = find_images(tmp_path, "auto")
+    assert [i.name.as_posix() for i in images] == ["x_mask.png", "y.png"]
+    assert [p.name for p in skipped] == ["y_mask_1.png"]
+    assert len(find_images(tmp_path, True)[0]) == 1
+
+
+def test_output_inside_input_is_not_predicted_again(tiny_ckpt, tmp_path):
+    write_inputs(tmp_path / "in", {"a.png": ("L", (40, 40)), "b/c.png": ("L", (40, 40))})
+    first = run_predict(tiny_ckpt, tmp_path / "in", tmp_path / "in" / "preds")
+    second = run_predict(tiny_ckpt, tmp_path / "in", tmp_path / "in" / "preds")
+    assert len(first.rows) == len(second.rows) == 2
+
+
+def test_same_stem_different_suffix_do_not_overwrite(tiny_ckpt, tmp_path):
+    write_inputs(tmp_path / "in", {"a.png": ("L", (40, 40)), "a.jpg": ("L", (48, 40)), "b.png": ("L", (40, 40))})
+    summary = run_predict(tiny_ckpt, tmp_path / "in", tmp_path / "out", "overlays=false")
+    assert summary.exit_code == 0
+    assert Image.open(tmp_path / "out" / "a.png_pred_mask.png").size == (40, 40)
+    assert Image.open(tmp_path / "out" / "a.jpg_pred_mask.png").size == (48, 40)
+    assert (tmp_path / "out" / "b_pred_mask.png").is_file()
+    assert not list((tmp_path / "out").glob("*_overlay.png"))
+
+
+def test_output_names_cannot_escape(tmp_path):
+    from pathlib import PurePosixPath as P
+
+    for bad in ("../evil.png", "/etc/evil.png", "a/../../evil.png", "./.."):
+        with pytest.raises(UnsafeOutputPath):
+            safe_output_path(tmp_path, output_base(P(bad)))
+    assert output_base(P("benign/benign (3).png")) == P("benign/benign (3)")
+    assert safe_output_path(tmp_path, P("a/b_pred_mask.png")) == tmp_path.resolve() / "a" / "b_pred_mask.png"
+
+
+def test_symlink_in_output_cannot_lead_outside(tiny_ckpt, tmp_path):
+    write_inputs(tmp_path / "in", {"evil/x.png": ("L", (40, 40)), "fine.png": ("L", (40, 40))})
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "out").mkdir()
+    os.symlink(outside, tmp_path / "out" / "evil")
+    summary = run_predict(tiny_ckpt, tmp_path / "in", tmp_path / "out")
+    assert [Path(p).name for p, _ in summary.failed] == ["x.png"]
+    assert "outside the output folder" in summary.failed[0][1]
+    assert list(outside.iterdir()) == []
+    assert set(read_rows(tmp_path / "out")) == {"fine.png"}
+
+
+def test_inference_group_applies(tiny_ckpt, tmp_path):
+    write_inputs(tmp_path / "in", {"a.png": ("L", (120, 90)), "b.png": ("RGB", (64, 80))})
+    plain = run_predict(tiny_ckpt, tmp_path / "in", tmp_path / "plain", "overlays=false")
+    refined = run_predict(tiny_ckpt, tmp_path / "in", tmp_path / "refined", "inference=refined", "overlays=false")
+    assert plain.exit_code == refined.exit_code == 0
+    for name in ("a", "b"):
+        mask = np.asarray(Image.open(tmp_path / "refined" / f"{name}_pred_mask.png")) > 0
+        n_components = cv2.connectedComponents(mask.astype(np.uint8))[0] - 1
+        assert n_components <= 1  # keep_largest
+
+
+def test_config_errors_name_the_key(tiny_ckpt, tmp_path):
+    with initialize_config_dir(CONF, version_base="1.3"):
+        cfg = compose("predict", overrides=[f"output={tmp_path}/o", f"input={tmp_path}"])
+    with pytest.raises(ConfigError, match="ckpt_path"):
+        predict(cfg)
+    with pytest.raises(ConfigError, match="batch_size"):
+        run_predict(tiny_ckpt, tmp_path, tmp_path / "o", "batch_size=0")
+    with pytest.raises(InputError, match="does-not-exist"):
+        run_predict(tiny_ckpt, tmp_path / "does-not-exist", tmp_path / "o")
+    with pytest.raises(ConfigError, match="is the input folder"):
+        run_predict(tiny_ckpt, tmp_path, tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no images"):
+        run_predict(tiny_ckpt, tmp_path / "empty", tmp_path / "o2")
+
+
+def test_cli_exit_status_and_run_dir(tiny_ckpt, tmp_path):
+    write_inputs(tmp_path / "in", {"ok.png": ("L", (40, 40))})
+    (tmp_path / "in" / "broken.bmp").write_bytes(b"BM garbage")
+    result = subprocess.run(
+        [sys.executable, "-m", "busiseg.predict", f"ckpt_path={tiny_ckpt}", f"input={tmp_path / 'in'}",
+         f"output={tmp_path / 'out'}", "device=cpu"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert "broken.bmp" in result.stdout + result.stderr
+    assert (tmp_path / "out" / "ok_pred_mask.png").is_file()
+    # Hydra's run dir is the output folder: config and log beside the predictions, nothing in cwd/logs
+    assert (tmp_path / "out" / ".hydra" / "config.yaml").is_file()
+    assert (tmp_path / "out" / "predict.log").is_file()
+    assert not (tmp_path / "logs").exists()
