@@ -148,3 +148,14 @@ def test_cache_resizes_and_keeps_masks_binary(tiny_busi: Path):
 def test_image_size_must_fit_unet(tiny_busi: Path):
     with pytest.raises(ValueError, match="multiple of 32"):
         DecodedCache(scan_busi(tiny_busi), image_size=100, progress=False)
+
+
+@pytest.mark.parametrize("mode,values", [("I;16", [0, 1000, 4000]), ("F", [-2.0, 0.0, 2.0]), ("I", [-5, 0, 5])])
+def test_wide_images_stretched_without_wrapping(mode, values):
+    from busiseg.data.busi import image_to_array
+
+    arr = np.array([values], dtype={"I;16": np.uint16, "F": np.float32, "I": np.int32}[mode])
+    out = image_to_array(Image.fromarray(arr, mode) if mode != "I;16" else Image.fromarray(arr))
+    assert out.dtype == np.uint8
+    assert out[0, 0] == 0 and out[0, -1] == 255
+    assert list(out[0]) == sorted(out[0]), "order of intensities kept"

@@ -167,11 +167,13 @@ def merge_masks(mask_images: list[Image.Image], paths: list[Path], size: tuple[i
 
 
 def image_to_array(im: Image.Image, in_channels: int = 1) -> np.ndarray:
-    """uint8 HxW (grey) or HxWx3 array; 16-bit and float images are scaled to 0..255."""
+    """uint8 HxW (grey) or HxWx3 array; 16-bit, 32-bit and float images are stretched to 0..255."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(im, dtype=np.float64)
-        hi = arr.max() if arr.max() > 0 else 1.0
-        im = Image.fromarray((arr / hi * 255.0).round().astype(np.uint8), mode="L")
+        lo = min(float(arr.min()), 0.0)  # unsigned data keeps 0 as black; negative values are shifted up
+        span = float(arr.max()) - lo
+        arr = (arr - lo) / (span if span > 0 else 1.0)
+        im = Image.fromarray((arr * 255.0).round().astype(np.uint8), mode="L")
     if in_channels == 1:
         return np.asarray(im.convert("L"))
     if in_channels == 3:
