@@ -1,0 +1,282 @@
+"""Which images an evaluation sees, and the network run over them.
+
+:func:`resolve_inputs` turns the eval config into a checkpoint, a data root and a list of
+records (a part of the training run's split, or every image of a folder);
+:func:`run_network` runs the network over them once and scores every image's mask in
+each *view*: ``raw`` (the network's output, thresholded as the training step does) or
+``postprocessed`` (with the ``inference`` options: TTA, post-processing), each at the
+``preprocessed`` size (the square ``data.image_size`` the network sees, the training
+step's size) and at the ``original`` size (probabilities restored with
+``busiseg.inference.restore_size``, compared with the mask as it is on disk).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from omegaconf.errors import MissingMandatoryValue
+
+from busiseg.checkpoint import load_model
+from busiseg.data.busi import Record, load_record, scan_busi
+from busiseg.data.dataset import resize_pair
+from busiseg.data.splits import PARTS, load_split
+from busiseg.evaluation.metrics_table import MaskScore, MaskScores, score_mask
+from busiseg.inference import InferenceOptions, postprocess_mask, predict_probs, restore_size
+from busiseg.models.metrics import SEG_THRESHOLD, classification_metrics, segmentation_metrics
+
+log = logging.getLogger(__name__)
+
+PART_CHOICES = (*PARTS, "all")
+PIPELINES = ("raw", "postprocessed")
+SIZES = ("preprocessed", "original")
+
+
+class EvalError(ValueError):
+    """A setting or file that makes the evaluation impossible; the message names it."""
+
+
+@dataclass
+class EvalInputs:
+    """Everything an evaluation reads, resolved."""
+
+    ckpt_path: Path
+    net: torch.nn.Module
+    train_config: dict[str, Any]
+    run_dir: Path  # the training run's directory (<run>/checkpoints/x.ckpt -> <run>)
+    data_root: Path
+    image_size: int
+    in_channels: int
+    batch_size: int
+    part: str
+    split_file: Path | None
+    records: list[Record]
+    same_data_as_training: bool
+
+
+def _is_set(value: Any) -> bool:
+    return value not in (None, "", "???")
+
+
+def training_run_dir(ckpt_path: Path) -> Path:
+    """``<run>/checkpoints/x.ckpt -> <run>``; a checkpoint elsewhere: its own folder."""
+    return ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
+
+
+def inference_active(options: InferenceOptions) -> bool:
+    """Does any option change the output of the plain forward pass thresholded at 0.5?"""
+    return bool(options.tta_flip or any(s != 1.0 for s in options.tta_scales) or options.postprocessing
+                or options.threshold != SEG_THRESHOLD)
+
+
+def _select_part(records: list[Record], part: str, split_file: Path, root: Path) -> list[Record]:
+    try:
+        split = load_split(split_file)
+    except ValueError as exc:
+        raise EvalError(str(exc)) from exc
+    by_name = {r.name: r for r in records}
+    names = split[part]
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise EvalError(
+            f"{split_file}: {len(unknown)} image(s) of part '{part}' are not in {root}, e.g. {unknown[0]} "
+            "(is data.root the folder the training run used?)"
+        )
+    if not names:
+        raise EvalError(f"{split_file}: part '{part}' holds no images; choose another part= or part=all")
+    return [by_name[n] for n in names]
+
+
+def resolve_inputs(cfg: Mapping[str, Any]) -> EvalInputs:
+    """Checkpoint -> (net, training config); data root, sizes and the records to evaluate.
+
+    ``image_size`` and ``in_channels`` always come from the checkpoint (the network was
+    trained at them); the data root and eval batch size come from ``data.*`` when set,
+    else from the training run's config.
+    """
+    try:
+        ckpt_value = cfg.get("ckpt_path")
+    except MissingMandatoryValue:  # ckpt_path: ??? in conf/eval.yaml
+        ckpt_value = None
+    if not _is_set(ckpt_value):
+        raise EvalError("ckpt_path is not set: pass ckpt_path=<run>/checkpoints/<name>.ckpt")
+    part = str(cfg.get("part", "test"))
+    if part not in PART_CHOICES:
+        raise EvalError(f"part={part} is not one of {', '.join(PART_CHOICES)}")
+    ckpt_path = Path(str(ckpt_value)).expanduser().resolve()
+    net, train_config = load_model(ckpt_path)
+    run_dir = training_run_dir(ckpt_path)
+
+    train_data = dict(train_config.get("data") or {})
+    data = dict(cfg.get("data") or {})
+    if _is_set(data.get("root")):
+        root = Path(str(data["root"])).expanduser()
+        synthetic = data.get("synthetic")
+    else:
+        if not _is_set(train_data.get("root")):
+            raise EvalError(f"{ckpt_path}: the checkpoint's config has no data.root; pass data.root=DIR")
+        root = Path(str(train_data["root"])).expanduser()
+        synthetic = train_data.get("synthetic")
+    if synthetic and not root.exists():
+        from busiseg.data.synthetic import ensure_phantom
+
+        log.info("writing the synthetic phantom the run was trained on to %s", root)
+        ensure_phantom(root, **dict(synthetic))
+    trained_on = Path(str(train_data["root"])).expanduser() if _is_set(train_data.get("root")) else None
+    same_data = trained_on is not None and trained_on.resolve() == root.resolve()
+
+    try:
+        image_size = int(train_data["image_size"])
+        in_channels = int(train_data.get("in_channels", 1))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise EvalError(f"{ckpt_path}: the checkpoint's config lacks data.image_size / data.in_channels") from exc
+    batch_size = int(data.get("eval_batch_size") or train_data.get("eval_batch_size")
+                     or train_data.get("batch_size") or 16)
+    if batch_size < 1:
+        raise EvalError(f"data.eval_batch_size must be >= 1, got {batch_size}")
+
+    records = scan_busi(root)
+    split_file: Path | None = None
+    if part != "all":
+        if _is_set(cfg.get("split_file")):
+            split_file = Path(str(cfg["split_file"])).expanduser()
+            if not split_file.is_file():
+                raise EvalError(f"{split_file}: split file not found (given as split_file=)")
+        else:
+            split_file = run_dir / "split.json"
+            if not split_file.is_file():
+                raise EvalError(
+                    f"{split_file}: split file not found (the training run writes split.json beside checkpoints/); "
+                    f"pass split_file=PATH, or part=all to evaluate every image in {root}"
+                )
+        records = _select_part(records, part, split_file, root)
+    return EvalInputs(ckpt_path, net, train_config, run_dir, root, image_size, in_channels, batch_size, part,
+                      split_file, records, same_data)
+
+
+# --------------------------------------------------------------------------- running the network
+@dataclass
+class EvalResults:
+    """Per-image outcomes, in the order of ``names``.
+
+    ``probs[pipeline]``: class probabilities (N, 3); ``scores[(pipeline, size)]``: mask scores;
+    ``as_training``: the training test step's metrics (its torchmetrics objects and
+    definitions) on the raw preprocessed view. The predicted mask of the final view (last
+    pipeline, original size) of every image is kept bit-packed: :meth:`final_mask`.
+    """
+
+    names: list[str]
+    labels: np.ndarray
+    sizes: np.ndarray  # (N, 2) original height, width
+    pipelines: tuple[str, ...]
+    probs: dict[str, np.ndarray]
+    scores: dict[tuple[str, str], MaskScores]
+    as_training: dict[str, float | None]
+    records: list[Record] = field(repr=False, default_factory=list)
+    _packed: list[np.ndarray] = field(repr=False, default_factory=list)
+
+    @property
+    def final(self) -> str:
+        return self.pipelines[-1]
+
+    def final_mask(self, i: int) -> np.ndarray:
+        h, w = (int(v) for v in self.sizes[i])
+        return np.unpackbits(self._packed[i], count=h * w).reshape(h, w).astype(bool)
+
+
+def _decode(record: Record, in_channels: int, image_size: int):
+    """Original image and mask, and the pair at the preprocessing size, exactly as the training cache."""
+    image, mask = load_record(record, in_channels)
+    image_s, mask_s = resize_pair(image, mask, image_size)
+    return image, mask, image_s, mask_s
+
+
+def _to_tensor(image_s: np.ndarray) -> torch.Tensor:
+    """As busiseg.data.dataset.BusiDataset without a transform: float (C, S, S) in [0, 1]."""
+    t = torch.from_numpy(np.require(image_s, requirements=["C", "W"])).float().div_(255.0)
+    return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
+
+
+def _float_or_none(v: torch.Tensor) -> float | None:
+    x = float(v)
+    return x if np.isfinite(x) else None
+
+
+def run_network(net: torch.nn.Module, records: list[Record], image_size: int, in_channels: int, batch_size: int,
+                options: InferenceOptions, progress: bool = True, channels_last: bool = False) -> EvalResults:
+    """Run the network over the records in batches of ``batch_size`` (the training run's
+    eval batch size by default, so the test step's batches are reproduced exactly) and
+    score every view. ``channels_last``: NHWC memory format, as a run trained with
+    ``channels_last=true`` tested (same kernels, same rounding)."""
+    pipelines = PIPELINES if inference_active(options) else PIPELINES[:1]
+    seg_metrics = segmentation_metrics("")
+    cls_metrics = classification_metrics("")
+    probs: dict[str, list[np.ndarray]] = {p: [] for p in pipelines}
+    scores: dict[tuple[str, str], list[MaskScore]] = {(p, s): [] for p in pipelines for s in SIZES}
+    packed: list[np.ndarray] = []
+    sizes: list[tuple[int, int]] = []
+    net = net.eval()
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("[bold]evaluating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, disable=not progress, transient=True) as bar, ThreadPoolExecutor(4) as pool:
+        task = bar.add_task("eval", total=len(records))
+        for start in range(0, len(records), batch_size):
+            batch = records[start : start + batch_size]
+            decoded = list(pool.map(lambda r: _decode(r, in_channels, image_size), batch))
+            images = torch.stack([_to_tensor(d[2]) for d in decoded])
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            true_s = torch.from_numpy(np.stack([d[3] for d in decoded])).unsqueeze(1)
+            labels = torch.tensor([r.label for r in batch], dtype=torch.long)
+
+            out = {"raw": predict_probs(net, images, InferenceOptions())}
+            seg_metrics.update(out["raw"][0], true_s.int())
+            cls_metrics.update(out["raw"][1], labels)
+            if "postprocessed" in pipelines:
+                tta = options.tta_flip or any(s != 1.0 for s in options.tta_scales)
+                out["postprocessed"] = predict_probs(net, images, options) if tta else out["raw"]
+
+            for p in pipelines:
+                probs[p].append(out[p][1].numpy().astype(np.float64))
+            for i, (image, mask, _, mask_s) in enumerate(decoded):
+                sizes.append(mask.shape)
+                for p in pipelines:
+                    mask_prob = out[p][0][i, 0].numpy()
+                    class_prob = out[p][1][i].numpy()
+                    full = restore_size(mask_prob, mask.shape)
+                    if p == "raw":  # the training step's rule: probability > 0.5
+                        pred_s, pred_o = mask_prob > SEG_THRESHOLD, full > SEG_THRESHOLD
+                    else:
+                        pred_s = postprocess_mask(mask_prob, class_prob, options)
+                        pred_o = postprocess_mask(full, class_prob, options)
+                    scores[(p, "preprocessed")].append(score_mask(mask_s, pred_s))
+                    scores[(p, "original")].append(score_mask(mask, pred_o))
+                    if p == pipelines[-1]:
+                        packed.append(np.packbits(pred_o.ravel()))
+            bar.advance(task, len(batch))
+
+    with warnings.catch_warnings():  # torchmetrics warns about absent classes; the summaries say it plainly
+        warnings.simplefilter("ignore", UserWarning)
+        computed = {**seg_metrics.compute(), **cls_metrics.compute()}
+    as_training = {k: _float_or_none(v) for k, v in computed.items()}
+    return EvalResults(
+        names=[r.name for r in records],
+        labels=np.array([r.label for r in records], dtype=np.int64),
+        sizes=np.array(sizes, dtype=np.int64).reshape(-1, 2),
+        pipelines=pipelines,
+        probs={p: np.concatenate(v) if v else np.zeros((0, 3)) for p, v in probs.items()},
+        scores={k: MaskScores(v) for k, v in scores.items()},
+        as_training=dict(sorted(as_training.items())),
+        records=list(records),
+        _packed=packed,
+    )
