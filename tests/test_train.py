@@ -82,7 +82,7 @@ def test_fast_dev_run_writes_metrics_and_split(tmp_path, data_dir):
     assert 0.0 <= metrics["metrics"]["test/dice"] <= 1.0
     assert metrics["test_confusion_matrix"] is not None
     split = json.loads((run / "split.json").read_text())
-    assert sum(len(v) for v in split.values()) == 22
+    assert sum(len(split[p]) for p in ("train", "val", "test")) == 22
     assert not set(split["train"]) & set(split["test"])
     assert (data_dir / "phantom" / ".busiseg_phantom.json").exists()
 

@@ -22,6 +22,7 @@ import torch  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from busiseg.cv_summary import write_predictions  # noqa: E402
 from busiseg.data.busi import DatasetError, summarize  # noqa: E402
 from busiseg.data.labels import CLASS_NAMES  # noqa: E402
 from busiseg.data.splits import PARTS  # noqa: E402
@@ -54,6 +55,9 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError("trainer.accelerator=gpu but no CUDA device is visible; use trainer=cpu or trainer=default (auto)")
     if precision == "16-mixed" and accelerator == "cpu":
         raise ConfigError("trainer.precision=16-mixed needs a GPU; on CPU use 32 or bf16-mixed")
+    split = cfg.get("split") or {}
+    if "fold" in split and not 0 <= int(split.fold) < int(split.k):
+        raise ConfigError(f"split.fold must be in 0..{int(split.k) - 1} (split.k={split.k}), got {split.fold}")
 
 
 def _plain(cfg: DictConfig) -> dict[str, Any]:
@@ -141,6 +145,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             log.warning("no best checkpoint (fast_dev_run or no checkpoint callback): testing the current weights")
         trainer.test(module, datamodule=datamodule, ckpt_path=best_ckpt, weights_only=True)
         test_metrics = dict(trainer.callback_metrics)
+        if trainer.is_global_zero:  # per-image predictions, for cv_summary's out-of-fold results
+            write_predictions(module, datamodule, output_dir / "predictions.csv")
 
     metrics = {**_scalars(fit_metrics, "val/"), **_scalars(fit_metrics, "train/"), **_scalars(test_metrics, "test/")}
     summary = {

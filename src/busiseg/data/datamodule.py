@@ -37,8 +37,11 @@ class BusiDataModule(L.LightningDataModule):
         image_size: square preprocessing size (multiple of 32).
         in_channels: 1 (grey) or 3.
         train_transform: albumentations pipeline for training samples (config group ``augment``).
-        splitter: object with ``split(records) -> {"train","val","test"}`` (config group ``split``).
-        split_file: reuse this saved split instead of computing one.
+        splitter: object with ``split(records) -> {"train","val","test"[, "meta"]}`` (config group
+            ``split``: grouped holdout or k-fold; images in no part, e.g. label conflicts dropped by
+            the splitter, are not used).
+        split_file: reuse this saved split instead of computing one (from code; the config way
+            is ``split.file=...``, handled by the splitter).
         split_out: write the split used to this JSON file (the run dir's ``split.json``).
         cache: ``memory`` (decode all once, in RAM), ``disk`` (decode once into
             ``cache_dir``, reused across runs, RSS flat), or ``none`` (decode per access).

@@ -1,0 +1,342 @@
+"""Cross-validation summary: ``python -m busiseg.cv_summary SWEEP_DIR``.
+
+Reads the fold runs of a k-fold sweep (``python -m busiseg.train -m split=kfold
+split.fold=0,1,2,3,4``): every run dir under SWEEP_DIR holding ``metrics.json`` and a k-fold
+``split.json``. Writes into SWEEP_DIR (or ``--out``):
+
+- ``cv_summary.json`` / ``cv_summary.md``: mean +- std over folds of every metric, a per-fold
+  table, and the out-of-fold (OOF) results: every image's prediction from the one model that
+  did not train on it (nnU-Net style), with metrics pooled over all of them;
+- ``oof_predictions.csv``: those predictions, one row per image.
+
+The fold runs write their per-image predictions (``predictions.csv``, see
+``write_predictions``) after testing the best checkpoint. ``CVSummaryCallback`` runs the
+summary at the end of the multirun (enabled by ``split=kfold``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from hydra.experimental.callback import Callback
+
+from busiseg.data.labels import CLASS_NAMES
+
+log = logging.getLogger("busiseg.cv_summary")
+
+PREDICTION_COLUMNS = ["part", "image", "true_class", "pred_class"] + [f"prob_{c}" for c in CLASS_NAMES] + ["dice"]
+
+
+class CVSummaryError(ValueError):
+    """The sweep dir cannot be summarised; the message names the run dirs at fault."""
+
+
+# --------------------------------------------------------------------------- per run
+
+
+def write_predictions(module: Any, datamodule: Any, path: str | Path, parts: Sequence[str] = ("val", "test"),
+                      threshold: float = 0.5) -> Path:
+    """Per-image predictions of ``module`` on the datamodule's ``parts``, as CSV.
+
+    Columns: part, image (record name), true_class, pred_class, prob_<class> (softmax),
+    dice (per image, mask probability > threshold, at the preprocessing size; both masks
+    empty scores 1, as ``PerImageDice``). Call after ``trainer.test``, which leaves the best
+    checkpoint's weights in the module. Every image of each part is predicted, whatever the
+    trainer's ``limit_*_batches``.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    path = Path(path)
+    rows: list[dict[str, Any]] = []
+    was_training = module.training
+    module.eval()
+    device = module.device
+    with torch.inference_mode():
+        for part in parts:
+            dataset = getattr(datamodule, f"{part}_dataset", None)
+            if dataset is None or len(dataset) == 0:
+                continue
+            loader = DataLoader(dataset, batch_size=datamodule.eval_batch_size, shuffle=False, num_workers=0)
+            for batch in loader:
+                mask_logits, class_logits = module(batch["image"].to(device))
+                probs = torch.softmax(class_logits.float(), dim=1).cpu()
+                pred = (torch.sigmoid(mask_logits.float()) > threshold).cpu().flatten(1)
+                true = (batch["mask"] > 0).flatten(1)
+                inter = (pred & true).sum(1).float()
+                total = (pred.sum(1) + true.sum(1)).float()
+                dice = torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
+                for k in range(len(probs)):
+                    record = datamodule.records[int(batch["index"][k])]
+                    row = {
+                        "part": part,
+                        "image": record.name,
+                        "true_class": CLASS_NAMES[int(batch["label"][k])],
+                        "pred_class": CLASS_NAMES[int(probs[k].argmax())],
+                    }
+                    row.update({f"prob_{c}": round(float(probs[k, i]), 6) for i, c in enumerate(CLASS_NAMES)})
+                    row["dice"] = round(float(dice[k]), 6)
+                    rows.append(row)
+    module.train(was_training)
+    _write_csv(path, rows, PREDICTION_COLUMNS)
+    return path
+
+
+def _write_csv(path: Path, rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- the summary
+
+
+def find_fold_runs(directory: str | Path) -> list[Path]:
+    """Run dirs under ``directory`` (itself included) with metrics.json and a k-fold split.json."""
+    directory = Path(directory)
+    runs = []
+    for metrics in sorted(directory.rglob("metrics.json")):
+        run = metrics.parent
+        split = run / "split.json"
+        if not split.is_file():
+            continue
+        try:
+            meta = json.loads(split.read_text()).get("meta", {})
+        except (OSError, json.JSONDecodeError):
+            continue
+        if meta.get("splitter") == "kfold":
+            runs.append(run)
+    return runs
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CVSummaryError(f"{path}: cannot read ({exc})") from exc
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return float("nan"), float("nan")
+    mean = sum(finite) / len(finite)
+    if len(finite) < 2:
+        return mean, 0.0
+    var = sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)  # sample std over folds
+    return mean, math.sqrt(var)
+
+
+def summarize(directory: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Aggregate the fold runs under ``directory``; write the summary files; return the summary."""
+    directory = Path(directory)
+    runs = find_fold_runs(directory)
+    if not runs:
+        raise CVSummaryError(
+            f"{directory}: no fold runs found (run dirs with metrics.json and a split.json made by split=kfold)"
+        )
+    folds: dict[int, dict[str, Any]] = {}
+    ks, assignments = set(), set()
+    for run in runs:
+        meta = _read_json(run / "split.json")["meta"]
+        fold = int(meta["fold"])
+        if fold in folds:
+            raise CVSummaryError(
+                f"fold {fold} appears twice: {folds[fold]['dir']} and {run} "
+                "(summarise one sweep at a time: pass its own directory)"
+            )
+        ks.add(int(meta["k"]))
+        assignments.add(meta.get("assignment"))
+        folds[fold] = {"dir": run, "meta": meta, "metrics": _read_json(run / "metrics.json").get("metrics", {})}
+    if len(ks) > 1 or len(assignments) > 1:
+        raise CVSummaryError(
+            f"{directory}: the runs use different fold assignments (k {sorted(ks)}; seeds or data differ), "
+            "so their folds are not one cross-validation"
+        )
+    k = ks.pop()
+    missing = [f for f in range(k) if f not in folds]
+    if missing:
+        log.warning("cv_summary: fold(s) %s of %d missing under %s", missing, k, directory)
+
+    order = sorted(folds)
+    names = sorted({m for f in order for m in folds[f]["metrics"]})
+    per_fold = {f: {m: folds[f]["metrics"].get(m) for m in names} for f in order}
+    mean, std = {}, {}
+    for m in names:
+        mean[m], std[m] = _mean_std([per_fold[f][m] for f in order])
+
+    oof_rows, oof_missing_runs = [], []
+    for f in order:
+        path = folds[f]["dir"] / "predictions.csv"
+        if not path.is_file():
+            oof_missing_runs.append(str(folds[f]["dir"]))
+            continue
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            absent = set(PREDICTION_COLUMNS) - set(reader.fieldnames or [])
+            if absent:
+                raise CVSummaryError(f"{path}: lacks the column(s) {', '.join(sorted(absent))}")
+            oof_rows += [{"fold": f, **row} for row in reader if row["part"] == "val"]
+    seen: dict[str, int] = {}
+    for row in oof_rows:
+        if row["image"] in seen:
+            raise CVSummaryError(
+                f"{row['image']} is in the validation part of folds {seen[row['image']]} and {row['fold']}: "
+                "the runs do not share one fold assignment"
+            )
+        seen[row["image"]] = row["fold"]
+    expected = {n for f in order for n, fold in folds[f]["meta"].get("fold_of", {}).items() if fold in folds}
+    uncovered = sorted(expected - set(seen)) if not oof_missing_runs else []
+
+    summary = {
+        "directory": str(directory),
+        "k": k,
+        "folds": order,
+        "missing_folds": missing,
+        "complete": not missing and not oof_missing_runs and not uncovered,
+        "runs": {f: str(folds[f]["dir"]) for f in order},
+        "mean": mean,
+        "std": std,
+        "per_fold": per_fold,
+        "oof": {
+            "images": len(oof_rows),
+            "metrics": _oof_metrics(oof_rows),
+            "runs_without_predictions": oof_missing_runs,
+            "images_without_prediction": uncovered,
+            "predictions": oof_rows,
+        },
+    }
+    out_dir = Path(out_dir) if out_dir else directory
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(out_dir / "cv_summary.json", summary)
+    (out_dir / "cv_summary.md").write_text(render_markdown(summary))
+    _write_csv(out_dir / "oof_predictions.csv", oof_rows, ["fold"] + PREDICTION_COLUMNS)
+    log.info("cv_summary: %d fold(s) of %d, %d out-of-fold predictions -> %s", len(order), k, len(oof_rows),
+             out_dir / "cv_summary.md")
+    return summary
+
+
+def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _oof_metrics(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Metrics pooled over every out-of-fold prediction (each image once)."""
+    if not rows:
+        return {}
+    n = len(rows)
+    confusion = [[0] * len(CLASS_NAMES) for _ in CLASS_NAMES]
+    for r in rows:
+        confusion[CLASS_NAMES.index(r["true_class"])][CLASS_NAMES.index(r["pred_class"])] += 1
+    out: dict[str, Any] = {
+        "accuracy": sum(confusion[i][i] for i in range(len(CLASS_NAMES))) / n,
+        "dice_per_image": sum(float(r["dice"]) for r in rows) / n,
+    }
+    recalls = []
+    for i, c in enumerate(CLASS_NAMES):
+        support = sum(confusion[i])
+        if support:
+            out[f"recall_{c}"] = confusion[i][i] / support
+            recalls.append(out[f"recall_{c}"])
+            out[f"dice_per_image_{c}"] = sum(float(r["dice"]) for r in rows if r["true_class"] == c) / support
+    out["recall_macro"] = sum(recalls) / len(recalls) if recalls else float("nan")
+    out["confusion_matrix"] = confusion
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def render_markdown(summary: Mapping[str, Any]) -> str:
+    s = summary
+    lines = [f"# Cross-validation summary: {s['directory']}", ""]
+    missing = f" (missing: {s['missing_folds']})" if s["missing_folds"] else ""
+    lines.append(f"{len(s['folds'])} of {s['k']} folds{missing}. Mean +- sample std over folds.")
+    lines += ["", "| metric | mean | std |", "|---|---|---|"]
+    lines += [f"| {m} | {_fmt(s['mean'][m])} | {_fmt(s['std'][m])} |" for m in s["mean"]]
+    lines += ["", "## Per fold", ""]
+    folds = s["folds"]
+    lines += ["| metric | " + " | ".join(f"fold {f}" for f in folds) + " |", "|---|" + "---|" * len(folds)]
+    lines += [f"| {m} | " + " | ".join(_fmt(s["per_fold"][f][m]) for f in folds) + " |" for m in s["mean"]]
+    oof = s["oof"]
+    lines += ["", "## Out-of-fold predictions", ""]
+    if not oof["images"]:
+        lines.append("None (the fold runs wrote no predictions.csv).")
+        return "\n".join(lines) + "\n"
+    lines.append(f"{oof['images']} images, each predicted by the model of the fold that held it out.")
+    if oof["runs_without_predictions"]:
+        lines.append(f"Runs without predictions.csv: {', '.join(oof['runs_without_predictions'])}.")
+    if oof["images_without_prediction"]:
+        lines.append(f"{len(oof['images_without_prediction'])} image(s) of the folds have no prediction.")
+    m = oof["metrics"]
+    lines += ["", "| pooled metric | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in m.items() if k != "confusion_matrix"]
+    lines += ["", "Confusion matrix (rows true, columns predicted):", "",
+              "| | " + " | ".join(CLASS_NAMES) + " |", "|---|" + "---|" * len(CLASS_NAMES)]
+    lines += [f"| {c} | " + " | ".join(str(v) for v in row) + " |"
+              for c, row in zip(CLASS_NAMES, m["confusion_matrix"])]
+    lines += ["", "<details><summary>Every image</summary>", "",
+              "| image | fold | true | predicted | " + " | ".join(f"p({c})" for c in CLASS_NAMES) + " | dice |",
+              "|---|---|---|---|" + "---|" * (len(CLASS_NAMES) + 1)]
+    for r in sorted(oof["predictions"], key=lambda r: r["image"]):
+        probs = " | ".join(f"{float(r[f'prob_{c}']):.3f}" for c in CLASS_NAMES)
+        lines.append(f"| {r['image']} | {r['fold']} | {r['true_class']} | {r['pred_class']} | {probs} | "
+                     f"{float(r['dice']):.3f} |")
+    lines += ["", "</details>", ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+class CVSummaryCallback(Callback):
+    """Hydra callback: summarise the folds when a multirun ends (never fails the sweep)."""
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        if not find_fold_runs(sweep_dir):
+            return
+        try:
+            summarize(sweep_dir)
+        except CVSummaryError as exc:
+            log.warning("cv_summary: %s", exc)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m busiseg.cv_summary", description=__doc__.split("\n\n")[0])
+    parser.add_argument("directory", type=Path, help="the k-fold sweep dir (holds one run dir per fold)")
+    parser.add_argument("--out", type=Path, default=None, help="where to write (default: the sweep dir)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        summary = summarize(args.directory, args.out)
+    except CVSummaryError as exc:
+        print(f"busiseg: error: {exc}", file=sys.stderr)
+        return 2
+    width = max(len(m) for m in summary["mean"]) if summary["mean"] else 0
+    for m in summary["mean"]:
+        if m.startswith(("test/", "val/")):
+            print(f"{m:<{width}}  {_fmt(summary['mean'][m])} +- {_fmt(summary['std'][m])}")
+    print(f"summary: {(args.out or args.directory) / 'cv_summary.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

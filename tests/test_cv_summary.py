@@ -1,0 +1,175 @@
+"""Cross-validation summary: fold aggregation, out-of-fold predictions, the per-run prediction writer."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from busiseg.cv_summary import CVSummaryError, PREDICTION_COLUMNS, main, summarize, write_predictions
+from busiseg.data.datamodule import BusiDataModule
+from busiseg.data.labels import CLASS_NAMES
+from busiseg.data.splits import HoldoutSplitter
+
+K = 5
+IMAGES = [f"{c}/{c} ({n}).png" for c in CLASS_NAMES for n in range(1, 5)]  # 12 images
+
+
+def fake_fold_run(run: Path, fold: int, metrics: dict, assignment: str = "a1", k: int = K) -> None:
+    """What a k-fold training run leaves: metrics.json, split.json, predictions.csv."""
+    run.mkdir(parents=True)
+    fold_of = {n: i % k for i, n in enumerate(IMAGES)}
+    val = [n for n in IMAGES if fold_of[n] == fold]
+    meta = {"splitter": "kfold", "k": k, "fold": fold, "assignment": assignment, "fold_of": fold_of}
+    (run / "split.json").write_text(json.dumps({"train": [n for n in IMAGES if n not in val], "val": val,
+                                                "test": val, "meta": meta}))
+    (run / "metrics.json").write_text(json.dumps({"metrics": metrics}))
+    with open(run / "predictions.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=PREDICTION_COLUMNS)
+        w.writeheader()
+        for part in ("val", "test"):
+            for n in val:
+                true = n.split("/")[0]
+                pred = true if fold != 0 else "benign"  # fold 0's model calls everything benign
+                probs = {f"prob_{c}": float(c == pred) for c in CLASS_NAMES}
+                w.writerow({"part": part, "image": n, "true_class": true, "pred_class": pred, **probs, "dice": 0.5})
+
+
+def fold_metrics(fold: int) -> dict:
+    return {"test/dice": 0.5 + 0.05 * fold, "test/accuracy": 0.9 - 0.01 * fold ** 2, "val/loss": 1.0 / (fold + 1)}
+
+
+@pytest.fixture
+def sweep(tmp_path) -> Path:
+    for f in range(K):
+        fake_fold_run(tmp_path / "sweep" / str(f), f, fold_metrics(f))
+    return tmp_path / "sweep"
+
+
+def test_means_and_stds_equal_the_folds_values(sweep):
+    summary = summarize(sweep)
+    assert summary["folds"] == list(range(K)) and summary["complete"]
+    for m in fold_metrics(0):
+        values = [fold_metrics(f)[m] for f in range(K)]
+        assert summary["mean"][m] == pytest.approx(np.mean(values))
+        assert summary["std"][m] == pytest.approx(np.std(values, ddof=1))
+        assert [summary["per_fold"][f][m] for f in range(K)] == pytest.approx(values)
+    written = json.loads((sweep / "cv_summary.json").read_text())
+    assert written["mean"] == pytest.approx(summary["mean"])
+    md = (sweep / "cv_summary.md").read_text()
+    assert "| test/dice | 0.6000 |" in md and "fold 4" in md
+
+
+def test_out_of_fold_predictions_cover_every_image_once(sweep):
+    oof = summarize(sweep)["oof"]
+    assert oof["images"] == len(IMAGES) and not oof["images_without_prediction"]
+    rows = list(csv.DictReader(open(sweep / "oof_predictions.csv")))
+    assert sorted(r["image"] for r in rows) == sorted(IMAGES)
+    wrong = sum(1 for i, n in enumerate(IMAGES) if i % K == 0 and not n.startswith("benign/"))
+    assert oof["metrics"]["accuracy"] == pytest.approx(1 - wrong / len(IMAGES))
+    assert oof["metrics"]["dice_per_image"] == pytest.approx(0.5)
+    assert sum(map(sum, oof["metrics"]["confusion_matrix"])) == len(IMAGES)
+
+
+def test_missing_duplicate_and_mismatched_folds(tmp_path, sweep):
+    import shutil
+
+    shutil.rmtree(sweep / "3")
+    summary = summarize(sweep)
+    assert summary["missing_folds"] == [3] and not summary["complete"]
+    assert summary["mean"]["test/dice"] == pytest.approx(np.mean([0.5, 0.55, 0.6, 0.7]))
+    fake_fold_run(sweep / "again" / "1", 1, fold_metrics(1))
+    with pytest.raises(CVSummaryError, match="fold 1 appears twice"):
+        summarize(sweep)
+    other = tmp_path / "other"
+    fake_fold_run(other / "0", 0, fold_metrics(0))
+    fake_fold_run(other / "1", 1, fold_metrics(1), assignment="b2")
+    with pytest.raises(CVSummaryError, match="different fold assignments"):
+        summarize(other)
+    with pytest.raises(CVSummaryError, match="no fold runs"):
+        summarize(tmp_path / "nothing")
+
+
+def test_cli(sweep, tmp_path, capsys):
+    assert main([str(sweep), "--out", str(tmp_path / "report")]) == 0
+    assert "test/dice" in capsys.readouterr().out and (tmp_path / "report" / "cv_summary.md").exists()
+    assert main([str(tmp_path / "nothing")]) == 2
+
+
+class _AllBenignNoLesion(nn.Module):
+    """Stub network: always 'benign', never a lesion pixel."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    @property
+    def device(self):
+        return self.dummy.device
+
+    def forward(self, images):
+        b, _, h, w = images.shape
+        return torch.full((b, 1, h, w), -10.0), torch.tensor([[0.0, 5.0, 0.0]]).expand(b, 3)
+
+
+def test_write_predictions(tiny_busi, tmp_path):
+    dm = BusiDataModule(str(tiny_busi), image_size=32, batch_size=2, eval_batch_size=3,
+                        splitter=HoldoutSplitter(0.25, 0.25, seed=0, group_duplicates=False))
+    dm.setup()
+    path = write_predictions(_AllBenignNoLesion(), dm, tmp_path / "predictions.csv")
+    rows = list(csv.DictReader(open(path)))
+    assert list(rows[0]) == PREDICTION_COLUMNS
+    assert sorted((r["part"], r["image"]) for r in rows) == sorted(
+        (p, n) for p in ("val", "test") for n in dm.split[p])
+    for r in rows:
+        assert r["pred_class"] == "benign"
+        assert math.isclose(sum(float(r[f"prob_{c}"]) for c in CLASS_NAMES), 1.0, rel_tol=1e-5)
+        # empty prediction: Dice 1 where the true mask is empty too (normal), else 0
+        assert float(r["dice"]) == (1.0 if r["true_class"] == "normal" else 0.0)
+
+
+@pytest.mark.slow
+def test_cli_kfold_multirun_then_automatic_summary(tmp_path):
+    from tests.test_train import FAST
+
+    sweep = tmp_path / "sweep"
+    data_dir = tmp_path / "data"
+    cmd = [sys.executable, "-m", "busiseg.train", "-m", "split=kfold", "split.k=2", "split.fold=0,1", "debug=fdr",
+           f"paths.data_dir={data_dir}", f"paths.log_dir={tmp_path / 'logs'}", f"hydra.sweep.dir={sweep}"] + FAST
+    proc = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"},
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((sweep / "cv_summary.json").read_text())  # written by the Hydra callback
+    assert summary["folds"] == [0, 1] and summary["complete"]
+    assert summary["oof"]["images"] == 22  # the FAST phantom: every image predicted out of fold once
+    for m, v in summary["mean"].items():
+        folds = [json.loads((sweep / str(f) / "metrics.json").read_text())["metrics"].get(m) for f in (0, 1)]
+        assert v == pytest.approx(np.mean([x for x in folds if x is not None]))
+    bad = subprocess.run(cmd[:3] + ["split=kfold", "split.fold=5", f"paths.log_dir={tmp_path / 'logs'}"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "split.fold must be in 0..4" in bad.stderr
+
+
+def test_kfold_training_run_writes_what_the_summary_reads(tmp_path):
+    from busiseg.train import train
+    from tests.test_train import compose_train
+
+    cfg = compose_train(tmp_path, tmp_path / "data", ["debug=fdr", "split=kfold", "split.k=3", "split.fold=2"])
+    train(cfg)
+    run = tmp_path / "run"
+    split = json.loads((run / "split.json").read_text())
+    assert split["meta"]["splitter"] == "kfold" and split["meta"]["fold"] == 2 and split["test"] == split["val"]
+    rows = list(csv.DictReader(open(run / "predictions.csv")))
+    assert sorted(r["image"] for r in rows if r["part"] == "val") == sorted(split["val"])
+    summary = summarize(run)  # one fold of three
+    assert summary["folds"] == [2] and summary["missing_folds"] == [0, 1]
+    assert summary["oof"]["images"] == len(split["val"])
