@@ -172,3 +172,14 @@ def test_disk_cache_run(tmp_path, data_dir):
     cfg = compose_train(tmp_path, data_dir, ["debug=fdr", "data.cache=disk", f"data.cache_dir={tmp_path / 'cache'}"])
     train(cfg)
     assert len(list((tmp_path / "cache").glob("*/done.json"))) == 1
+
+
+def test_augment_on_device_run(tmp_path, data_dir):
+    from busiseg.data.device_augment import StandardTensorAugment
+    from busiseg.train import build
+
+    cfg = compose_train(tmp_path, data_dir, ["debug=fdr", "augment_on_device=true", "augment=standard"])
+    datamodule, module, _ = build(cfg)
+    assert datamodule.train_transform is None and isinstance(module.device_augment, StandardTensorAugment)
+    summary = train(cfg)
+    assert 0.0 <= summary["metrics"]["test/dice"] <= 1.0

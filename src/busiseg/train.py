@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from busiseg.cv_summary import write_predictions  # noqa: E402
 from busiseg.data.busi import DatasetError, summarize  # noqa: E402
+from busiseg.data.device_augment import from_augment_config  # noqa: E402
 from busiseg.data.labels import CLASS_NAMES  # noqa: E402
 from busiseg.data.splits import PARTS  # noqa: E402
 from busiseg.models.module import MultiTaskModule  # noqa: E402
@@ -99,9 +100,11 @@ def _scalars(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, MultiTaskModule, L.Trainer]:
     """Instantiate datamodule, module and trainer from the config (no training)."""
     output_dir = Path(cfg.paths.output_dir)
+    on_device = bool(cfg.get("augment_on_device", False))
     datamodule = hydra.utils.instantiate(
         cfg.data,
-        train_transform=hydra.utils.instantiate(cfg.augment),
+        # augment on the CPU per sample, or (augment_on_device) on the training device per batch
+        train_transform=None if on_device else hydra.utils.instantiate(cfg.augment),
         splitter=hydra.utils.instantiate(cfg.split),
         split_out=str(output_dir / "split.json"),
         _convert_="object",
@@ -114,6 +117,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, MultiTaskModule, L.Tr
         config=_plain(cfg),
         channels_last=bool(cfg.get("channels_last", False)),
         compile=bool(cfg.get("compile", False)),
+        device_augment=from_augment_config(OmegaConf.to_container(cfg.augment)) if on_device else None,
     )
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c]

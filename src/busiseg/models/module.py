@@ -30,12 +30,15 @@ class MultiTaskModule(L.LightningModule):
             GPUs with tensor cores and on recent CPUs; measure, see docs/performance.md).
         compile: ``torch.compile`` the network in place (state_dict keys unchanged, so
             checkpoints stay interchangeable); pays off on long GPU runs.
+        device_augment: a ``busiseg.data.device_augment`` recipe applied to training
+            batches after they reach the device (``augment_on_device=true``).
     """
 
     def __init__(self, net: nn.Module, loss: MultiTaskLoss, optimizer: Callable[..., torch.optim.Optimizer],
                  scheduler: Callable[..., Any] | None = None, config: dict | None = None,
-                 channels_last: bool = False, compile: bool = False):
+                 channels_last: bool = False, compile: bool = False, device_augment: nn.Module | None = None):
         super().__init__()
+        self.device_augment = device_augment
         self.channels_last = channels_last
         self.compile_net = compile
         self.save_hyperparameters({"config": config or {}})
@@ -55,6 +58,12 @@ class MultiTaskModule(L.LightningModule):
         if self.compile_net and not getattr(self, "_compiled", False):
             self.net.compile()
             self._compiled = True
+
+    def on_after_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict[str, torch.Tensor]:
+        if self.device_augment is not None and self.trainer is not None and self.trainer.training:
+            batch = dict(batch)
+            batch["image"], batch["mask"] = self.device_augment(batch["image"], batch["mask"])
+        return batch
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.channels_last:
