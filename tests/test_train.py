@@ -183,3 +183,11 @@ def test_augment_on_device_run(tmp_path, data_dir):
     assert datamodule.train_transform is None and isinstance(module.device_augment, StandardTensorAugment)
     summary = train(cfg)
     assert 0.0 <= summary["metrics"]["test/dice"] <= 1.0
+
+
+def test_device_resident_run_and_its_config_check(tmp_path, data_dir):
+    cfg = compose_train(tmp_path, data_dir, ["debug=fdr", "data.device_resident=true", "augment_on_device=true"])
+    assert 0.0 <= train(cfg)["metrics"]["test/dice"] <= 1.0
+    cfg = compose_train(tmp_path, data_dir, ["debug=fdr", "data.device_resident=true"])
+    with pytest.raises(ConfigError, match="augment_on_device"):
+        train(cfg)

@@ -56,6 +56,8 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError("trainer.accelerator=gpu but no CUDA device is visible; use trainer=cpu or trainer=default (auto)")
     if precision == "16-mixed" and accelerator == "cpu":
         raise ConfigError("trainer.precision=16-mixed needs a GPU; on CPU use 32 or bf16-mixed")
+    if data.get("device_resident") and not cfg.get("augment_on_device") and cfg.augment.get("_target_", "").split(".")[-1] != "no_augmentation":
+        raise ConfigError("data.device_resident=true skips the CPU augmentation: set augment_on_device=true (or augment=none)")
     split = cfg.get("split") or {}
     if "fold" in split and not 0 <= int(split.fold) < int(split.k):
         raise ConfigError(f"split.fold must be in 0..{int(split.k) - 1} (split.k={split.k}), got {split.fold}")

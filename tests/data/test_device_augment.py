@@ -98,3 +98,29 @@ def test_from_augment_config():
     assert from_augment_config({"_target_": "busiseg.data.augment.no_augmentation"}) is None
     with pytest.raises(ValueError, match="augment_on_device"):
         from_augment_config({"_target_": "my.Recipe"})
+
+
+def test_device_resident_loader_gives_the_dataloader_samples(tiny_busi):
+    from busiseg.data.datamodule import BusiDataModule
+    from busiseg.data.splits import HoldoutSplitter
+
+    dm = BusiDataModule(str(tiny_busi), image_size=32, batch_size=4, device_resident=True,
+                        splitter=HoldoutSplitter(0.25, 0.25, seed=0, group_duplicates=False))
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    batches = list(loader)
+    assert len(batches) == len(loader) == 1 and batches[0]["image"].shape == (4, 1, 32, 32)
+    seen = torch.cat([b["index"] for b in batches]).tolist()
+    assert set(seen) <= set(dm.train_dataset.indices)
+    for b in batches:
+        for j, idx in enumerate(b["index"].tolist()):
+            ref = dm.train_dataset[dm.train_dataset.indices.index(idx)]  # no CPU transform set
+            for key in ("image", "mask", "label"):
+                assert torch.equal(b[key][j], ref[key])
+
+
+def test_device_resident_needs_memory_cache(tiny_busi):
+    from busiseg.data.datamodule import BusiDataModule
+
+    with pytest.raises(ValueError, match="data.device_resident needs data.cache=memory"):
+        BusiDataModule(str(tiny_busi), device_resident=True, cache="none")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from busiseg.data.busi import Record, scan_busi, summarize
@@ -25,6 +26,37 @@ def resolve_num_workers(num_workers: int | str) -> int:
     if int(num_workers) < 0:
         raise ValueError(f"data.num_workers must be >= 0 or 'auto', got {num_workers}")
     return int(num_workers)
+
+
+class EpochSampler(Sampler):
+    """Shuffles ``n`` positions with a generator seeded by ``(seed, epoch)``; yields ``(position, sample seed)``.
+
+    The order and each sample's augmentation seed depend only on the seed and the epoch
+    (Lightning calls ``set_epoch``), not on the global RNG, so a run resumed mid-epoch can
+    skip the batches already trained on (``skip``) and see exactly the rest.
+    """
+
+    def __init__(self, n: int, seed: int, epoch: int = 0, skip: int = 0):
+        self.n = n
+        self.seed = int(seed)
+        self.epoch = epoch
+        self.skip = skip  # samples to leave out at the start of ``epoch`` (once)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.skip = 0
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=generator).tolist()
+        seeds = np.random.SeedSequence([self.seed, self.epoch]).generate_state(self.n).tolist()
+        start, self.skip = self.skip, 0
+        for j in range(start, self.n):
+            yield order[j], seeds[j]
 
 
 class BusiDataModule(L.LightningDataModule):
@@ -46,6 +78,9 @@ class BusiDataModule(L.LightningDataModule):
         cache: ``memory`` (decode all once, in RAM), ``disk`` (decode once into
             ``cache_dir``, reused across runs, RSS flat), or ``none`` (decode per access).
         cache_dir: folder for the disk cache.
+        device_resident: keep the decoded training set on the training device and batch
+            it there (needs ``cache: memory``; augmentation then runs on the device:
+            ``augment_on_device``).
     """
 
     def __init__(
@@ -65,6 +100,7 @@ class BusiDataModule(L.LightningDataModule):
         split_out: str | None = None,
         cache: str = "memory",
         cache_dir: str | None = None,
+        device_resident: bool = False,
     ):
         super().__init__()
         if in_channels not in (1, 3):
@@ -86,9 +122,19 @@ class BusiDataModule(L.LightningDataModule):
         self.split_out = split_out
         self.cache_mode = cache
         self.cache_dir = cache_dir
+        if device_resident and cache != "memory":
+            raise ValueError(f"data.device_resident needs data.cache=memory, got data.cache={cache}")
+        self.device_resident = device_resident
+        self._device_loader = None
         self.records: list[Record] = []
         self.split: dict[str, list[str]] = {}
         self.cache = None
+        self.seed = seed
+        self._resume: tuple[int, int] = (0, 0)
+
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        """Called on resume (``ResumeState``): the next epoch is ``epoch``, less its first batches."""
+        self._resume = (int(epoch), int(batches_done))
 
     def prepare_data(self) -> None:
         if self.synthetic is not None:
@@ -119,18 +165,44 @@ class BusiDataModule(L.LightningDataModule):
             log.info("%s: %d images (%s)", p, len(index[p]), ", ".join(f"{c} {counts[c]}" for c in CLASS_NAMES))
 
     def _loader(self, dataset: BusiDataset, shuffle: bool, batch_size: int) -> DataLoader:
+        sampler = None
+        if shuffle:
+            seed = self.seed if self.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+            epoch, batches_done = self._resume
+            sampler = EpochSampler(len(dataset), seed, epoch=epoch, skip=batches_done * batch_size)
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
+            # its own generator: creating an iterator does not draw from the global RNG (exact resume)
+            generator=torch.Generator().manual_seed(0),
             drop_last=shuffle and len(dataset) > batch_size,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self):
+        if self.device_resident:
+            return self._device_train_loader()
         return self._loader(self.train_dataset, True, self.batch_size)
+
+    def _device_train_loader(self):
+        from busiseg.data.device_augment import DeviceBatchLoader
+
+        trainer = getattr(self, "trainer", None)
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        if self._device_loader is None or self._device_loader.images.device != device:
+            self._device_loader = DeviceBatchLoader(
+                torch.from_numpy(self.cache.images).to(device),
+                torch.from_numpy(self.cache.masks).to(device),
+                torch.tensor([r.label for r in self.records], dtype=torch.long, device=device),
+                self.train_dataset.indices,
+                self.batch_size,
+                shuffle=True,
+                drop_last=len(self.train_dataset) > self.batch_size,
+            )
+        return self._device_loader
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, False, self.eval_batch_size)

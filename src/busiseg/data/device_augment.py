@@ -175,3 +175,35 @@ def from_augment_config(cfg: Mapping[str, Any]) -> nn.Module | None:
     if cls is None:
         return None
     return cls(**{k: v for k, v in cfg.items() if k != "_target_"})
+
+
+class DeviceBatchLoader:
+    """Batches straight from a decoded dataset held on the training device (``data.device_resident``).
+
+    The cached uint8 images and boolean masks are copied to the device once; each epoch
+    draws a permutation there and slices batches, so nothing crosses the PCIe bus per
+    step. Batches have the DataLoader's format (``image``, ``mask``, ``label``,
+    ``index``); augmentation happens after, in ``MultiTaskModule.on_after_batch_transfer``.
+    """
+
+    def __init__(self, images: Tensor, masks: Tensor, labels: Tensor, indices: list[int], batch_size: int,
+                 shuffle: bool, drop_last: bool, seed: int = 0):
+        self.images, self.masks, self.labels = images, masks, labels
+        self.indices = torch.as_tensor(indices, dtype=torch.long, device=images.device)
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.generator = torch.Generator(device=images.device).manual_seed(seed)
+
+    def __len__(self) -> int:
+        n = len(self.indices)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        order = self.indices
+        if self.shuffle:
+            order = order[torch.randperm(len(order), device=order.device, generator=self.generator)]
+        for b in range(len(self)):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            image = self.images[idx].float().div_(255.0)
+            image = image.unsqueeze(1) if image.ndim == 3 else image.permute(0, 3, 1, 2)
+            yield {"image": image, "mask": self.masks[idx].float().unsqueeze(1), "label": self.labels[idx],
+                   "index": idx}
