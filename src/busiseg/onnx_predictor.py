@@ -44,6 +44,8 @@ CSV_NAME = "predictions.csv"
 # BUSI ground-truth masks: NAME_mask.png, NAME_mask_1.png, ...
 MASK_NAME = re.compile(r"^(?P<stem>.+)_mask(?:_\d+)?$", re.IGNORECASE)
 SIDECAR_SUFFIX = ".json"
+# images larger than this (width x height) are refused from their header, before any decoding
+DEFAULT_MAX_PIXELS = 100_000_000
 
 
 class InputError(ValueError):
@@ -103,15 +105,24 @@ def find_images(input_path: str | Path, skip_masks: bool | str = "auto",
     return found, skipped
 
 
-def read_image(path: Path, in_channels: int) -> np.ndarray:
+def read_image(path: Path, in_channels: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode any PNG/JPEG/BMP/TIFF (grey, RGB, RGBA, palette, 16-bit) to uint8 HxW or HxWx3.
 
     The same conversion as training (``busiseg.data.busi.image_to_array``); errors name the file.
+    An image over ``max_pixels`` is refused from its header (Pillow reads the size without
+    decoding), so a huge or forged file cannot exhaust memory; Pillow's own decompression-bomb
+    limit, when lower, is reported the same way.
     """
     try:
         with Image.open(path) as im:
+            w, h = im.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise InputError(f"{path}: refused: {w}x{h} = {w * h:,} pixels is over max_pixels={max_pixels:,} "
+                                 f"(raise max_pixels to predict it)")
             im.load()
             return image_to_array(im, in_channels)
+    except InputError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise InputError(f"{path}: cannot read the image ({exc.__class__.__name__}: {exc})") from exc
 
@@ -306,7 +317,7 @@ def _progress(enabled: bool, total: int):
 
 def predict_files(predictor: BatchPredictor, images: list[InputImage], output: str | Path, *,
                   batch_size: int = 8, overlays: bool = True, progress: bool = False,
-                  skipped_masks: int = 0) -> PredictionSummary:
+                  skipped_masks: int = 0, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> PredictionSummary:
     """Predict every image, write its mask (and overlay) under ``output`` and ``predictions.csv``.
 
     A file that cannot be read or written is recorded in the summary and skipped; the
@@ -357,7 +368,7 @@ def predict_files(predictor: BatchPredictor, images: list[InputImage], output: s
         batch: list[tuple[InputImage, np.ndarray]] = []
         for item in images:
             try:
-                batch.append((item, read_image(item.path, predictor.in_channels)))
+                batch.append((item, read_image(item.path, predictor.in_channels, max_pixels)))
             except InputError as exc:
                 summary.failed.append((str(item.path), str(exc).removeprefix(f"{item.path}: ")))
                 log.error("%s", exc)
@@ -486,6 +497,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--skip-masks", choices=("auto", "true", "false"), default="auto",
                         help="skip files named like BUSI masks: auto = when their image sits beside them")
     parser.add_argument("--no-overlays", action="store_true", help="write masks and the table only")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="refuse (skip and report) images with more pixels than this")
     parser.add_argument("--providers", default="CPUExecutionProvider",
                         help="onnxruntime execution providers, comma-separated")
     args = parser.parse_args(argv)
@@ -502,7 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise InputError(f"{args.input}: no images found ({', '.join(IMAGE_SUFFIXES)})")
         summary = predict_files(predictor, images, output, batch_size=args.batch_size,
                                 overlays=not args.no_overlays, progress=Path(args.input).is_dir() and len(images) > 1,
-                                skipped_masks=len(skipped))
+                                skipped_masks=len(skipped), max_pixels=args.max_pixels)
     except InputError as exc:
         print(f"busiseg.onnx_predictor: error: {exc}", file=sys.stderr)
         return 2

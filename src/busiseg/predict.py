@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from busiseg.checkpoint import CheckpointError, load_model  # noqa: E402
 from busiseg.data.labels import CLASS_NAMES  # noqa: E402
 from busiseg.inference import InferenceOptions, postprocess_mask, predict_probs, prepare_image, restore_size  # noqa: E402
-from busiseg.onnx_predictor import IMAGE_SUFFIXES, InputError, PredictionSummary, find_images, predict_files  # noqa: E402
+from busiseg.onnx_predictor import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, InputError, PredictionSummary, find_images, predict_files  # noqa: E402
 
 log = logging.getLogger("busiseg.predict")
 
@@ -103,6 +103,9 @@ def predict(cfg: DictConfig) -> PredictionSummary:
     batch_size = int(cfg.get("batch_size", 8))
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    max_pixels = cfg.get("max_pixels", DEFAULT_MAX_PIXELS)
+    if max_pixels is not None and int(max_pixels) < 1:
+        raise ConfigError(f"max_pixels must be >= 1 or null (no limit), got {max_pixels}")
     try:
         options = hydra.utils.instantiate(cfg.inference, _convert_="all")
     except Exception as exc:  # hydra wraps the dataclass's ValueError
@@ -120,7 +123,7 @@ def predict(cfg: DictConfig) -> PredictionSummary:
              predictor.image_size)
     return predict_files(predictor, images, output, batch_size=batch_size, overlays=bool(cfg.get("overlays", True)),
                          progress=bool(cfg.get("progress", True)) and Path(input_path).is_dir(),
-                         skipped_masks=len(skipped))
+                         skipped_masks=len(skipped), max_pixels=max_pixels)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")

@@ -19,18 +19,27 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import hydra  # noqa: E402
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
+from hydra.errors import InstantiationException  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
+from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
 from busiseg.cv_summary import write_predictions  # noqa: E402
 from busiseg.data.busi import DatasetError, summarize  # noqa: E402
 from busiseg.data.device_augment import from_augment_config  # noqa: E402
 from busiseg.data.labels import CLASS_NAMES  # noqa: E402
 from busiseg.data.splits import PARTS  # noqa: E402
+from busiseg.distributed import adopt_parent_run, end_ddp_job, share_run_dir  # noqa: E402
+from busiseg.models.guards import (NONFINITE_ACTIONS, AtomicCheckpointIO, GracefulInterrupt,  # noqa: E402
+                                   NonFiniteLossError, ResumeState, TrainingInterrupted)
 from busiseg.models.module import MultiTaskModule  # noqa: E402
+from busiseg.run_info import CONFIG_NAME, record_run  # noqa: E402
 from busiseg.models.net import EncoderWeightsUnavailable  # noqa: E402
 
 log = logging.getLogger("busiseg.train")
+
+# a DDP rank started by Lightning's launcher joins its parent's job and run dir (busiseg.distributed)
+adopt_parent_run()
 
 CONFIG_DIR = os.environ.get("BUSISEG_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
 
@@ -58,9 +67,55 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError("trainer.precision=16-mixed needs a GPU; on CPU use 32 or bf16-mixed")
     if data.get("device_resident") and not cfg.get("augment_on_device") and cfg.augment.get("_target_", "").split(".")[-1] != "no_augmentation":
         raise ConfigError("data.device_resident=true skips the CPU augmentation: set augment_on_device=true (or augment=none)")
+    if precision.startswith("bf16") and accelerator in ("gpu", "cuda") and torch.cuda.is_available() \
+            and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"trainer.precision={precision}: this GPU has no bfloat16; use 16-mixed or 32")
+    nonfinite = (cfg.get("guard") or {}).get("nonfinite", "stop")
+    if nonfinite not in NONFINITE_ACTIONS:
+        raise ConfigError(f"guard.nonfinite must be one of {', '.join(NONFINITE_ACTIONS)}, got {nonfinite!r}")
+    step_ckpt = (cfg.get("callbacks") or {}).get("step_checkpoint")
+    if step_ckpt and int(step_ckpt.get("every_n_train_steps") or 0) < 1:
+        raise ConfigError("callbacks.step_checkpoint.every_n_train_steps must be >= 1 "
+                          "(or callbacks.step_checkpoint=null to save only at epoch ends)")
     split = cfg.get("split") or {}
     if "fold" in split and not 0 <= int(split.fold) < int(split.k):
         raise ConfigError(f"split.fold must be in 0..{int(split.k) - 1} (split.k={split.k}), got {split.fold}")
+
+
+def resume_config(cfg: DictConfig) -> DictConfig:
+    """For ``resume=RUN_DIR``: the run's stored config pointed at its own dir, split and last checkpoint.
+
+    Without ``RUN_DIR/config.yaml`` (a run from before it was written) the given config is
+    used with ``paths.output_dir=RUN_DIR``.
+    """
+    run = Path(str(cfg.resume)).expanduser()
+    last = run / "checkpoints" / "last.ckpt"
+    if not run.is_dir():
+        raise ConfigError(f"resume={run}: no such run dir")
+    if not last.is_file():
+        raise ConfigError(f"resume={run}: no checkpoints/last.ckpt to resume from (the run stopped before its "
+                          f"first checkpoint; start it again)")
+    stored = run / CONFIG_NAME
+    resumed = OmegaConf.create(OmegaConf.to_container(OmegaConf.load(stored))) if stored.is_file() else cfg.copy()
+    with open_dict(resumed):
+        resumed.resume = str(run)
+        resumed.paths.output_dir = str(run)
+        resumed.ckpt_path = str(last)
+        if (run / "split.json").is_file() and resumed.get("split") is not None:
+            resumed.split.file = str(run / "split.json")
+    return resumed
+
+
+def _resumed_step(ckpt_path: str | None) -> int | None:
+    """The logger step a checkpoint resumes at (TensorBoard hides later events of the killed run)."""
+    if not ckpt_path:
+        return None
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        # the next step logged after the restore (Lightning saves its step counter one behind)
+        return int(ckpt["global_step"])
+    except Exception:  # an unreadable checkpoint is reported by trainer.fit itself
+        return None
 
 
 def _plain(cfg: DictConfig) -> dict[str, Any]:
@@ -121,24 +176,55 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, MultiTaskModule, L.Tr
         compile=bool(cfg.get("compile", False)),
         device_augment=from_augment_config(OmegaConf.to_container(cfg.augment)) if on_device else None,
     )
+    module.nonfinite = str((cfg.get("guard") or {}).get("nonfinite", "stop"))
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # always on: exact resume (epoch position, RNG states) and a checkpoint on SIGTERM/SIGINT
+    callbacks += [ResumeState(), GracefulInterrupt(output_dir / "checkpoints")]
+    purge_step = _resumed_step(cfg.get("ckpt_path"))
+    loggers = []
+    for c in (cfg.get("logger") or {}).values():
+        if not c:
+            continue
+        if purge_step is not None and str(c.get("_target_", "")).endswith("TensorBoardLogger"):
+            # events the killed run logged after its last checkpoint are hidden, not duplicated
+            loggers.append(hydra.utils.instantiate(c, purge_step=purge_step))
+        else:
+            loggers.append(hydra.utils.instantiate(c))
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                      plugins=[AtomicCheckpointIO()])
     return datamodule, module, trainer
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test the best checkpoint, write metrics.json; return the metrics."""
+    resumed = bool(cfg.get("resume"))
+    if resumed:
+        cfg = resume_config(cfg)
     check_config(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    datamodule, module, trainer = build(cfg)
+    share_run_dir(output_dir)  # for the DDP ranks Lightning may start
+    try:
+        datamodule, module, trainer = build(cfg)
+    except InstantiationException as exc:  # e.g. a negative loss weight: the ValueError names the key
+        if not isinstance(exc.__cause__, ValueError) or isinstance(exc.__cause__, DatasetError):
+            raise
+        raise ConfigError(str(exc.__cause__).strip()) from exc
+    if trainer.is_global_zero:
+        record_run(output_dir, _plain(cfg), resumed=resumed)
 
     started = time.perf_counter()
     if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+        except SIGTERMException as exc:
+            guard = next(c for c in trainer.callbacks if isinstance(c, GracefulInterrupt))
+            signum = guard.signum or 15
+            raise TrainingInterrupted(
+                f"interrupted by signal {signum} at step {trainer.global_step}: saved {guard.saved}; continue with "
+                f"python -m busiseg.train resume={output_dir}", signum) from exc
     fit_seconds = time.perf_counter() - started
     fit_metrics = dict(trainer.callback_metrics)
 
@@ -181,6 +267,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             lg.save()
         log.info("metrics: %s", json.dumps({k: round(v, 4) for k, v in metrics.items() if k.startswith("test/")}))
         log.info("run dir: %s", output_dir)
+    end_ddp_job()  # the next job of a sweep starts its own DDP ranks
     return summary
 
 
@@ -192,6 +279,14 @@ def main(cfg: DictConfig) -> float | None:
         log.error("%s", exc)
         print(f"busiseg: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteLossError as exc:
+        log.error("%s", exc)
+        print(f"busiseg: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except TrainingInterrupted as exc:
+        log.warning("%s", exc)
+        print(f"busiseg: {exc}", file=sys.stderr)
+        sys.exit(128 + exc.signum)
     value = summary["metrics"].get(cfg.get("optimized_metric") or "")
     return float(value) if value is not None else None
 

@@ -196,10 +196,17 @@ def test_split_configs_instantiate():
 
 
 def test_detector_settings_agree_between_audit_and_split_configs():
-    audit = yaml.safe_load((REPO / "conf" / "audit.yaml").read_text())["duplicates"]
-    holdout = yaml.safe_load((REPO / "conf" / "split" / "holdout.yaml").read_text())["duplicates"]
-    kfold = yaml.safe_load((REPO / "conf" / "split" / "kfold.yaml").read_text())["split"]["duplicates"]
-    assert audit == holdout == kfold  # else training would not reuse the audit CLI's cache
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    found = []
+    for name_, overrides in (("audit", ["data.root=/x"]), ("train", ["split=holdout"]), ("train", ["split=kfold"])):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            cfg = compose(config_name=name_, overrides=overrides)
+        found.append(dict(cfg.duplicates if name_ == "audit" else cfg.split.duplicates))
+    # one definition (conf/duplicates/default.yaml), else training would not reuse the audit CLI's cache
+    assert found[0] == found[1] == found[2] and found[0]["threshold"] > 0
 
 
 def test_extra_groups_merge_with_the_audit_groups():

@@ -8,13 +8,15 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import lightning as L
+import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from busiseg.data.busi import Record, scan_busi, summarize
 from busiseg.data.dataset import BusiDataset, make_cache
 from busiseg.data.labels import CLASS_NAMES
 from busiseg.data.splits import PARTS, HoldoutSplitter, load_split, save_split
+from busiseg.distributed import eval_sampler, global_rank
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,8 @@ class BusiDataModule(L.LightningDataModule):
         cache: ``memory`` (decode all once, in RAM), ``disk`` (decode once into
             ``cache_dir``, reused across runs, RSS flat), or ``none`` (decode per access).
         cache_dir: folder for the disk cache.
+        seed: seeds the training order and augmentation per epoch (``EpochSampler``); None:
+            drawn from torch's global RNG (itself seeded by ``seed_everything``).
         device_resident: keep the decoded training set on the training device and batch
             it there (needs ``cache: memory``; augmentation then runs on the device:
             ``augment_on_device``).
@@ -101,6 +105,7 @@ class BusiDataModule(L.LightningDataModule):
         cache: str = "memory",
         cache_dir: str | None = None,
         device_resident: bool = False,
+        seed: int | None = None,
     ):
         super().__init__()
         if in_channels not in (1, 3):
@@ -153,7 +158,7 @@ class BusiDataModule(L.LightningDataModule):
         unknown = [n for p in PARTS for n in self.split[p] if n not in by_name]
         if unknown:
             raise ValueError(f"split names {len(unknown)} image(s) not in {self.root}, e.g. {unknown[0]}")
-        if self.split_out:
+        if self.split_out and global_rank() == 0:  # every DDP rank sets up; one writes
             save_split(self.split, self.split_out)
         self.cache = make_cache(self.cache_mode, self.records, self.image_size, self.in_channels, self.cache_dir)
         index = {p: [by_name[n] for n in self.split[p]] for p in PARTS}
@@ -170,6 +175,8 @@ class BusiDataModule(L.LightningDataModule):
             seed = self.seed if self.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
             epoch, batches_done = self._resume
             sampler = EpochSampler(len(dataset), seed, epoch=epoch, skip=batches_done * batch_size)
+        else:  # under DDP: each val/test image on exactly one rank (Lightning's default sampler pads)
+            sampler = eval_sampler(dataset)
         return DataLoader(
             dataset,
             batch_size=batch_size,

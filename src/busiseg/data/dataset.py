@@ -247,11 +247,18 @@ class BusiDataset(Dataset):
     def record(self, i: int) -> Record:
         return self.cache.records[self.indices[i]]
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, i: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        # (position, seed) from EpochSampler: the augmentation is seeded per sample, so an epoch's
+        # samples are the same whatever ran before (reproducible runs, exact resume mid-epoch)
+        seed = None
+        if isinstance(i, tuple):
+            i, seed = i
         idx = self.indices[i]
         image, mask = self.cache.get(idx)
         mask = mask.view(np.uint8)
         if self.transform is not None:
+            if seed is not None and hasattr(self.transform, "set_random_seed"):
+                self.transform.set_random_seed(int(seed))
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
         image_t = torch.from_numpy(np.ascontiguousarray(image)).float().div_(255.0)

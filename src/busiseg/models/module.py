@@ -7,12 +7,15 @@ from typing import Any, Callable
 import lightning as L
 import torch
 from torch import nn
+from torchmetrics import MeanMetric
 
 from busiseg.data.labels import NUM_CLASSES
+from busiseg.models.guards import check_loss
 from busiseg.models.losses import MultiTaskLoss
 from busiseg.models.metrics import classification_metrics, confusion_matrix_metric, segmentation_metrics
 
 STAGES = ("train", "val", "test")
+LOSS_KEYS = ("loss", "seg_loss", "cls_loss")
 
 
 class MultiTaskModule(L.LightningModule):
@@ -51,6 +54,13 @@ class MultiTaskModule(L.LightningModule):
         self.cls_metrics = nn.ModuleDict({f"{s}_": classification_metrics(f"{s}/", NUM_CLASSES) for s in STAGES})
         self.test_confusion = confusion_matrix_metric(NUM_CLASSES)
         self.test_confusion_result: torch.Tensor | None = None
+        # val/test losses as torchmetrics means (sums and image counts added over DDP ranks, so equal
+        # to one process; Lightning's own sync_dist mean truncates an uneven image count to an int)
+        self.loss_means = nn.ModuleDict(
+            {f"{s}_": nn.ModuleDict({k: MeanMetric() for k in LOSS_KEYS}) for s in STAGES if s != "train"})
+        # what a NaN/inf training loss does: "stop" (raise, naming the batch's files) or "skip" the batch
+        # (config guard.nonfinite; see busiseg.models.guards.check_loss)
+        self.nonfinite = "stop"
 
     def setup(self, stage: str) -> None:
         if self.channels_last:
@@ -70,9 +80,11 @@ class MultiTaskModule(L.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.net(images)
 
-    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor | None:
         mask_logits, class_logits = self(batch["image"])
         losses = self.loss(mask_logits, class_logits, batch["mask"], batch["label"])
+        if stage == "train" and not check_loss(self, losses["loss"], batch, self.nonfinite):
+            return None  # skipped: no metrics, no logging, no optimizer step
         mask_probs = torch.sigmoid(mask_logits.detach().float())
         class_probs = torch.softmax(class_logits.detach().float(), dim=1)
         self.seg_metrics[f"{stage}_"].update(mask_probs, batch["mask"].int())
@@ -80,15 +92,22 @@ class MultiTaskModule(L.LightningModule):
         if stage == "test":
             self.test_confusion.update(class_probs, batch["label"])
         batch_size = batch["image"].shape[0]
-        main = {f"{stage}/{k}": losses[k].detach() for k in ("loss", "seg_loss", "cls_loss")}
-        self.log_dict(main, on_step=stage == "train", on_epoch=True, batch_size=batch_size)
+        if stage == "train":  # per step and per epoch; under DDP this rank's (no per-step sync)
+            main = {f"train/{k}": losses[k].detach() for k in LOSS_KEYS}
+            self.log_dict(main, on_step=True, on_epoch=True, batch_size=batch_size)
+        else:
+            means = self.loss_means[f"{stage}_"]
+            for k in LOSS_KEYS:
+                means[k].update(losses[k].detach().float(), batch_size)
+            self.log_dict({f"{stage}/{k}": means[k] for k in LOSS_KEYS}, on_step=False, on_epoch=True,
+                          batch_size=batch_size)
         if stage == "train":
             # task weights (fixed, or learned by the uncertainty weighting)
-            extras = {f"train/{k}": v.detach() for k, v in losses.items() if k not in ("loss", "seg_loss", "cls_loss")}
+            extras = {f"train/{k}": v.detach() for k, v in losses.items() if k not in LOSS_KEYS}
             self.log_dict(extras, on_step=False, on_epoch=True, batch_size=batch_size)
         return losses["loss"]
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         return self._step(batch, "train")
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -99,7 +118,8 @@ class MultiTaskModule(L.LightningModule):
 
     def _log_epoch_metrics(self, stage: str) -> None:
         values = {**self.seg_metrics[f"{stage}_"].compute(), **self.cls_metrics[f"{stage}_"].compute()}
-        self.log_dict({k: v.float() for k, v in values.items()}, prog_bar=False)
+        # torchmetrics has already summed the states of all DDP ranks: the values are equal on every rank
+        self.log_dict({k: v.float() for k, v in values.items()}, prog_bar=False, sync_dist=True)
         self.seg_metrics[f"{stage}_"].reset()
         self.cls_metrics[f"{stage}_"].reset()
 
@@ -107,6 +127,8 @@ class MultiTaskModule(L.LightningModule):
         # The sanity check ran validation steps; their counts must not leak into epoch 0.
         self.seg_metrics["val_"].reset()
         self.cls_metrics["val_"].reset()
+        for mean in self.loss_means["val_"].values():
+            mean.reset()
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch_metrics("train")

@@ -1,0 +1,189 @@
+"""Interruption, resume, non-finite losses and config checks (docs/reliability.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from busiseg.models.guards import NonFiniteLossError
+from busiseg.train import ConfigError, train
+from tests.conftest import REPO
+from tests.test_train import FAST, compose_train
+
+# 16 training images, batch 4: 4 steps per epoch; last.ckpt every 2 steps
+SHORT = ["trainer=cpu", "trainer.deterministic=true", "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
+         "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1", "callbacks.early_stopping=null",
+         "callbacks.image_logger=null", "callbacks.step_checkpoint.every_n_train_steps=2", "seed=7"]
+ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONPATH": str(REPO)}
+
+
+class KillAt(L.Callback):
+    """Test helper: a fresh (not resumed) fit sends ``sig`` to itself after optimizer step ``step``."""
+
+    def __init__(self, step: int, sig: str = "SIGKILL"):
+        self.step = step
+        self.sig = getattr(signal, sig)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.ckpt_path is None and trainer.global_step == self.step:
+            os.kill(os.getpid(), self.sig)
+            if self.sig != signal.SIGKILL:
+                time.sleep(0.2)  # let the handler run before the next batch
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("rdata")
+
+
+def _cli(tmp_path: Path, data_dir: Path, run: Path, *overrides: str, timeout: int = 300):
+    cmd = [sys.executable, "-m", "busiseg.train", f"paths.data_dir={data_dir}", f"paths.log_dir={tmp_path / 'logs'}",
+           f"hydra.run.dir={run}", *FAST, *SHORT, *overrides]
+    return subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def _tb_steps(folder: Path) -> dict[str, list[int]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})  # purges orphaned (pre-restart) events
+    acc.Reload()
+    return {tag: [e.step for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, data_dir):
+    ref_cfg = compose_train(tmp_path / "ref", data_dir, SHORT)
+    reference = train(ref_cfg)
+
+    run = tmp_path / "killed"
+    killed = _cli(tmp_path, data_dir, run, "+callbacks.killer._target_=tests.test_reliability.KillAt",
+                  "+callbacks.killer.step=3")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (run / "metrics.json").exists()
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 2 and ckpt["epoch"] == 0  # mid-epoch: 2 of 4 batches done
+    assert not list(run.rglob("*.tmp"))
+
+    resumed = train(compose_train(tmp_path / "r", data_dir, [f"resume={run}"]))
+    assert resumed["epochs_trained"] == reference["epochs_trained"]
+    ref, got = reference["metrics"], resumed["metrics"]
+    assert set(got) == set(ref)
+    for key in ref:  # tolerance: exact on CPU with trainer.deterministic=true (see docs/reliability.md)
+        assert got[key] == pytest.approx(ref[key], abs=1e-6), key
+    split, ref_split = (json.loads((d / "split.json").read_text()) for d in (run, tmp_path / "ref" / "run"))
+    assert all(split[p] == ref_split[p] for p in ("train", "val", "test"))
+    # one TensorBoard history: the same steps as the uninterrupted run, none twice, none lost
+    assert _tb_steps(run / "tensorboard") == _tb_steps(tmp_path / "ref" / "run" / "tensorboard")
+    info = json.loads((run / "run_info.json").read_text())
+    assert len(info["resumes"]) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_sigterm_and_sigint_save_a_checkpoint_then_resume(tmp_path, data_dir, sig):
+    run = tmp_path / "run"
+    proc = _cli(tmp_path, data_dir, run, "+callbacks.killer._target_=tests.test_reliability.KillAt",
+                "+callbacks.killer.step=3", f"+callbacks.killer.sig={sig}", "callbacks.step_checkpoint=null")
+    assert proc.returncode == 128 + getattr(signal, sig), proc.stderr[-3000:]
+    assert "resume=" in proc.stderr and "Traceback" not in proc.stderr
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 3
+    summary = train(compose_train(tmp_path, data_dir, [f"resume={run}"]))
+    assert summary["epochs_trained"] == 2 and (run / "metrics.json").is_file()
+
+
+def _nan_on_call(monkeypatch, n: int) -> None:
+    from busiseg.models import losses
+
+    original = losses.MultiTaskLoss.forward
+    calls = {"n": 0}
+
+    def forward(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == n:
+                out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(losses.MultiTaskLoss, "forward", forward)
+
+
+def test_nonfinite_loss_stops_naming_step_and_files(tmp_path, data_dir, monkeypatch):
+    _nan_on_call(monkeypatch, 4)
+    cfg = compose_train(tmp_path, data_dir, SHORT + ["test=false"])
+    with pytest.raises(NonFiniteLossError, match=r"global step 3 .*(benign|malignant|normal)/\S+ \(\d+\)\.png"):
+        train(cfg)
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 2  # the last good checkpoint is kept
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+
+
+def test_nonfinite_loss_skip_mode_finishes(tmp_path, data_dir, monkeypatch, caplog):
+    _nan_on_call(monkeypatch, 2)
+    cfg = compose_train(tmp_path, data_dir, SHORT + ["guard.nonfinite=skip", "trainer.max_epochs=1", "test=false"])
+    with caplog.at_level("WARNING", logger="busiseg.train"):
+        summary = train(cfg)
+    assert "batch skipped" in caplog.text
+    assert all(v == v for v in summary["metrics"].values())  # no NaN reached the metrics
+
+
+@pytest.mark.parametrize("override, key", [
+    (["loss.weighting.w_seg=-1"], "w_seg"),
+    (["split.val_fraction=0.6", "split.test_fraction=0.6"], "fraction"),
+    (["split=kfold", "split.fold=5"], "split.fold"),
+    (["data.image_size=100"], "data.image_size"),
+    (["trainer.precision=8"], "trainer.precision"),
+    (["trainer=cpu", "trainer.precision=16-mixed"], "16-mixed"),
+    (["guard.nonfinite=ignore"], "guard.nonfinite"),
+    (["callbacks.step_checkpoint.every_n_train_steps=0"], "every_n_train_steps"),
+])
+def test_invalid_config_named_before_heavy_work(tmp_path, data_dir, override, key):
+    cfg = compose_train(tmp_path, data_dir, override)
+    with pytest.raises(ConfigError, match=key):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_missing_data_root_and_bad_resume_dir(tmp_path, data_dir):
+    with pytest.raises(ConfigError, match="data.root"):
+        train(compose_train(tmp_path, data_dir, ["data=busi", "data.root=null"], fast=False))
+    with pytest.raises(ConfigError, match="resume="):
+        train(compose_train(tmp_path, data_dir, [f"resume={tmp_path / 'nope'}"]))
+    (tmp_path / "empty_run").mkdir()
+    with pytest.raises(ConfigError, match="last.ckpt"):
+        train(compose_train(tmp_path, data_dir, [f"resume={tmp_path / 'empty_run'}"]))
+
+
+def test_cli_negative_loss_weight_is_one_line(tmp_path):
+    cmd = [sys.executable, "-m", "busiseg.train", "loss.weighting.w_seg=-1", f"paths.log_dir={tmp_path}",
+           f"paths.data_dir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "busiseg: error:" in proc.stderr and "w_seg" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_checkpoints_written_atomically(tmp_path, monkeypatch):
+    from busiseg.models.guards import AtomicCheckpointIO
+
+    target = tmp_path / "ck" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"a": torch.ones(2)}, target)
+    before = target.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt  # killed while writing
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(KeyboardInterrupt):
+        AtomicCheckpointIO().save_checkpoint({"a": torch.zeros(2)}, target)
+    assert target.read_bytes() == before  # the old checkpoint is intact
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]  # no temporary left

@@ -1,0 +1,29 @@
+"""Same seed, same metrics; the run dir records config, split, versions and commit."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from busiseg.train import train
+from tests.test_train import compose_train
+
+RUN = ["trainer=cpu", "trainer.deterministic=true", "trainer.max_epochs=1", "+trainer.limit_train_batches=3",
+       "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1", "callbacks.image_logger=null", "seed=3"]
+
+
+def test_same_seed_identical_metrics_and_run_record(tmp_path):
+    data = tmp_path / "data"
+    first = train(compose_train(tmp_path / "a", data, RUN))
+    second = train(compose_train(tmp_path / "b", data, RUN))
+    assert first["metrics"] == second["metrics"]
+    a, b = (json.loads((tmp_path / d / "run" / "metrics.json").read_text()) for d in ("a", "b"))
+    assert a["metrics"] == b["metrics"] and a["test_confusion_matrix"] == b["test_confusion_matrix"]
+    run = tmp_path / "a" / "run"
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["packages"]["torch"] and info["packages"]["lightning"] and info["python"]
+    assert "commit" in info["git"] and info["command"]
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["seed"] == 3 and config["paths"]["output_dir"] == str(run)  # resolved
+    assert (run / "split.json").is_file()
