@@ -51,6 +51,18 @@ def test_slurm_launcher_takes_resources_from_the_config(tmp_path, data_dir, monk
         assert line in script, line
 
 
+def test_slurm_job_array_of_single_gpu_folds(tmp_path, data_dir, monkeypatch):
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (fake_bin / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
+    cfg = compose_train(tmp_path, data_dir, ["hydra/launcher=slurm", "trainer=gpu", "split=kfold"])
+    script = sbatch_script(cfg.hydra.launcher, tmp_path / "submitit")  # trainer=gpu has no num_nodes: 1 node
+    for line in ("#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=1"):
+        assert line in script, line
+
+
 def test_parallel_launcher_composes(tmp_path, data_dir):
     cfg = compose_train(tmp_path, data_dir, ["hydra/launcher=parallel", "hydra.launcher.n_jobs=3"])
     assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
