@@ -30,6 +30,7 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image, ImageDraw
 
+from busiseg.atomic import write_json_atomic
 from busiseg.data.busi import DatasetError, Record, _open, mask_to_bool, scan_busi, summarize
 from busiseg.data.duplicates import DuplicateParams, PairMatch, dhash, find_duplicates, fingerprint, to_grey
 from busiseg.data.labels import CLASS_NAMES
@@ -298,9 +299,7 @@ def load_or_audit(
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(result, indent=1) + "\n")
-            os.replace(tmp, path)
+            write_json_atomic(path, result, indent=1)
         except OSError as exc:
             log.warning("audit: cannot write the cache %s (%s); it will be recomputed next time", path, exc)
     return result

@@ -28,6 +28,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from hydra.experimental.callback import Callback
 
+from busiseg.atomic import write_json_atomic
 from busiseg.data.labels import CLASS_NAMES
 
 log = logging.getLogger("busiseg.cv_summary")
@@ -229,9 +230,7 @@ def summarize(directory: str | Path, out_dir: str | Path | None = None) -> dict[
 
 
 def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, payload, indent=1, default=str)
 
 
 def _oof_metrics(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -47,6 +47,7 @@ from busiseg.evaluation.runner import (  # noqa: E402
 )
 from busiseg.inference import InferenceOptions  # noqa: E402
 from busiseg.models.reporting import save_png  # noqa: E402
+from busiseg.atomic import write_text_atomic  # noqa: E402
 from busiseg.train import CONFIG_DIR, write_json  # noqa: E402
 
 log = logging.getLogger("busiseg.eval")
@@ -312,9 +313,7 @@ def write_report(path: Path, cfg: DictConfig, inputs: EvalInputs, metrics: dict[
         title=f"busiseg evaluation — {Path(metrics['checkpoint']).name}", facts=facts,
         headline=html_report.headline_table(metrics), sections=sections, figures=figure_list, configs=configs,
         notes=notes)
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, page)
 
 
 # --------------------------------------------------------------------------- entry

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
+from busiseg.atomic import write_bytes_atomic  # noqa: F401  (also used by predict and export)
 from busiseg.data.busi import IMAGE_SUFFIXES, image_to_array
 from busiseg.models.reporting import overlay_mask, save_png
 
@@ -155,18 +156,6 @@ def safe_output_path(output_root: Path, relative: PurePosixPath) -> Path:
     return candidate
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------- pixels

@@ -22,22 +22,10 @@ from typing import Any
 PACKAGES = ("busiseg", "torch", "lightning", "segmentation-models-pytorch", "albumentations", "torchmetrics",
             "hydra-core", "omegaconf", "numpy", "pillow", "opencv-python-headless", "timm")
 
+from busiseg.atomic import write_text_atomic  # noqa: E402
+
 CONFIG_NAME = "config.yaml"
 RUN_INFO_NAME = "run_info.json"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Temporary file beside ``path``, then ``os.replace``: a kill never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def package_versions() -> dict[str, str | None]:

@@ -29,6 +29,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from busiseg.atomic import write_json_atomic
 from busiseg.data.busi import Record
 from busiseg.data.labels import CLASS_NAMES
 
@@ -353,10 +354,7 @@ def _log_parts(split: Mapping[str, Any], records: Sequence[Record]) -> None:
 def save_split(split: Mapping[str, Any], path: str | Path) -> Path:
     """Write the split as JSON atomically (temp file + rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(split, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, split, indent=1)
     return path
 
 

@@ -1,0 +1,35 @@
+"""Atomic file writes: a temporary file beside the target, then ``os.replace``.
+
+A run killed mid-write leaves the old file (or none), never half a file that a later
+run would trust. Standard library only (the ONNX predictor imports this without torch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | Path, payload: Any, indent: int = 2, default: Any = None) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=indent, default=default) + "\n")
