@@ -56,7 +56,9 @@ def _tb_steps(folder: Path) -> dict[str, list[int]]:
 
     acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})  # purges orphaned (pre-restart) events
     acc.Reload()
-    return {tag: [e.step for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    # sorted: the order event files are read in is not the claim; the multiset of steps is
+    # (equal lists = no step logged twice, none lost)
+    return {tag: sorted(e.step for e in acc.Scalars(tag)) for tag in acc.Tags()["scalars"]}
 
 
 @pytest.mark.slow
