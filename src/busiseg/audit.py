@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 from PIL import Image, ImageDraw
 
 from busiseg.atomic import write_json_atomic
+from busiseg.cli import fail
 from busiseg.data.busi import DatasetError, Record, _open, mask_to_bool, scan_busi, summarize
 from busiseg.data.duplicates import DuplicateParams, PairMatch, dhash, find_duplicates, fingerprint, to_grey
 from busiseg.data.labels import CLASS_NAMES
@@ -492,9 +493,7 @@ def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except (DatasetError, ValueError) as exc:
-        log.error("%s", exc)
-        print(f"busiseg: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        fail(log, exc, 2)
 
 
 if __name__ == "__main__":

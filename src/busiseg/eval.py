@@ -48,6 +48,7 @@ from busiseg.evaluation.runner import (  # noqa: E402
 from busiseg.inference import InferenceOptions  # noqa: E402
 from busiseg.models.reporting import save_png  # noqa: E402
 from busiseg.atomic import write_text_atomic  # noqa: E402
+from busiseg.cli import fail  # noqa: E402
 from busiseg.train import CONFIG_DIR, write_json  # noqa: E402
 
 log = logging.getLogger("busiseg.eval")
@@ -363,9 +364,7 @@ def main(cfg: DictConfig) -> None:
     try:
         evaluate(cfg)
     except (EvalError, DatasetError, CheckpointError) as exc:
-        log.error("%s", exc)
-        print(f"busiseg: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        fail(log, exc, 2)
 
 
 if __name__ == "__main__":

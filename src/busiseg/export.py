@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import busiseg  # noqa: E402
 from busiseg.checkpoint import CheckpointError, load_model  # noqa: E402
+from busiseg.cli import fail  # noqa: E402
 from busiseg.data.labels import CLASS_NAMES  # noqa: E402
 from busiseg.inference import prepare_image  # noqa: E402
 from busiseg.onnx_predictor import InputError, find_images, read_image, sidecar_path, write_bytes_atomic  # noqa: E402
@@ -324,13 +325,9 @@ def main(cfg: DictConfig) -> None:
     try:
         export(cfg)
     except (ConfigError, CheckpointError) as exc:
-        log.error("%s", exc)
-        print(f"busiseg.export: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        fail(log, exc, 2, prog="busiseg.export")
     except ExportError as exc:
-        log.error("%s", exc)
-        print(f"busiseg.export: error: {exc}", file=sys.stderr)
-        sys.exit(1)
+        fail(log, exc, 1, prog="busiseg.export")
 
 
 if __name__ == "__main__":

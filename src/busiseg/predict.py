@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from busiseg.checkpoint import CheckpointError, load_model  # noqa: E402
+from busiseg.cli import fail  # noqa: E402
 from busiseg.data.labels import CLASS_NAMES  # noqa: E402
 from busiseg.inference import InferenceOptions, postprocess_mask, predict_probs, prepare_image, restore_size  # noqa: E402
 from busiseg.onnx_predictor import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, InputError, PredictionSummary, find_images, predict_files  # noqa: E402
@@ -131,9 +132,7 @@ def main(cfg: DictConfig) -> None:
     try:
         summary = predict(cfg)
     except (ConfigError, CheckpointError, InputError) as exc:
-        log.error("%s", exc)
-        print(f"busiseg.predict: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        fail(log, exc, 2, prog="busiseg.predict")
     # Hydra's logging prints to the console and to predict.log in the output folder.
     (log.error if summary.failed else log.info)("%s", summary.report())
     if summary.failed:

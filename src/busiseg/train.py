@@ -25,6 +25,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E40
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
 from busiseg.atomic import write_json_atomic  # noqa: E402
+from busiseg.cli import fail  # noqa: E402
 from busiseg.cv_summary import write_predictions  # noqa: E402
 from busiseg.data.busi import DatasetError, summarize  # noqa: E402
 from busiseg.data.device_augment import from_augment_config  # noqa: E402
@@ -275,17 +276,11 @@ def main(cfg: DictConfig) -> float | None:
     try:
         summary = train(cfg)
     except (DatasetError, ConfigError, EncoderWeightsUnavailable) as exc:
-        log.error("%s", exc)
-        print(f"busiseg: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        fail(log, exc, 2)
     except NonFiniteLossError as exc:
-        log.error("%s", exc)
-        print(f"busiseg: error: {exc}", file=sys.stderr)
-        sys.exit(1)
+        fail(log, exc, 1)
     except TrainingInterrupted as exc:
-        log.warning("%s", exc)
-        print(f"busiseg: {exc}", file=sys.stderr)
-        sys.exit(128 + exc.signum)
+        fail(log, exc, 128 + exc.signum, prefix="", level=logging.WARNING)
     value = summary["metrics"].get(cfg.get("optimized_metric") or "")
     return float(value) if value is not None else None
 
