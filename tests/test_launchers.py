@@ -38,7 +38,7 @@ def test_slurm_launcher_takes_resources_from_the_config(tmp_path, data_dir, monk
     (fake_bin / "srun").write_text("#!/bin/sh\nexit 1\n")
     (fake_bin / "srun").chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
-    cfg = compose_train(tmp_path, data_dir, ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4",
+    cfg = compose_train(tmp_path, data_dir, ["hydra/launcher=submitit_slurm", "trainer=ddp", "trainer.devices=4",
                                              "trainer.num_nodes=2", "hydra.launcher.partition=gpu",
                                              "hydra.launcher.timeout_min=90", "split=kfold", "split.fold=3"])
     launcher = cfg.hydra.launcher
@@ -86,3 +86,24 @@ def test_parallel_launcher_runs_cpu_folds(tmp_path, data_dir):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("launcher_data")
+
+
+def test_slurm_is_the_same_config_as_submitit_slurm(tmp_path, data_dir):
+    # conf/hydra/launcher/submitit_slurm.yaml must shadow the plugin's own config of that name
+    # (resources from trainer.*), and `slurm` is an alias of it
+    a = compose_train(tmp_path, data_dir, ["hydra/launcher=submitit_slurm", "trainer=ddp", "trainer.devices=8"])
+    b = compose_train(tmp_path, data_dir, ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=8"])
+    from omegaconf import OmegaConf
+    assert OmegaConf.to_container(a.hydra.launcher, resolve=True) == OmegaConf.to_container(b.hydra.launcher, resolve=True)
+    assert a.hydra.launcher.gpus_per_node == 8 and a.hydra.launcher.timeout_min == 240
+
+
+def test_submitit_slurm_prints_no_schema_warning(tmp_path):
+    # the shadowing is deliberate: the CLI must not tell users about Hydra's deprecated schema matching
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONWARNINGS": "default"}
+    cmd = [sys.executable, "-m", "busiseg.train", "hydra/launcher=submitit_slurm", "trainer=ddp", "trainer.devices=2",
+           f"paths.root_dir={tmp_path}", "--cfg", "hydra", "-p", "hydra.launcher"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "gpus_per_node: ${trainer.devices}" in proc.stdout
+    assert "ConfigStore schema" not in proc.stderr + proc.stdout

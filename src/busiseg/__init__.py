@@ -6,3 +6,10 @@ import os
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 __version__ = "0.1.0"
+
+# conf/hydra/launcher/submitit_slurm.yaml deliberately shadows hydra-submitit-launcher's config of
+# the same name (its resources come from the trainer config); Hydra then validates it against
+# the plugin's schema, as wanted, and warns that such matching is deprecated. Silence only that.
+import warnings as _warnings
+
+_warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_slurm' is validated against ConfigStore schema")
