@@ -77,10 +77,16 @@ def test_ddp_sim_fast_dev_run_writes_one_run_dir(tmp_path, ddp_data_dir):
 
 
 def test_ddp_sim_test_metrics_equal_single_process(tmp_path, ddp_data_dir):
-    # same seed -> same initial weights and split; train=false tests them as they are, so the
-    # two runs evaluate identical weights on identical images
-    single = train(compose_train(tmp_path / "single", ddp_data_dir, ["train=false", "data.eval_batch_size=1"]))
-    run_cli(tmp_path / "ddp", ddp_data_dir, ["train=false", "data.eval_batch_size=1"])
+    # a briefly trained checkpoint (non-empty masks, so Dice/IoU/HD are not the trivial values of
+    # an untrained net), tested as it is (train=false ckpt_path=...) by one process and by two
+    # DDP ranks: identical weights on identical images
+    fit = train(compose_train(tmp_path / "fit", ddp_data_dir, ["trainer.max_epochs=10", "test=false"]))
+    ckpt = str(Path(fit["best_checkpoint"]).parent / "last.ckpt")
+    overrides = ["train=false", f"ckpt_path={ckpt}", "data.eval_batch_size=1"]
+    single = train(compose_train(tmp_path / "single", ddp_data_dir, overrides))
+    assert single["metrics"]["test/sensitivity"] > 0.05, single["metrics"]  # it predicts lesion pixels
+    assert 0.0 < single["metrics"]["test/dice"] < 1.0
+    run_cli(tmp_path / "ddp", ddp_data_dir, overrides)
     ddp = json.loads((only_run_dir(tmp_path / "ddp") / "metrics.json").read_text())
     assert ddp["images_per_split"] == single["images_per_split"]
     assert ddp["test_confusion_matrix"] == single["test_confusion_matrix"]

@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from busiseg.train import ConfigError, train
+from busiseg.train import ConfigError, check_config, train
 from tests.conftest import REPO
 
 # small and fast: a resnet18 U-Net with thin decoder at 64 px on a 22-image phantom
@@ -191,3 +191,7 @@ def test_device_resident_run_and_its_config_check(tmp_path, data_dir):
     cfg = compose_train(tmp_path, data_dir, ["debug=fdr", "data.device_resident=true"])
     with pytest.raises(ConfigError, match="augment_on_device"):
         train(cfg)
+    for trainer in (["trainer=ddp_sim"], ["trainer=ddp"], ["trainer=cpu", "+trainer.num_nodes=2"]):
+        cfg = compose_train(tmp_path, data_dir, ["data.device_resident=true", "augment_on_device=true", *trainer])
+        with pytest.raises(ConfigError, match="one-process option"):
+            check_config(cfg)

@@ -58,6 +58,10 @@ def check_config(cfg: DictConfig) -> None:
     size = int(data.image_size)
     if size < 32 or size % 32:
         raise ConfigError(f"data.image_size must be a multiple of 32 (the U-Net halves it 5 times), got {size}")
+    if data.get("device_resident") and _multi_process(cfg.trainer):
+        raise ConfigError("data.device_resident=true is a one-process option (every DDP rank would hold the whole "
+                          "training set and draw the same batches): set data.device_resident=false with "
+                          f"trainer.strategy={_strategy_name(cfg.trainer)}")
     precision = str(cfg.trainer.get("precision", 32))
     allowed = ("32", "32-true", "64", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
     if precision not in allowed:
@@ -79,9 +83,24 @@ def check_config(cfg: DictConfig) -> None:
     if step_ckpt and int(step_ckpt.get("every_n_train_steps") or 0) < 1:
         raise ConfigError("callbacks.step_checkpoint.every_n_train_steps must be >= 1 "
                           "(or callbacks.step_checkpoint=null to save only at epoch ends)")
+    if cfg.get("test_ckpt", "best") not in ("best", "last"):
+        raise ConfigError(f"test_ckpt must be best or last, got {cfg.get('test_ckpt')!r}")
     split = cfg.get("split") or {}
     if "fold" in split and not 0 <= int(split.fold) < int(split.k):
         raise ConfigError(f"split.fold must be in 0..{int(split.k) - 1} (split.k={split.k}), got {split.fold}")
+
+
+def _strategy_name(trainer_cfg: DictConfig) -> str:
+    strategy = trainer_cfg.get("strategy", "auto")
+    if isinstance(strategy, DictConfig):
+        return str(strategy.get("_target_", "")).rsplit(".", 1)[-1]
+    return str(strategy)
+
+
+def _multi_process(trainer_cfg: DictConfig) -> bool:
+    """Whether the trainer config starts several training processes (DDP, FSDP, several nodes)."""
+    name = _strategy_name(trainer_cfg).lower()
+    return int(trainer_cfg.get("num_nodes", 1) or 1) > 1 or any(k in name for k in ("ddp", "fsdp", "deepspeed"))
 
 
 def resume_config(cfg: DictConfig) -> DictConfig:
@@ -233,9 +252,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         best_ckpt = trainer.checkpoint_callback.best_model_path or None
     test_metrics: dict[str, Any] = {}
     if cfg.get("test", True):
-        if best_ckpt is None:
+        # test_ckpt=last: the weights the fit ended with, chosen by nothing that saw the
+        # validation part (honest k-fold CV, where the validation fold is the test fold)
+        tested = best_ckpt if cfg.get("test_ckpt", "best") == "best" else None
+        if not cfg.get("train", True) and cfg.get("ckpt_path"):
+            tested = str(cfg.ckpt_path)  # train=false ckpt_path=...: test that checkpoint's weights
+        if tested is None and cfg.get("test_ckpt", "best") == "best":
             log.warning("no best checkpoint (fast_dev_run or no checkpoint callback): testing the current weights")
-        trainer.test(module, datamodule=datamodule, ckpt_path=best_ckpt, weights_only=True)
+        trainer.test(module, datamodule=datamodule, ckpt_path=tested, weights_only=True)
         test_metrics = dict(trainer.callback_metrics)
         if trainer.is_global_zero:  # per-image predictions, for cv_summary's out-of-fold results
             write_predictions(module, datamodule, output_dir / "predictions.csv")
@@ -244,6 +268,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     summary = {
         "metrics": metrics,
         "best_checkpoint": best_ckpt,
+        "tested_checkpoint": cfg.get("test_ckpt", "best"),
         "epochs_trained": trainer.current_epoch,
         "fit_seconds": round(fit_seconds, 2),
         "class_names": list(CLASS_NAMES),
