@@ -41,7 +41,12 @@ def fake_fold_run(run: Path, fold: int, metrics: dict, assignment: str = "a1", k
                 true = n.split("/")[0]
                 pred = true if fold != 0 else "benign"  # fold 0's model calls everything benign
                 probs = {f"prob_{c}": float(c == pred) for c in CLASS_NAMES}
-                w.writerow({"part": part, "image": n, "true_class": true, "pred_class": pred, **probs, "dice": 0.5})
+                w.writerow({"part": part, "image": n, "true_class": true, "pred_class": pred, **probs,
+                            "dice": fake_dice(true, fold)})
+
+
+def fake_dice(true_class: str, fold: int) -> float:
+    return {"normal": 1.0, "benign": 0.6, "malignant": 0.3}[true_class] + 0.01 * fold
 
 
 def fold_metrics(fold: int) -> dict:
@@ -76,8 +81,26 @@ def test_out_of_fold_predictions_cover_every_image_once(sweep):
     assert sorted(r["image"] for r in rows) == sorted(IMAGES)
     wrong = sum(1 for i, n in enumerate(IMAGES) if i % K == 0 and not n.startswith("benign/"))
     assert oof["metrics"]["accuracy"] == pytest.approx(1 - wrong / len(IMAGES))
-    assert oof["metrics"]["dice_per_image"] == pytest.approx(0.5)
+    expected = np.mean([fake_dice(n.split("/")[0], i % K) for i, n in enumerate(IMAGES)])
+    assert oof["metrics"]["dice_per_image"] == pytest.approx(expected)
     assert sum(map(sum, oof["metrics"]["confusion_matrix"])) == len(IMAGES)
+
+
+def test_lesion_image_dice_per_fold_and_headline(sweep, capsys):
+    summary = summarize(sweep)
+    for f in range(K):
+        lesion = [fake_dice(n.split("/")[0], f) for i, n in enumerate(IMAGES) if i % K == f and not n.startswith("normal")]
+        got = summary["per_fold"][f].get("test/dice_per_image_lesion")
+        if lesion:
+            assert got == pytest.approx(np.mean(lesion)), f
+        else:
+            assert got is None
+    assert summary["mean"]["test/dice_per_image_malignant"] < summary["mean"]["test/dice_per_image_benign"]
+    md = (sweep / "cv_summary.md").read_text()
+    assert md.index("## Headline") < md.index("test/dice_per_image_lesion") < md.index("## Every metric")
+    assert main([str(sweep)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[1].startswith("test/dice_per_image_lesion") and "out-of-fold (12 images)" in out
 
 
 def test_missing_duplicate_and_mismatched_folds(tmp_path, sweep):

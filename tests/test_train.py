@@ -56,7 +56,7 @@ def compose_train(tmp_path: Path, data_dir: Path, overrides: list[str], fast: bo
     return cfg
 
 
-@pytest.mark.parametrize("loss", ["fixed", "uncertainty", "seg_only"])
+@pytest.mark.parametrize("loss", ["fixed", "uncertainty", "seg_only", "cls_only"])
 def test_every_loss_config_instantiates_and_backpropagates(tmp_path, data_dir, loss):
     cfg = compose_train(tmp_path, data_dir, [f"loss={loss}"])
     criterion = instantiate(cfg.loss)
@@ -71,6 +71,11 @@ def test_every_loss_config_instantiates_and_backpropagates(tmp_path, data_dir, l
         assert all(g is None or g.abs().sum() == 0 for g in head_grad)
     else:
         assert any(g is not None and g.abs().sum() > 0 for g in head_grad)
+    decoder_grad = [p.grad for p in net.unet.decoder.parameters()]
+    if loss == "cls_only":  # the same encoder and head, nothing trains the decoder
+        assert all(g is None or g.abs().sum() == 0 for g in decoder_grad)
+    else:
+        assert any(g is not None and g.abs().sum() > 0 for g in decoder_grad)
 
 
 def test_fast_dev_run_writes_metrics_and_split(tmp_path, data_dir):

@@ -160,7 +160,9 @@ def summarize(directory: str | Path, out_dir: str | Path | None = None) -> dict[
             )
         ks.add(int(meta["k"]))
         assignments.add(meta.get("assignment"))
-        folds[fold] = {"dir": run, "meta": meta, "metrics": _read_json(run / "metrics.json").get("metrics", {})}
+        metrics = dict(_read_json(run / "metrics.json").get("metrics", {}))
+        metrics.update(_per_class_dice(run / "predictions.csv"))
+        folds[fold] = {"dir": run, "meta": meta, "metrics": metrics}
     if len(ks) > 1 or len(assignments) > 1:
         raise CVSummaryError(
             f"{directory}: the runs use different fold assignments (k {sorted(ks)}; seeds or data differ), "
@@ -229,6 +231,34 @@ def summarize(directory: str | Path, out_dir: str | Path | None = None) -> dict[
     return summary
 
 
+# the cross-validation's headline: lesion-image Dice and the diagnosis (README, docs/results.md)
+HEADLINE = ("test/dice_per_image_lesion", "test/dice_per_image_benign", "test/dice_per_image_malignant",
+            "test/dice", "test/iou", "test/accuracy", "test/recall_normal", "test/recall_benign",
+            "test/recall_malignant", "test/f1_macro", "test/auroc_macro")
+
+
+def _per_class_dice(path: Path) -> dict[str, float]:
+    """Mean per-image Dice of a run's test part from its predictions.csv: on lesion images
+    (benign and malignant: ``test/dice_per_image_lesion``, the figure papers on BUSI report)
+    and per class (``test/dice_per_image_<class>``; on normal images 1 = nothing predicted)."""
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("part") == "test"]
+    out: dict[str, float] = {}
+    groups = {c: [r for r in rows if r["true_class"] == c] for c in CLASS_NAMES}
+    groups["lesion"] = [r for r in rows if r["true_class"] != CLASS_NAMES[0]]
+    for name, group in groups.items():
+        if group:
+            out[f"test/dice_per_image_{name}"] = sum(float(r["dice"]) for r in group) / len(group)
+    return out
+
+
+def headline_rows(summary: Mapping[str, Any]) -> list[tuple[str, float, float]]:
+    """(metric, mean, std) of the headline metrics the summary has."""
+    return [(m, summary["mean"][m], summary["std"][m]) for m in HEADLINE if m in summary["mean"]]
+
+
 def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
     write_json_atomic(path, payload, indent=1, default=str)
 
@@ -268,6 +298,11 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
     lines = [f"# Cross-validation summary: {s['directory']}", ""]
     missing = f" (missing: {s['missing_folds']})" if s["missing_folds"] else ""
     lines.append(f"{len(s['folds'])} of {s['k']} folds{missing}. Mean +- sample std over folds.")
+    head = headline_rows(s)
+    if head:
+        lines += ["", "## Headline", "", "| metric | mean +- std |", "|---|---|"]
+        lines += [f"| {m} | {_fmt(mu)} +- {_fmt(sd)} |" for m, mu, sd in head]
+        lines += ["", "## Every metric"]
     lines += ["", "| metric | mean | std |", "|---|---|---|"]
     lines += [f"| {m} | {_fmt(s['mean'][m])} | {_fmt(s['std'][m])} |" for m in s["mean"]]
     lines += ["", "## Per fold", ""]
@@ -329,10 +364,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CVSummaryError as exc:
         print(f"busiseg: error: {exc}", file=sys.stderr)
         return 2
-    width = max(len(m) for m in summary["mean"]) if summary["mean"] else 0
-    for m in summary["mean"]:
-        if m.startswith(("test/", "val/")):
-            print(f"{m:<{width}}  {_fmt(summary['mean'][m])} +- {_fmt(summary['std'][m])}")
+    rows = headline_rows(summary) or [(m, summary["mean"][m], summary["std"][m]) for m in summary["mean"]
+                                      if m.startswith(("test/", "val/"))]
+    width = max((len(m) for m, _, _ in rows), default=0)
+    print(f"{len(summary['folds'])} of {summary['k']} folds, mean +- std over folds")
+    for m, mu, sd in rows:
+        print(f"{m:<{width}}  {_fmt(mu)} +- {_fmt(sd)}")
+    if summary["oof"]["metrics"]:
+        oof = summary["oof"]["metrics"]
+        print(f"out-of-fold ({summary['oof']['images']} images): accuracy {_fmt(oof['accuracy'])}, "
+              f"confusion (rows true {'/'.join(CLASS_NAMES)}): {oof['confusion_matrix']}")
     print(f"summary: {(args.out or args.directory) / 'cv_summary.md'}")
     return 0
 

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The ablation of docs/results.md: the busi_cpu recipe, grouped 5-fold CV, one arm per loss choice.
+#   BUSI_ROOT=/path/to/Dataset_BUSI_with_GT scripts/ablation.sh [OUT_DIR]
+# ARMS (default "mse seg_only ce uncertainty cls_only") and FOLDS (default "0 1 2 3 4") pick a part.
+# Runs fold by fold (every arm of fold 0, then fold 1, ...), so that the arms stay paired if it is
+# stopped. Restartable: a finished run (metrics.json) is skipped, an interrupted one is resumed
+# (resume=RUN_DIR). Then: python -m busiseg.ablation mse=OUT/mse seg_only=OUT/seg_only ...
+set -euo pipefail
+OUT=${1:-logs/ablation}
+ARMS=${ARMS:-"mse seg_only ce uncertainty cls_only"}
+FOLDS=${FOLDS:-"0 1 2 3 4"}
+PY=${PYTHON:-python}
+: "${BUSI_ROOT:?set BUSI_ROOT to the Dataset_BUSI_with_GT folder}"
+
+overrides() {
+  case "$1" in
+    mse) echo "loss=fixed" ;;
+    ce) echo "loss=fixed loss.classification.kind=ce" ;;
+    uncertainty) echo "loss=uncertainty" ;;
+    seg_only) echo "loss=seg_only" ;;
+    cls_only) echo "loss=cls_only" ;;
+    *) echo "unknown arm: $1 (mse ce uncertainty seg_only cls_only)" >&2; return 2 ;;
+  esac
+}
+
+for fold in $FOLDS; do
+  for arm in $ARMS; do
+    run="$OUT/$arm/$fold"
+    args=$(overrides "$arm")
+    if [[ -f "$run/metrics.json" ]]; then
+      echo "== $arm fold $fold: done ($run)"
+      continue
+    elif [[ -f "$run/checkpoints/last.ckpt" ]]; then
+      echo "== $arm fold $fold: resuming $run"
+      $PY -m busiseg.train resume="$run"
+    else
+      echo "== $arm fold $fold -> $run"
+      # shellcheck disable=SC2086
+      $PY -m busiseg.train experiment=busi_cpu split=kfold split.fold="$fold" $args \
+        callbacks.progress_bar=null hydra.run.dir="$run"
+    fi
+  done
+done

@@ -1,0 +1,52 @@
+"""The experiment presets (conf/experiment) and what they promise: a fixed schedule whose last
+weights are tested, so nothing that saw the validation fold picks the model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hydra.utils import instantiate
+
+from busiseg.train import ConfigError, check_config, train
+from tests.test_train import compose_train
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("exp_data")
+
+
+@pytest.mark.parametrize("name", ["busi", "busi_cpu", "busi_gpu"])
+def test_experiment_presets_compose(tmp_path, data_dir, name, monkeypatch):
+    monkeypatch.setenv("BUSI_ROOT", str(tmp_path / "busi"))
+    cfg = compose_train(tmp_path, data_dir, [f"experiment={name}", "split=kfold", "split.fold=4"], fast=False)
+    assert cfg.data._target_.endswith("BusiDataModule") and cfg.data.root == str(tmp_path / "busi")
+    assert cfg.split.fold == 4 and cfg.model.encoder_weights is None
+    if name != "busi":
+        assert cfg.test_ckpt == "last" and cfg.callbacks.early_stopping is None
+        assert instantiate(cfg.loss) is not None
+    if name == "busi_gpu":
+        assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
+        assert cfg.data.image_size == 256 and cfg.trainer.max_epochs > 30
+
+
+def test_test_ckpt_last_tests_the_final_weights(tmp_path, data_dir):
+    # the "best" checkpoint made deliberately different from the last weights: the highest val loss
+    worst = ["callbacks.model_checkpoint.monitor=val/loss", "callbacks.model_checkpoint.mode=max"]
+    fit = train(compose_train(tmp_path / "a", data_dir, ["trainer.max_epochs=3", "test_ckpt=last",
+                                                         "callbacks.image_logger=null", *worst]))
+    assert fit["tested_checkpoint"] == "last"
+    last = tmp_path / "a" / "run" / "checkpoints" / "last.ckpt"
+    again = train(compose_train(tmp_path / "b", data_dir, ["train=false", f"ckpt_path={last}"]))
+    for key in ("test/dice", "test/accuracy", "test/loss"):
+        assert again["metrics"][key] == pytest.approx(fit["metrics"][key], abs=1e-6), key
+    best = json.loads((tmp_path / "a" / "run" / "metrics.json").read_text())["best_checkpoint"]
+    assert best and not best.endswith("epoch_002.ckpt")
+    other = train(compose_train(tmp_path / "c", data_dir, ["train=false", f"ckpt_path={best}"]))
+    assert other["metrics"]["test/loss"] != pytest.approx(fit["metrics"]["test/loss"], abs=1e-6)
+
+
+def test_test_ckpt_must_be_best_or_last(tmp_path, data_dir):
+    with pytest.raises(ConfigError, match="test_ckpt"):
+        check_config(compose_train(tmp_path, data_dir, ["test_ckpt=final"]))
