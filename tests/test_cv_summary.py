@@ -103,6 +103,28 @@ def test_lesion_image_dice_per_fold_and_headline(sweep, capsys):
     assert out.splitlines()[1].startswith("test/dice_per_image_lesion") and "out-of-fold (12 images)" in out
 
 
+def test_figures_from_the_folds_curves_and_oof_predictions(sweep):
+    for f in range(K):  # a CSV log per fold, as logger=csv/many writes it (train and val rows apart)
+        (sweep / str(f) / "csv").mkdir()
+        (sweep / str(f) / "csv" / "metrics.csv").write_text(
+            "epoch,step,train/loss_epoch,val/dice_per_image,val/accuracy\n"
+            + "".join(f"{e},{e},{1.0 - 0.1 * e},,\n{e},{e},,{0.1 * e + 0.01 * f},{0.5}\n" for e in range(4)))
+    summary = summarize(sweep)
+    assert summary["figures"] == ["cv_learning_curves.png", "cv_confusion_matrix.png", "cv_dice_distribution.png"]
+    from PIL import Image
+
+    for name in summary["figures"]:
+        with Image.open(sweep / name) as im:
+            assert im.size[0] > 300 and im.size[1] > 200
+    assert "![cv_confusion_matrix.png](cv_confusion_matrix.png)" in (sweep / "cv_summary.md").read_text()
+    from busiseg.cv_summary import learning_curves
+
+    curves = learning_curves(sweep / "2")
+    assert [e for e, _ in curves["val/dice_per_image"]] == [0, 1, 2, 3]
+    assert [v for _, v in curves["val/dice_per_image"]] == pytest.approx([0.1 * e + 0.02 for e in range(4)])
+    assert [e for e, _ in curves["train/loss_epoch"]] == [0, 1, 2, 3]
+
+
 def test_missing_duplicate_and_mismatched_folds(tmp_path, sweep):
     import shutil
 

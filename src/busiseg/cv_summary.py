@@ -28,7 +28,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from hydra.experimental.callback import Callback
 
-from busiseg.atomic import write_json_atomic
+from busiseg.atomic import write_json_atomic, write_text_atomic
 from busiseg.data.labels import CLASS_NAMES
 
 log = logging.getLogger("busiseg.cv_summary")
@@ -223,8 +223,13 @@ def summarize(directory: str | Path, out_dir: str | Path | None = None) -> dict[
     }
     out_dir = Path(out_dir) if out_dir else directory
     out_dir.mkdir(parents=True, exist_ok=True)
+    summary["figures"] = []
+    try:
+        summary["figures"] = write_figures(summary, out_dir)
+    except Exception as exc:  # noqa: BLE001 - a figure must never cost the summary
+        log.warning("cv_summary: figures not written (%s: %s)", type(exc).__name__, exc)
     _write_json(out_dir / "cv_summary.json", summary)
-    (out_dir / "cv_summary.md").write_text(render_markdown(summary))
+    write_text_atomic(out_dir / "cv_summary.md", render_markdown(summary))
     _write_csv(out_dir / "oof_predictions.csv", oof_rows, ["fold"] + PREDICTION_COLUMNS)
     log.info("cv_summary: %d fold(s) of %d, %d out-of-fold predictions -> %s", len(order), k, len(oof_rows),
              out_dir / "cv_summary.md")
@@ -257,6 +262,65 @@ def _per_class_dice(path: Path) -> dict[str, float]:
 def headline_rows(summary: Mapping[str, Any]) -> list[tuple[str, float, float]]:
     """(metric, mean, std) of the headline metrics the summary has."""
     return [(m, summary["mean"][m], summary["std"][m]) for m in HEADLINE if m in summary["mean"]]
+
+
+CURVES = (("val/dice_per_image", "validation Dice per image"), ("val/accuracy", "validation accuracy"),
+          ("train/loss_epoch", "training loss"))
+
+
+def learning_curves(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """``{metric: [(epoch, value), ...]}`` from a run's CSV log (``logger=csv`` or ``many``), if it has one."""
+    files = sorted(run.glob("csv/**/metrics.csv")) + sorted(run.glob("csv/metrics.csv"))
+    curves: dict[str, list[tuple[int, float]]] = {m: [] for m, _ in CURVES}
+    for path in dict.fromkeys(files):
+        with open(path, newline="") as fh:
+            for row in csv.DictReader(fh):
+                for m, _ in CURVES:
+                    if row.get(m) not in (None, "") and row.get("epoch") not in (None, ""):
+                        curves[m].append((int(float(row["epoch"])), float(row[m])))
+    return {m: sorted(dict(v).items()) for m, v in curves.items() if v}
+
+
+def write_figures(summary: Mapping[str, Any], out_dir: Path) -> list[str]:
+    """cv_learning_curves.png (every fold), cv_confusion_matrix.png and cv_dice_distribution.png
+    (out-of-fold predictions); returns the files written."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from busiseg.evaluation.figures import confusion_matrix_figure, dice_distribution_figure
+    from busiseg.models.reporting import save_png
+
+    written = []
+    curves = {f: learning_curves(Path(run)) for f, run in summary["runs"].items()}
+    if any(curves.values()):
+        fig = Figure(figsize=(5.0 * len(CURVES), 4.2), dpi=100, facecolor="white", layout="constrained")
+        axes = fig.subplots(1, len(CURVES))
+        for ax, (metric, title) in zip(axes, CURVES):
+            for f, c in curves.items():
+                if metric in c:
+                    epochs, values = zip(*c[metric])
+                    ax.plot(epochs, values, lw=1.5, label=f"fold {f}")
+            ax.set_title(title)
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+        axes[0].legend(loc="lower right")
+        fig.suptitle(f"Learning curves, {len(curves)} fold(s): {summary['directory']}", fontsize=11)
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        save_png(np.asarray(canvas.buffer_rgba())[..., :3].copy(), out_dir / "cv_learning_curves.png")
+        written.append("cv_learning_curves.png")
+    oof = summary["oof"]
+    if oof["images"]:
+        n = oof["images"]
+        sub = f"out-of-fold, {n} images, {len(summary['folds'])} fold(s)"
+        save_png(confusion_matrix_figure(np.array(oof["metrics"]["confusion_matrix"]), subtitle=sub),
+                 out_dir / "cv_confusion_matrix.png")
+        labels = np.array([CLASS_NAMES.index(r["true_class"]) for r in oof["predictions"]])
+        dice = np.array([float(r["dice"]) for r in oof["predictions"]])
+        save_png(dice_distribution_figure(dice, labels, subtitle=sub), out_dir / "cv_dice_distribution.png")
+        written += ["cv_confusion_matrix.png", "cv_dice_distribution.png"]
+    return written
 
 
 def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
@@ -309,6 +373,8 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
     folds = s["folds"]
     lines += ["| metric | " + " | ".join(f"fold {f}" for f in folds) + " |", "|---|" + "---|" * len(folds)]
     lines += [f"| {m} | " + " | ".join(_fmt(s["per_fold"][f][m]) for f in folds) + " |" for m in s["mean"]]
+    if s.get("figures"):
+        lines += ["", "## Figures", ""] + [f"![{name}]({name})" for name in s["figures"]]
     oof = s["oof"]
     lines += ["", "## Out-of-fold predictions", ""]
     if not oof["images"]:
