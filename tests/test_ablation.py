@@ -44,6 +44,8 @@ def test_cli_writes_the_table_and_refuses_unpaired_arms(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| ce | accuracy |" not in out  # seg_only's class head is untrained: no accuracy pairing
     assert "| ce | dice_per_image_lesion |" in out
+    seg_row = next(line for line in out.splitlines() if line.startswith("| seg_only | 5 |"))
+    assert seg_row.count("n/a") == 6 and "0.800" not in seg_row  # its untrained head's accuracy is not shown
     assert (tmp_path / "out" / "ablation.md").read_text() == out
     c = _arm(tmp_path, "other", 0.0, assignment="zz")
     assert main([f"seg_only={a}", f"other={c}"]) == 2

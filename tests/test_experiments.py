@@ -34,8 +34,11 @@ def test_experiment_presets_compose(tmp_path, data_dir, name, monkeypatch):
 def test_test_ckpt_last_tests_the_final_weights(tmp_path, data_dir):
     # the "best" checkpoint made deliberately different from the last weights: the highest val loss
     worst = ["callbacks.model_checkpoint.monitor=val/loss", "callbacks.model_checkpoint.mode=max"]
+    # step checkpoints every 5 steps (4 steps per epoch): the last one (step 10) comes before the
+    # fit ends (step 12), as on real data where the last step is rarely a multiple of 200
     fit = train(compose_train(tmp_path / "a", data_dir, ["trainer.max_epochs=3", "test_ckpt=last",
-                                                         "callbacks.image_logger=null", *worst]))
+                                                         "callbacks.image_logger=null", *worst,
+                                                         "callbacks.step_checkpoint.every_n_train_steps=5"]))
     assert fit["tested_checkpoint"] == "last"
     last = tmp_path / "a" / "run" / "checkpoints" / "last.ckpt"
     again = train(compose_train(tmp_path / "b", data_dir, ["train=false", f"ckpt_path={last}"]))
@@ -43,6 +46,11 @@ def test_test_ckpt_last_tests_the_final_weights(tmp_path, data_dir):
         assert again["metrics"][key] == pytest.approx(fit["metrics"][key], abs=1e-6), key
     best = json.loads((tmp_path / "a" / "run" / "metrics.json").read_text())["best_checkpoint"]
     assert best and not best.endswith("epoch_002.ckpt")
+    # last.ckpt is the state the fit ended with (Lightning's save_last would have kept the best epoch's)
+    import torch
+
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    assert state["epoch"] == 2 and state["global_step"] == 3 * 4, (state["epoch"], state["global_step"])
     other = train(compose_train(tmp_path / "c", data_dir, ["train=false", f"ckpt_path={best}"]))
     assert other["metrics"]["test/loss"] != pytest.approx(fit["metrics"]["test/loss"], abs=1e-6)
 

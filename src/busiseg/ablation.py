@@ -8,7 +8,8 @@ Each ``NAME=DIR`` is a sweep dir that ``busiseg.cv_summary`` can read (its fold 
 must share one fold assignment (same data, seed and k), so that fold f of every arm held out the
 same images; the comparison is then paired: for each fold, an arm's lesion-image Dice minus the
 reference arm's. Writes ``ablation.md`` and ``ablation.json`` into ``--out`` and prints the table.
-Arms whose segmentation is not trained (``cls_only``) show only the classification metrics.
+Arms whose segmentation is not trained (``cls_only``) show only the classification metrics,
+arms whose class head is not trained (``seg_only``) only the segmentation metrics.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ CLS_METRICS = ("test/accuracy", "test/recall_normal", "test/recall_benign", "tes
                "test/f1_macro", "test/auroc_macro")
 PAIRED = "test/dice_per_image_lesion"
 PAIRED_CLS = "test/accuracy"
-# arms that train no segmentation: their mask metrics are not shown
+# arms that train no segmentation (their mask metrics are not shown) / no classification
+# (their class head keeps its zero initialisation: uniform probabilities, argmax "normal")
 CLS_ONLY_ARMS = ("cls_only",)
+SEG_ONLY_ARMS = ("seg_only",)
 
 
 class AblationError(ValueError):
@@ -109,7 +112,7 @@ def render_markdown(result: Mapping[str, Any]) -> str:
              + " | min/fold |", "|---|---|" + "---|" * (len(SEG_METRICS) + len(CLS_METRICS) + 1)]
     for name, a in arms.items():
         seg = ["n/a"] * len(SEG_METRICS) if name in CLS_ONLY_ARMS else [_pm(a["mean"][m], a["std"][m]) for m in SEG_METRICS]
-        cls = [_pm(a["mean"][m], a["std"][m]) for m in CLS_METRICS]
+        cls = ["n/a"] * len(CLS_METRICS) if name in SEG_ONLY_ARMS else [_pm(a["mean"][m], a["std"][m]) for m in CLS_METRICS]
         minutes = f"{a['fit_minutes_per_fold']:.1f}" if a["fit_minutes_per_fold"] is not None else "-"
         lines.append(f"| {name} | {len(a['folds'])} | " + " | ".join(seg + cls) + f" | {minutes} |")
     folds = sorted({f for a in arms.values() for f in a["paired_dice"]["per_fold"]})
@@ -123,7 +126,7 @@ def render_markdown(result: Mapping[str, Any]) -> str:
             p = a[key]
             if key == "paired_dice" and name in CLS_ONLY_ARMS:
                 continue
-            if key == "paired_accuracy" and ref in CLS_ONLY_ARMS + ("seg_only",):
+            if key == "paired_accuracy" and ref in SEG_ONLY_ARMS:
                 continue  # the reference's class head is untrained: no meaningful accuracy difference
             cells = [f"{p['per_fold'][f]:+.3f}" if p["per_fold"].get(f) is not None else "-" for f in folds]
             n = sum(1 for v in p["per_fold"].values() if v is not None)
