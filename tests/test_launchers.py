@@ -31,13 +31,17 @@ def sbatch_script(launcher_cfg, folder: Path) -> str:
     return executor._executor._make_submission_file_text("python -u -m submitit.core._submit", "uid")
 
 
-def test_slurm_launcher_takes_resources_from_the_config(tmp_path, data_dir, monkeypatch):
-    # submitit checks that srun exists before it writes anything: a stand-in that is never run
+@pytest.fixture
+def fake_srun(tmp_path, monkeypatch):
+    """submitit checks that srun exists before it writes anything: a stand-in that is never run."""
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     (fake_bin / "srun").write_text("#!/bin/sh\nexit 1\n")
     (fake_bin / "srun").chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_slurm_launcher_takes_resources_from_the_config(tmp_path, data_dir, fake_srun):
     cfg = compose_train(tmp_path, data_dir, ["hydra/launcher=submitit_slurm", "trainer=ddp", "trainer.devices=4",
                                              "trainer.num_nodes=2", "hydra.launcher.partition=gpu",
                                              "hydra.launcher.timeout_min=90", "split=kfold", "split.fold=3"])
@@ -51,12 +55,7 @@ def test_slurm_launcher_takes_resources_from_the_config(tmp_path, data_dir, monk
         assert line in script, line
 
 
-def test_slurm_job_array_of_single_gpu_folds(tmp_path, data_dir, monkeypatch):
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    (fake_bin / "srun").write_text("#!/bin/sh\nexit 1\n")
-    (fake_bin / "srun").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
+def test_slurm_job_array_of_single_gpu_folds(tmp_path, data_dir, fake_srun):
     cfg = compose_train(tmp_path, data_dir, ["hydra/launcher=slurm", "trainer=gpu", "split=kfold"])
     script = sbatch_script(cfg.hydra.launcher, tmp_path / "submitit")  # trainer=gpu has no num_nodes: 1 node
     for line in ("#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=1"):

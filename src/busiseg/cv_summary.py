@@ -161,8 +161,9 @@ def summarize(directory: str | Path, out_dir: str | Path | None = None) -> dict[
         ks.add(int(meta["k"]))
         assignments.add(meta.get("assignment"))
         metrics = dict(_read_json(run / "metrics.json").get("metrics", {}))
-        metrics.update(_per_class_dice(run / "predictions.csv"))
-        folds[fold] = {"dir": run, "meta": meta, "metrics": metrics}
+        predictions = _read_predictions(run / "predictions.csv")
+        metrics.update(_per_class_dice(predictions or []))
+        folds[fold] = {"dir": run, "meta": meta, "metrics": metrics, "predictions": predictions}
     if len(ks) > 1 or len(assignments) > 1:
         raise CVSummaryError(
             f"{directory}: the runs use different fold assignments (k {sorted(ks)}; seeds or data differ), "
@@ -182,16 +183,10 @@ def summarize(directory: str | Path, out_dir: str | Path | None = None) -> dict[
 
     oof_rows, oof_missing_runs = [], []
     for f in order:
-        path = folds[f]["dir"] / "predictions.csv"
-        if not path.is_file():
+        if folds[f]["predictions"] is None:
             oof_missing_runs.append(str(folds[f]["dir"]))
             continue
-        with open(path, newline="") as fh:
-            reader = csv.DictReader(fh)
-            absent = set(PREDICTION_COLUMNS) - set(reader.fieldnames or [])
-            if absent:
-                raise CVSummaryError(f"{path}: lacks the column(s) {', '.join(sorted(absent))}")
-            oof_rows += [{"fold": f, **row} for row in reader if row["part"] == "val"]
+        oof_rows += [{"fold": f, **row} for row in folds[f]["predictions"] if row["part"] == "val"]
     seen: dict[str, int] = {}
     for row in oof_rows:
         if row["image"] in seen:
@@ -242,14 +237,23 @@ HEADLINE = ("test/dice_per_image_lesion", "test/dice_per_image_benign", "test/di
             "test/recall_malignant", "test/f1_macro", "test/auroc_macro")
 
 
-def _per_class_dice(path: Path) -> dict[str, float]:
-    """Mean per-image Dice of a run's test part from its predictions.csv: on lesion images
+def _read_predictions(path: Path) -> list[dict[str, str]] | None:
+    """A run's predictions.csv rows (None without the file); an error names missing columns."""
+    if not path.is_file():
+        return None
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        absent = set(PREDICTION_COLUMNS) - set(reader.fieldnames or [])
+        if absent:
+            raise CVSummaryError(f"{path}: lacks the column(s) {', '.join(sorted(absent))}")
+        return list(reader)
+
+
+def _per_class_dice(predictions: Sequence[Mapping[str, str]]) -> dict[str, float]:
+    """Mean per-image Dice of a run's test part from its predictions.csv rows: on lesion images
     (benign and malignant: ``test/dice_per_image_lesion``, the figure papers on BUSI report)
     and per class (``test/dice_per_image_<class>``; on normal images 1 = nothing predicted)."""
-    if not path.is_file():
-        return {}
-    with open(path, newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if r.get("part") == "test"]
+    rows = [r for r in predictions if r["part"] == "test"]
     out: dict[str, float] = {}
     groups = {c: [r for r in rows if r["true_class"] == c] for c in CLASS_NAMES}
     groups["lesion"] = [r for r in rows if r["true_class"] != CLASS_NAMES[0]]

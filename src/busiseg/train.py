@@ -251,14 +251,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.checkpoint_callback is not None and not trainer.fast_dev_run:
         best_ckpt = trainer.checkpoint_callback.best_model_path or None
     test_metrics: dict[str, Any] = {}
+    test_ckpt = cfg.get("test_ckpt", "best")
+    tested: str | None = None
     if cfg.get("test", True):
-        # test_ckpt=last: the weights the fit ended with, chosen by nothing that saw the
-        # validation part (honest k-fold CV, where the validation fold is the test fold)
-        tested = best_ckpt if cfg.get("test_ckpt", "best") == "best" else None
         if not cfg.get("train", True) and cfg.get("ckpt_path"):
             tested = str(cfg.ckpt_path)  # train=false ckpt_path=...: test that checkpoint's weights
-        if tested is None and cfg.get("test_ckpt", "best") == "best":
-            log.warning("no best checkpoint (fast_dev_run or no checkpoint callback): testing the current weights")
+        elif test_ckpt == "best":
+            tested = best_ckpt
+            if tested is None:
+                log.warning("no best checkpoint (fast_dev_run or no checkpoint callback): testing the current weights")
+        else:
+            # test_ckpt=last: the weights the fit ended with, chosen by nothing that saw the
+            # validation part (honest k-fold CV, where the validation fold is the test fold)
+            tested = None
         trainer.test(module, datamodule=datamodule, ckpt_path=tested, weights_only=True)
         test_metrics = dict(trainer.callback_metrics)
         if trainer.is_global_zero:  # per-image predictions, for cv_summary's out-of-fold results
@@ -268,7 +273,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     summary = {
         "metrics": metrics,
         "best_checkpoint": best_ckpt,
-        "tested_checkpoint": cfg.get("test_ckpt", "best"),
+        # the checkpoint file the test part was scored with; "last": the weights the fit ended with
+        "tested_checkpoint": tested or ("last" if test_ckpt == "last" else None),
         "epochs_trained": trainer.current_epoch,
         "fit_seconds": round(fit_seconds, 2),
         "class_names": list(CLASS_NAMES),
