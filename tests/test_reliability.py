@@ -62,14 +62,16 @@ def _tb_steps(folder: Path) -> dict[str, list[int]]:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, data_dir):
-    ref_cfg = compose_train(tmp_path / "ref", data_dir, SHORT)
+@pytest.mark.parametrize("callbacks", ["default", "ema"])  # ema: the weight average is restored too
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, data_dir, callbacks):
+    ref_cfg = compose_train(tmp_path / "ref", data_dir, [f"callbacks={callbacks}", *SHORT])
     reference = train(ref_cfg)
     # the epoch-end and the step checkpoint callbacks share one last.ckpt (no last-v1.ckpt that resume would not read)
     assert sorted(p.name for p in (tmp_path / "ref" / "run" / "checkpoints").glob("last*")) == ["last.ckpt"]
 
     run = tmp_path / "killed"
-    killed = _cli(tmp_path, data_dir, run, "+callbacks.killer._target_=tests.test_reliability.KillAt",
+    killed = _cli(tmp_path, data_dir, run, f"callbacks={callbacks}",
+                  "+callbacks.killer._target_=tests.test_reliability.KillAt",
                   "+callbacks.killer.step=3")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (run / "metrics.json").exists()

@@ -119,6 +119,27 @@ def test_short_run_checkpoint_tensorboard_and_hparams(tmp_path, data_dir):
     assert list((run / "tensorboard" / "val_predictions").glob("epoch_*.png"))
 
 
+def test_ema_callbacks_save_and_test_the_averaged_weights(tmp_path, data_dir):
+    from busiseg.checkpoint import load_model
+
+    cfg = compose_train(tmp_path, data_dir, ["debug=limit", "callbacks=ema", "callbacks.image_logger=null",
+                                             "logger=csv", "test_ckpt=last"])
+    assert cfg.callbacks.ema.decay == 0.99 and cfg.callbacks.last_checkpoint is not None
+    train(cfg)
+    run = tmp_path / "run"
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    # state_dict holds the average (what eval, predict and export load); the raw weights ride along for resuming
+    assert "current_model_state" in ckpt and "averaging_state" in ckpt
+    averaged, raw = ckpt["state_dict"], ckpt["current_model_state"]
+    assert averaged.keys() == raw.keys()
+    assert any(not torch.equal(averaged[k], raw[k]) for k in averaged if k.startswith("net."))
+    net, _ = load_model(run / "checkpoints" / "last.ckpt")
+    name, value = next((k, v) for k, v in averaged.items() if k.startswith("net.") and v.is_floating_point())
+    assert torch.equal(net.state_dict()[name.removeprefix("net.")], value)
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["tested_checkpoint"] == "last" and "test/dice" in summary["metrics"]
+
+
 def test_overfit_few_batches_loss_falls(tmp_path, data_dir):
     cfg = compose_train(tmp_path, data_dir, ["debug=overfit", "logger=csv", "trainer.max_epochs=15",
                                              "callbacks.image_logger=null", "test=false",

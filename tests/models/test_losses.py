@@ -80,11 +80,63 @@ def test_segmentation_loss_accepts_masks_without_channel_dim_and_rejects_bad_sha
         loss(logits, masks[:, :, :2])
 
 
+def test_focal_term_hand_computed_and_equal_to_bce_at_gamma_zero():
+    # logits 0 -> p_t = 0.5 on every pixel, BCE = ln 2, focal = (1 - 0.5)^2 * ln 2 = ln 2 / 4.
+    logits = torch.zeros(1, 1, 2, 2)
+    masks = _t([[[[1, 0], [1, 0]]]])
+    focal = SegmentationLoss(dice_weight=0.0, bce_weight=0.0, focal_weight=1.0, focal_gamma=2.0)
+    assert_close(focal(logits, masks), _t(math.log(2) / 4))
+    logits = torch.randn(2, 1, 5, 5)
+    masks = (torch.rand(2, 1, 5, 5) > 0.6).float()
+    bce = SegmentationLoss(dice_weight=0.0, bce_weight=1.0)
+    assert_close(SegmentationLoss(dice_weight=0.0, bce_weight=0.0, focal_weight=1.0, focal_gamma=0.0)(logits, masks),
+                 bce(logits, masks))
+    # easy pixels (right with logit 3) count far less than under BCE
+    easy = 3.0 * (2 * masks - 1)
+    assert focal(easy, masks) < bce(easy, masks) / 10
+
+
+def test_lovasz_term_hand_computed_and_matches_smp():
+    from segmentation_models_pytorch.losses import LovaszLoss
+
+    # 2 pixels, mask (1, 0), logits (1, 1): hinge errors 1 - 1*(+1) = 0 and 1 - 1*(-1) = 2; sorted (2, 0) with
+    # labels (0, 1): union (1+1, 1+1) = 2, intersection (1, 0) -> jaccard (0.5, 1), gradient (0.5, 0.5);
+    # loss = 2 * 0.5 + 0 * 0.5 = 1.
+    lovasz = SegmentationLoss(dice_weight=0.0, bce_weight=0.0, lovasz_weight=1.0)
+    assert_close(lovasz(_t([[[[1.0, 1.0]]]]), _t([[[[1, 0]]]])), _t(1.0))
+    torch.manual_seed(0)
+    logits = torch.randn(3, 1, 6, 6)
+    masks = (torch.rand(3, 1, 6, 6) > 0.5).float()
+    masks[0] = 0  # a "normal" image in the batch
+    assert_close(lovasz(logits, masks), LovaszLoss(mode="binary", per_image=False)(logits, masks))
+    # confident and right costs nothing; the term backpropagates
+    assert lovasz(10 * (2 * masks - 1), masks).item() == 0.0
+    logits.requires_grad_(True)
+    lovasz(logits, masks).backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_segmentation_loss_terms_add_up():
+    logits = torch.randn(2, 1, 4, 4)
+    masks = (torch.rand(2, 1, 4, 4) > 0.5).float()
+    parts = [SegmentationLoss(dice_weight=1.0, bce_weight=0.0), SegmentationLoss(dice_weight=0.0, bce_weight=1.0),
+             SegmentationLoss(dice_weight=0.0, bce_weight=0.0, focal_weight=1.0),
+             SegmentationLoss(dice_weight=0.0, bce_weight=0.0, lovasz_weight=1.0)]
+    weights = (1.0, 0.5, 2.0, 0.25)
+    whole = SegmentationLoss(dice_weight=1.0, bce_weight=0.5, focal_weight=2.0, lovasz_weight=0.25)
+    assert_close(whole(logits, masks), sum(w * part(logits, masks) for w, part in zip(weights, parts)))
+    assert "focal_weight=2.0" in repr(whole) and "lovasz_weight=0.25" in repr(whole)
+
+
 def test_segmentation_loss_negative_weight_raises():
     with pytest.raises(ValueError, match="dice_weight"):
         SegmentationLoss(dice_weight=-1.0)
     with pytest.raises(ValueError, match="bce_weight"):
         SegmentationLoss(bce_weight=-0.1)
+    with pytest.raises(ValueError, match="focal_weight"):
+        SegmentationLoss(focal_weight=-1.0)
+    with pytest.raises(ValueError, match="lovasz_weight"):
+        SegmentationLoss(lovasz_weight=float("nan"))
 
 
 # ------------------------------------------------------------------------------------------- classification

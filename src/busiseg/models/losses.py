@@ -67,9 +67,10 @@ def _as_mask(masks: Tensor, mask_logits: Tensor) -> Tensor:
 
 
 class SegmentationLoss(nn.Module):
-    """Soft Dice + binary cross-entropy on mask logits.
+    """Soft Dice + binary cross-entropy on mask logits (+ optional focal and Lovasz-hinge terms).
 
-    ``loss = dice_weight * (1 - soft_dice) + bce_weight * BCEWithLogits``, with
+    ``loss = dice_weight * (1 - soft_dice) + bce_weight * BCEWithLogits + focal_weight * focal
+    + lovasz_weight * lovasz_hinge``, with
 
     ``soft_dice = (2 * sum(p * t) + smooth) / (sum(p) + sum(t) + smooth)``, ``p = sigmoid(mask_logits)``.
 
@@ -84,13 +85,21 @@ class SegmentationLoss(nn.Module):
         dice_weight: weight of the Dice term (>= 0).
         bce_weight: weight of the BCE term (>= 0).
         smooth: additive smoothing in the Dice numerator and denominator (> 0 keeps empty batches defined).
+        focal_weight: weight of the binary focal loss (Lin et al. 2017; mean over all pixels), 0 = off.
+        focal_gamma: the focal loss's focusing exponent (>= 0; 0 is plain BCE).
+        lovasz_weight: weight of the Lovasz hinge (Berman et al. 2018), a surrogate of the IoU, computed over the
+            whole batch like the Dice term; 0 = off.
     """
 
-    def __init__(self, dice_weight: float = 1.0, bce_weight: float = 1.0, smooth: float = 1.0) -> None:
+    def __init__(self, dice_weight: float = 1.0, bce_weight: float = 1.0, smooth: float = 1.0,
+                 focal_weight: float = 0.0, focal_gamma: float = 2.0, lovasz_weight: float = 0.0) -> None:
         super().__init__()
         self.dice_weight = _check_weight(dice_weight, "loss.segmentation.dice_weight")
         self.bce_weight = _check_weight(bce_weight, "loss.segmentation.bce_weight")
         self.smooth = _check_weight(smooth, "loss.segmentation.smooth")
+        self.focal_weight = _check_weight(focal_weight, "loss.segmentation.focal_weight")
+        self.focal_gamma = _check_weight(focal_gamma, "loss.segmentation.focal_gamma")
+        self.lovasz_weight = _check_weight(lovasz_weight, "loss.segmentation.lovasz_weight")
 
     def dice_loss(self, mask_logits: Tensor, masks: Tensor) -> Tensor:
         """``1 - soft Dice``, aggregated over the batch (scalar)."""
@@ -113,10 +122,45 @@ class SegmentationLoss(nn.Module):
             total = total + self.dice_weight * self.dice_loss(mask_logits, masks)
         if self.bce_weight:
             total = total + self.bce_weight * self.bce_loss(mask_logits, masks)
+        if self.focal_weight:
+            total = total + self.focal_weight * self.focal_loss(mask_logits, masks)
+        if self.lovasz_weight:
+            total = total + self.lovasz_weight * self.lovasz_loss(mask_logits, masks)
         return total
 
+    def focal_loss(self, mask_logits: Tensor, masks: Tensor) -> Tensor:
+        """Binary focal loss, ``mean((1 - p_t) ** gamma * BCE)`` over all pixels (scalar)."""
+        masks = _as_mask(masks, mask_logits)
+        logits = mask_logits.float()
+        bce = F.binary_cross_entropy_with_logits(logits, masks.float(), reduction="none")
+        p_t = torch.exp(-bce)  # the probability given to the true label
+        return ((1.0 - p_t).pow(self.focal_gamma) * bce).mean()
+
+    def lovasz_loss(self, mask_logits: Tensor, masks: Tensor) -> Tensor:
+        """Lovasz hinge over all pixels of the batch (scalar); 0 when the batch holds no pixel at all."""
+        masks = _as_mask(masks, mask_logits)
+        logits = mask_logits.float().flatten()
+        target = masks.float().flatten()
+        signs = 2.0 * target - 1.0
+        errors = 1.0 - logits * signs
+        errors_sorted, order = torch.sort(errors, descending=True)
+        gt_sorted = target[order]
+        # gradient of the Lovasz extension of the Jaccard loss (Berman et al. 2018, Alg. 1)
+        gts = gt_sorted.sum()
+        intersection = gts - gt_sorted.cumsum(0)
+        union = gts + (1.0 - gt_sorted).cumsum(0)
+        jaccard = 1.0 - intersection / union
+        if jaccard.numel() > 1:
+            jaccard = torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
+        return torch.dot(F.relu(errors_sorted), jaccard)
+
     def extra_repr(self) -> str:
-        return f"dice_weight={self.dice_weight}, bce_weight={self.bce_weight}, smooth={self.smooth}"
+        extra = ""
+        if self.focal_weight:
+            extra += f", focal_weight={self.focal_weight}, focal_gamma={self.focal_gamma}"
+        if self.lovasz_weight:
+            extra += f", lovasz_weight={self.lovasz_weight}"
+        return f"dice_weight={self.dice_weight}, bce_weight={self.bce_weight}, smooth={self.smooth}{extra}"
 
 
 class ClassificationLoss(nn.Module):
