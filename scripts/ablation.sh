@@ -3,14 +3,13 @@
 #   BUSI_ROOT=/path/to/Dataset_BUSI_with_GT scripts/ablation.sh [OUT_DIR]
 # ARMS (default "mse seg_only ce uncertainty cls_only") and FOLDS (default "0 1 2 3 4") pick a part.
 # Runs fold by fold (every arm of fold 0, then fold 1, ...), so that the arms stay paired if it is
-# stopped. Restartable: a finished run (metrics.json) is skipped, an interrupted one is resumed
-# (resume=RUN_DIR). Then: python -m busiseg.ablation mse=OUT/mse seg_only=OUT/seg_only ...
+# stopped. Each run is scripts/cv.sh OUT_DIR/ARM for one fold: restartable (a finished run is
+# skipped, an interrupted one resumed). Then: python -m busiseg.ablation mse=OUT/mse seg_only=OUT/seg_only ...
 set -euo pipefail
 OUT=${1:-logs/ablation}
 ARMS=${ARMS:-"mse seg_only ce uncertainty cls_only"}
 FOLDS=${FOLDS:-"0 1 2 3 4"}
-PY=${PYTHON:-python}
-: "${BUSI_ROOT:?set BUSI_ROOT to the Dataset_BUSI_with_GT folder}"
+CV="$(dirname "$0")/cv.sh"
 
 overrides() {
   case "$1" in
@@ -25,19 +24,8 @@ overrides() {
 
 for fold in $FOLDS; do
   for arm in $ARMS; do
-    run="$OUT/$arm/$fold"
     args=$(overrides "$arm")
-    if [[ -f "$run/metrics.json" ]]; then
-      echo "== $arm fold $fold: done ($run)"
-      continue
-    elif [[ -f "$run/checkpoints/last.ckpt" ]]; then
-      echo "== $arm fold $fold: resuming $run"
-      $PY -m busiseg.train resume="$run"
-    else
-      echo "== $arm fold $fold -> $run"
-      # shellcheck disable=SC2086
-      $PY -m busiseg.train experiment=busi_cpu split=kfold split.fold="$fold" $args \
-        callbacks.progress_bar=null hydra.run.dir="$run"
-    fi
+    # shellcheck disable=SC2086
+    FOLDS="$fold" "$CV" "$OUT/$arm" $args
   done
 done

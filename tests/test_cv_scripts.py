@@ -1,0 +1,66 @@
+"""scripts/cv.sh and scripts/ablation.sh: which training commands they run, skip and resume (a fake python)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from tests.conftest import REPO
+
+# Stands in for python: records its arguments, and "trains" by writing hydra.run.dir/metrics.json
+FAKE_PYTHON = """#!/usr/bin/env bash
+echo "$*" >> "$CALLS"
+for a in "$@"; do
+  case "$a" in
+    hydra.run.dir=*) mkdir -p "${a#hydra.run.dir=}"; echo '{}' > "${a#hydra.run.dir=}/metrics.json" ;;
+    resume=*) echo '{}' > "${a#resume=}/metrics.json" ;;
+  esac
+done
+"""
+
+
+def _run(tmp_path: Path, script: str, *args: str, **env: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    calls.unlink(missing_ok=True)
+    full_env = {**os.environ, "PYTHON": str(fake), "CALLS": str(calls), "BUSI_ROOT": str(tmp_path), **env}
+    proc = subprocess.run(["bash", str(REPO / "scripts" / script), *args], cwd=tmp_path, env=full_env,
+                          capture_output=True, text=True, timeout=60)
+    return proc, calls.read_text().splitlines() if calls.exists() else []
+
+
+def test_cv_runs_each_fold_once_then_skips_and_resumes(tmp_path):
+    out = tmp_path / "recipe" / "e03"
+    proc, calls = _run(tmp_path, "cv.sh", str(out), "trainer.max_epochs=60", "data.image_size=192", FOLDS="0 2")
+    assert proc.returncode == 0, proc.stderr
+    assert calls == [
+        f"-m busiseg.train experiment=busi_cpu split=kfold split.fold={f} trainer.max_epochs=60 data.image_size=192 "
+        f"callbacks.progress_bar=null hydra.run.dir={out}/{f}" for f in (0, 2)]
+    # fold 0 finished, fold 1 interrupted (a last.ckpt, no metrics.json), fold 2 finished
+    (out / "1" / "checkpoints").mkdir(parents=True)
+    (out / "1" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    proc, calls = _run(tmp_path, "cv.sh", str(out), "trainer.max_epochs=60", FOLDS="0 1 2", EXPERIMENT="busi_gpu")
+    assert proc.returncode == 0, proc.stderr
+    assert calls == [f"-m busiseg.train resume={out}/1"]
+    assert f"{out}/0: done" in proc.stdout
+
+
+def test_cv_needs_busi_root_and_an_output_dir(tmp_path):
+    proc, calls = _run(tmp_path, "cv.sh", str(tmp_path / "x"), BUSI_ROOT="")
+    assert proc.returncode != 0 and "BUSI_ROOT" in proc.stderr and calls == []
+    proc, calls = _run(tmp_path, "cv.sh")
+    assert proc.returncode != 0 and "usage" in proc.stderr and calls == []
+
+
+def test_ablation_pairs_arms_fold_by_fold(tmp_path):
+    out = tmp_path / "abl"
+    proc, calls = _run(tmp_path, "ablation.sh", str(out), ARMS="seg_only ce", FOLDS="3 4")
+    assert proc.returncode == 0, proc.stderr
+    runs = [c.split("hydra.run.dir=")[1] for c in calls]
+    assert runs == [f"{out}/seg_only/3", f"{out}/ce/3", f"{out}/seg_only/4", f"{out}/ce/4"]
+    assert "split.fold=3 loss=fixed loss.classification.kind=ce " in calls[1]
+    proc, calls = _run(tmp_path, "ablation.sh", str(out), ARMS="nope", FOLDS="0")
+    assert proc.returncode != 0 and "unknown arm: nope" in proc.stderr and calls == []
