@@ -10,6 +10,8 @@ share of each step spent waiting for the data loader.
     python benchmarks/gpu.py                                  # the full grid on cuda
     python benchmarks/gpu.py --device cpu --sizes 64 --batch-sizes 2 --steps 2 --no-compile-grid \
         model.encoder_name=resnet18                           # the CPU smoke test
+    python benchmarks/gpu.py --device cpu --sizes 128 256 --batch-sizes 16 --no-compile-grid \
+        --num-workers 0 --steps 6 --warmup 2                  # bf16/channels_last on a CPU (docs/performance.md 4b)
 """
 
 from __future__ import annotations

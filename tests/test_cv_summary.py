@@ -142,6 +142,13 @@ def test_missing_duplicate_and_mismatched_folds(tmp_path, sweep):
         summarize(other)
     with pytest.raises(CVSummaryError, match="no fold runs"):
         summarize(tmp_path / "nothing")
+    # one fold: its values, and no standard deviation (null, not 0 and not NaN in the JSON)
+    single = tmp_path / "single"
+    fake_fold_run(single / "2", 2, fold_metrics(2))
+    summary = summarize(single)
+    assert summary["mean"]["test/dice"] == pytest.approx(0.6) and summary["std"]["test/dice"] is None
+    assert "NaN" not in (single / "cv_summary.json").read_text()
+    assert "| test/dice | 0.6000 |" in (single / "cv_summary.md").read_text()
 
 
 def test_cli(sweep, tmp_path, capsys):

@@ -135,7 +135,7 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
         return float("nan"), float("nan")
     mean = sum(finite) / len(finite)
     if len(finite) < 2:
-        return mean, 0.0
+        return mean, float("nan")  # one fold has no spread to report (shown as the mean alone)
     var = sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)  # sample std over folds
     return mean, math.sqrt(var)
 
@@ -180,6 +180,7 @@ def summarize(directory: str | Path, out_dir: str | Path | None = None) -> dict[
     mean, std = {}, {}
     for m in names:
         mean[m], std[m] = _mean_std([per_fold[f][m] for f in order])
+        std[m] = std[m] if math.isfinite(std[m]) else None  # null in the JSON, not NaN
 
     oof_rows, oof_missing_runs = [], []
     for f in order:
@@ -361,6 +362,13 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def _fmt_pm(mean: Any, std: Any) -> str:
+    """``mean +- std``, or the mean alone where there is no std (a single fold)."""
+    if std is None or (isinstance(std, float) and not math.isfinite(std)):
+        return _fmt(mean)
+    return f"{_fmt(mean)} +- {_fmt(std)}"
+
+
 def render_markdown(summary: Mapping[str, Any]) -> str:
     s = summary
     lines = [f"# Cross-validation summary: {s['directory']}", ""]
@@ -369,7 +377,7 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
     head = headline_rows(s)
     if head:
         lines += ["", "## Headline", "", "| metric | mean +- std |", "|---|---|"]
-        lines += [f"| {m} | {_fmt(mu)} +- {_fmt(sd)} |" for m, mu, sd in head]
+        lines += [f"| {m} | {_fmt_pm(mu, sd)} |" for m, mu, sd in head]
         lines += ["", "## Every metric"]
     lines += ["", "| metric | mean | std |", "|---|---|---|"]
     lines += [f"| {m} | {_fmt(s['mean'][m])} | {_fmt(s['std'][m])} |" for m in s["mean"]]
@@ -439,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     width = max((len(m) for m, _, _ in rows), default=0)
     print(f"{len(summary['folds'])} of {summary['k']} folds, mean +- std over folds")
     for m, mu, sd in rows:
-        print(f"{m:<{width}}  {_fmt(mu)} +- {_fmt(sd)}")
+        print(f"{m:<{width}}  {_fmt_pm(mu, sd)}")
     if summary["oof"]["metrics"]:
         oof = summary["oof"]["metrics"]
         print(f"out-of-fold ({summary['oof']['images']} images): accuracy {_fmt(oof['accuracy'])}, "
