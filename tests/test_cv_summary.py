@@ -189,6 +189,31 @@ def test_write_predictions(tiny_busi, tmp_path):
         assert float(r["dice"]) == (1.0 if r["true_class"] == "normal" else 0.0)
 
 
+class _MalignantUnderAutocast(_AllBenignNoLesion):
+    """Says malignant when run under CPU autocast, benign otherwise."""
+
+    def forward(self, images):
+        masks, logits = super().forward(images)
+        if torch.is_autocast_enabled("cpu"):
+            logits = torch.tensor([[0.0, 0.0, 5.0]]).expand(len(images), 3)
+        return masks, logits
+
+
+def test_write_predictions_runs_under_the_trainers_precision(tiny_busi, tmp_path):
+    # the predictions must be the ones trainer.test scored: under bf16-mixed, inside its autocast
+    import lightning as L
+
+    dm = BusiDataModule(str(tiny_busi), image_size=32, batch_size=2, eval_batch_size=3,
+                        splitter=HoldoutSplitter(0.25, 0.25, seed=0, group_duplicates=False))
+    dm.setup()
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False)
+    path = write_predictions(_MalignantUnderAutocast(), dm, tmp_path / "p.csv",
+                             forward_context=trainer.precision_plugin.forward_context)
+    assert {r["pred_class"] for r in csv.DictReader(open(path))} == {"malignant"}
+    path = write_predictions(_MalignantUnderAutocast(), dm, tmp_path / "p.csv")
+    assert {r["pred_class"] for r in csv.DictReader(open(path))} == {"benign"}
+
+
 @pytest.mark.slow
 def test_cli_kfold_multirun_then_automatic_summary(tmp_path):
     from tests.test_train import FAST

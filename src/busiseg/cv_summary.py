@@ -17,6 +17,7 @@ summary at the end of the multirun (enabled by ``split=kfold``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import logging
@@ -24,7 +25,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, ContextManager, Iterable, Mapping, Sequence
 
 from hydra.experimental.callback import Callback
 
@@ -44,14 +45,16 @@ class CVSummaryError(ValueError):
 
 
 def write_predictions(module: Any, datamodule: Any, path: str | Path, parts: Sequence[str] = ("val", "test"),
-                      threshold: float = 0.5) -> Path:
+                      threshold: float = 0.5, forward_context: Callable[[], ContextManager] | None = None) -> Path:
     """Per-image predictions of ``module`` on the datamodule's ``parts``, as CSV.
 
     Columns: part, image (record name), true_class, pred_class, prob_<class> (softmax),
     dice (per image, mask probability > threshold, at the preprocessing size; both masks
     empty scores 1, as ``PerImageDice``). Call after ``trainer.test``, which leaves the best
     checkpoint's weights in the module. Every image of each part is predicted, whatever the
-    trainer's ``limit_*_batches``.
+    trainer's ``limit_*_batches``. ``forward_context``: what wraps each forward pass, the
+    trainer's precision (``trainer.precision_plugin.forward_context``, e.g. bf16 autocast), so
+    these predictions are the ones ``trainer.test`` scored; default none (full precision).
     """
     import torch
     from torch.utils.data import DataLoader
@@ -68,7 +71,8 @@ def write_predictions(module: Any, datamodule: Any, path: str | Path, parts: Seq
                 continue
             loader = DataLoader(dataset, batch_size=datamodule.eval_batch_size, shuffle=False, num_workers=0)
             for batch in loader:
-                mask_logits, class_logits = module(batch["image"].to(device))
+                with forward_context() if forward_context is not None else contextlib.nullcontext():
+                    mask_logits, class_logits = module(batch["image"].to(device))
                 probs = torch.softmax(class_logits.float(), dim=1).cpu()
                 pred = (torch.sigmoid(mask_logits.float()) > threshold).cpu().flatten(1)
                 true = (batch["mask"] > 0).flatten(1)

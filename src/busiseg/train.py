@@ -267,7 +267,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer.test(module, datamodule=datamodule, ckpt_path=tested, weights_only=True)
         test_metrics = dict(trainer.callback_metrics)
         if trainer.is_global_zero:  # per-image predictions, for cv_summary's out-of-fold results
-            write_predictions(module, datamodule, output_dir / "predictions.csv")
+            write_predictions(module, datamodule, output_dir / "predictions.csv",
+                              forward_context=trainer.precision_plugin.forward_context)
 
     metrics = {**_scalars(fit_metrics, "val/"), **_scalars(fit_metrics, "train/"), **_scalars(test_metrics, "test/")}
     summary = {
