@@ -163,6 +163,22 @@ def test_bad_config_values_named(tmp_path, data_dir):
         train(cfg)
 
 
+def test_cpu_bf16_warns_only_without_native_bfloat16(tmp_path, data_dir, monkeypatch, caplog):
+    import busiseg.train as train_module
+
+    cfg = compose_train(tmp_path, data_dir, ["trainer=cpu", "trainer.precision=bf16-mixed"])
+    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger="busiseg.train"):
+        check_config(cfg)
+    assert "without bfloat16 instructions" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: True)
+    with caplog.at_level("WARNING", logger="busiseg.train"):
+        check_config(cfg)
+        check_config(compose_train(tmp_path, data_dir, ["trainer=cpu"]))  # fp32: nothing to say
+    assert "bfloat16" not in caplog.text
+
+
 @pytest.mark.slow
 def test_cli_multirun_two_jobs(tmp_path, data_dir):
     sweep = tmp_path / "sweep"

@@ -76,6 +76,10 @@ def check_config(cfg: DictConfig) -> None:
     if precision.startswith("bf16") and accelerator in ("gpu", "cuda") and torch.cuda.is_available() \
             and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"trainer.precision={precision}: this GPU has no bfloat16; use 16-mixed or 32")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if precision == "bf16-mixed" and on_cpu and not cpu_has_bf16():
+        log.warning("trainer.precision=bf16-mixed on a CPU without bfloat16 instructions (no avx512_bf16 or AMX): "
+                    "it will be emulated, likely slower than trainer.precision=32 (docs/performance.md, 4b)")
     nonfinite = (cfg.get("guard") or {}).get("nonfinite", "stop")
     if nonfinite not in NONFINITE_ACTIONS:
         raise ConfigError(f"guard.nonfinite must be one of {', '.join(NONFINITE_ACTIONS)}, got {nonfinite!r}")
@@ -88,6 +92,14 @@ def check_config(cfg: DictConfig) -> None:
     split = cfg.get("split") or {}
     if "fold" in split and not 0 <= int(split.fold) < int(split.k):
         raise ConfigError(f"split.fold must be in 0..{int(split.k) - 1} (split.k={split.k}), got {split.fold}")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU runs bfloat16 natively (oneDNN: avx512_bf16 or AMX), where bf16-mixed is fast."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _strategy_name(trainer_cfg: DictConfig) -> str:
