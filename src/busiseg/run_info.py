@@ -77,3 +77,17 @@ def record_run(output_dir: Path, config: dict[str, Any], resumed: bool = False) 
     else:
         write_text_atomic(output_dir / CONFIG_NAME, OmegaConf.to_yaml(OmegaConf.create(config)))
     write_text_atomic(info_path, json.dumps(info, indent=2) + "\n")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU runs bfloat16 natively (oneDNN: avx512_bf16 or AMX), where bf16-mixed is fast.
+
+    Lives here, not in ``busiseg.train``: that module runs as ``__main__``, whose functions the
+    joblib launcher pickles by value, and ``torch.ops`` cannot be pickled.
+    """
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False

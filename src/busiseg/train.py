@@ -35,7 +35,7 @@ from busiseg.distributed import adopt_parent_run, end_ddp_job, share_run_dir  # 
 from busiseg.models.guards import (NONFINITE_ACTIONS, AtomicCheckpointIO, GracefulInterrupt,  # noqa: E402
                                    NonFiniteLossError, ResumeState, TrainingInterrupted)
 from busiseg.models.module import MultiTaskModule  # noqa: E402
-from busiseg.run_info import CONFIG_NAME, record_run  # noqa: E402
+from busiseg.run_info import CONFIG_NAME, cpu_has_bf16, record_run  # noqa: E402
 from busiseg.models.net import EncoderWeightsUnavailable  # noqa: E402
 
 log = logging.getLogger("busiseg.train")
@@ -92,14 +92,6 @@ def check_config(cfg: DictConfig) -> None:
     split = cfg.get("split") or {}
     if "fold" in split and not 0 <= int(split.fold) < int(split.k):
         raise ConfigError(f"split.fold must be in 0..{int(split.k) - 1} (split.k={split.k}), got {split.fold}")
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU runs bfloat16 natively (oneDNN: avx512_bf16 or AMX), where bf16-mixed is fast."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def _strategy_name(trainer_cfg: DictConfig) -> str:
