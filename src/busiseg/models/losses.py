@@ -129,30 +129,18 @@ class SegmentationLoss(nn.Module):
         return total
 
     def focal_loss(self, mask_logits: Tensor, masks: Tensor) -> Tensor:
-        """Binary focal loss, ``mean((1 - p_t) ** gamma * BCE)`` over all pixels (scalar)."""
+        """Binary focal loss, ``mean((1 - p_t) ** gamma * BCE)`` over all pixels (scalar; smp's FocalLoss)."""
+        from segmentation_models_pytorch.losses import FocalLoss
+
         masks = _as_mask(masks, mask_logits)
-        logits = mask_logits.float()
-        bce = F.binary_cross_entropy_with_logits(logits, masks.float(), reduction="none")
-        p_t = torch.exp(-bce)  # the probability given to the true label
-        return ((1.0 - p_t).pow(self.focal_gamma) * bce).mean()
+        return FocalLoss(mode="binary", gamma=self.focal_gamma)(mask_logits.float(), masks.float())
 
     def lovasz_loss(self, mask_logits: Tensor, masks: Tensor) -> Tensor:
-        """Lovasz hinge over all pixels of the batch (scalar); 0 when the batch holds no pixel at all."""
+        """Lovasz hinge over all pixels of the batch (scalar; smp's LovaszLoss, not per image)."""
+        from segmentation_models_pytorch.losses import LovaszLoss
+
         masks = _as_mask(masks, mask_logits)
-        logits = mask_logits.float().flatten()
-        target = masks.float().flatten()
-        signs = 2.0 * target - 1.0
-        errors = 1.0 - logits * signs
-        errors_sorted, order = torch.sort(errors, descending=True)
-        gt_sorted = target[order]
-        # gradient of the Lovasz extension of the Jaccard loss (Berman et al. 2018, Alg. 1)
-        gts = gt_sorted.sum()
-        intersection = gts - gt_sorted.cumsum(0)
-        union = gts + (1.0 - gt_sorted).cumsum(0)
-        jaccard = 1.0 - intersection / union
-        if jaccard.numel() > 1:
-            jaccard = torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
-        return torch.dot(F.relu(errors_sorted), jaccard)
+        return LovaszLoss(mode="binary", per_image=False)(mask_logits.float(), masks.float())
 
     def extra_repr(self) -> str:
         extra = ""
