@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -202,6 +203,31 @@ def test_cli_bad_dataset_is_one_clear_error(tmp_path):
     assert proc.returncode == 2
     assert "busiseg: error:" in proc.stderr and "normal/" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_deep_supervision_run_trains_the_aux_heads(tmp_path, data_dir):
+    from busiseg.train import build
+
+    from busiseg.checkpoint import load_model
+
+    cfg = compose_train(tmp_path, data_dir, ["debug=limit", "model.deep_supervision=2", "channels_last=true",
+                                             "callbacks.image_logger=null", "logger=csv", "test_ckpt=last"])
+    inits = []
+    for _ in range(2):  # seeded as train() seeds: the run's initial aux-head weights, the same each time
+        L.seed_everything(cfg.seed, workers=True)
+        inits.append([h.weight.detach().clone() for h in build(cfg)[1].net.aux_heads])
+    before = inits[0]
+    assert all(torch.equal(a, b) for a, b in zip(*inits))
+    train(cfg)
+    run = tmp_path / "run"
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    after = [ckpt["state_dict"][f"net.aux_heads.{k}.weight"] for k in range(2)]
+    assert all(b.shape == a.shape and not torch.equal(b, a) for b, a in zip(before, after))
+    rows = list(csv.DictReader(open(run / "csv" / "metrics.csv")))
+    assert any(r.get("train/seg_loss_final") for r in rows)
+    net, _ = load_model(run / "checkpoints" / "last.ckpt")  # eval / predict / export rebuild it with its heads
+    assert len(net.aux_heads) == 2 and len(net(torch.rand(1, 1, 64, 64))) == 2
+    assert "test/dice" in json.loads((run / "metrics.json").read_text())["metrics"]
 
 
 def test_channels_last_run_matches_default_metrics_keys(tmp_path, data_dir):

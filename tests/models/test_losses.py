@@ -321,3 +321,21 @@ def test_hydra_instantiates_the_nested_loss_config():
     assert_close(mtl.classification.class_weights, _t([1.0, 2.0, 3.0]))
     out = mtl(*_inputs())
     assert torch.isfinite(out["loss"])
+
+
+def test_deep_supervision_loss_weights_halve_and_sum_to_one():
+    mask_logits, class_logits, masks, labels = _inputs()
+    g = torch.Generator().manual_seed(1)
+    aux_full = torch.randn(2, 1, 4, 4, generator=g)  # already at mask size: used as it is
+    aux_half = torch.randn(2, 1, 2, 2, generator=g)  # upsampled (bilinear) to 4x4 before the loss
+    seg, cls = SegmentationLoss(), ClassificationLoss(kind="mse")
+    mtl = MultiTaskLoss(seg, cls, FixedWeighting(w_seg=1.0, w_cls=1.0))
+    out = mtl(mask_logits, class_logits, masks, labels, aux_mask_logits=[aux_full, aux_half])
+    up = torch.nn.functional.interpolate(aux_half, size=(4, 4), mode="bilinear", align_corners=False)
+    expected = (4 * seg(mask_logits, masks) + 2 * seg(aux_full, masks) + seg(up, masks)) / 7  # 1, 1/2, 1/4
+    assert_close(out["seg_loss"], expected)
+    assert_close(out["seg_loss_final"], seg(mask_logits, masks))
+    assert_close(out["loss"], expected + out["cls_loss"])
+    # without aux outputs nothing changes, and there is no seg_loss_final
+    plain = mtl(mask_logits, class_logits, masks, labels)
+    assert "seg_loss_final" not in plain and torch.equal(plain["seg_loss"], out["seg_loss_final"])

@@ -32,3 +32,32 @@ def test_unknown_weights_offline_is_one_clear_error(monkeypatch):
 def test_unknown_encoder_names_key():
     with pytest.raises(ValueError, match="model.encoder_name"):
         MultiTaskUnet(encoder_name="no_such_encoder")
+
+
+def test_deep_supervision_outputs_and_plain_forward_unchanged():
+    torch.manual_seed(0)
+    net = MultiTaskUnet(encoder_name="resnet18", decoder_channels=(32, 16, 16, 8, 8), deep_supervision=2).eval()
+    images = torch.rand(2, 1, 64, 64)
+    plain = net(images)
+    assert len(plain) == 2
+    mask_logits, class_logits, aux = net(images, return_aux=True)
+    assert torch.equal(mask_logits, plain[0]) and torch.equal(class_logits, plain[1])
+    assert [tuple(a.shape) for a in aux] == [(2, 1, 32, 32), (2, 1, 16, 16)]  # finest first
+    # the heads read the blocks before the last: head 0 on a (2, 8, 32, 32) block output
+    assert net.aux_heads[0].in_channels == 8 and net.aux_heads[1].in_channels == 16
+    # no hook outlives the call (the plain forward, eval and export never run the aux heads)
+    assert all(not block._forward_hooks for block in net.unet.decoder.blocks)
+    aux[0].sum().backward()
+    assert net.aux_heads[0].weight.grad is not None and net.aux_heads[1].weight.grad is None
+
+
+def test_deep_supervision_off_returns_empty_aux_and_has_no_heads():
+    net = MultiTaskUnet(encoder_name="resnet18", decoder_channels=(32, 16, 16, 8, 8))
+    assert len(net.aux_heads) == 0
+    assert net(torch.rand(1, 1, 64, 64), return_aux=True)[2] == []
+
+
+@pytest.mark.parametrize("bad", [-1, 5, 1.5])
+def test_deep_supervision_bad_value_names_the_key(bad):
+    with pytest.raises(ValueError, match="model.deep_supervision"):
+        MultiTaskUnet(encoder_name="resnet18", decoder_channels=(32, 16, 16, 8, 8), deep_supervision=bad)

@@ -315,6 +315,10 @@ class MultiTaskLoss(nn.Module):
     ``forward(mask_logits, class_logits, masks, labels)`` returns a dict with ``"loss"`` (the total, to
     backpropagate), ``"seg_loss"``, ``"cls_loss"`` (both always computed, also when a task's weight is 0) and the
     weighting's extras (``"w_seg"``, ``"w_cls"``, ...). All values are scalar tensors.
+
+    With ``aux_mask_logits`` (the deep-supervision outputs of ``MultiTaskUnet(deep_supervision=k)``),
+    ``"seg_loss"`` is the weighted sum of :meth:`deep_supervision_loss` (what is optimized) and
+    ``"seg_loss_final"`` the final mask's own loss (detached, for logging).
     """
 
     RESERVED_KEYS: tuple[str, ...] = ("loss", "seg_loss", "cls_loss")
@@ -330,11 +334,31 @@ class MultiTaskLoss(nn.Module):
         self.classification = classification
         self.weighting = weighting
 
-    def forward(self, mask_logits: Tensor, class_logits: Tensor, masks: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    def forward(self, mask_logits: Tensor, class_logits: Tensor, masks: Tensor, labels: Tensor,
+                aux_mask_logits: Sequence[Tensor] = ()) -> dict[str, Tensor]:
         seg_loss = self.segmentation(mask_logits, masks)
+        deep = {}
+        if len(aux_mask_logits):
+            deep["seg_loss_final"] = seg_loss.detach()
+            seg_loss = self.deep_supervision_loss(seg_loss, aux_mask_logits, masks)
         cls_loss = self.classification(class_logits, labels)
         total, extras = self.weighting(seg_loss, cls_loss)
         clash = set(extras) & set(self.RESERVED_KEYS)
         if clash:
             raise KeyError(f"weighting extras must not use the reserved keys {sorted(clash)}")
-        return {"loss": total, "seg_loss": seg_loss, "cls_loss": cls_loss, **extras}
+        return {"loss": total, "seg_loss": seg_loss, "cls_loss": cls_loss, **deep, **extras}
+
+    def deep_supervision_loss(self, final_loss: Tensor, aux_mask_logits: Sequence[Tensor], masks: Tensor) -> Tensor:
+        """Deep supervision as in nnU-Net: ``sum_k w_k * L_seg(output_k)`` with ``w_k = 2 ** -k`` normalised to
+        sum 1, where output 0 is the final mask and output k the k-th auxiliary one (coarser each time). An
+        auxiliary output is upsampled (bilinear, on the logits) to the mask's size, so every term compares with
+        the exact full-resolution mask."""
+        size = masks.shape[-2:]
+        weights = [2.0 ** -k for k in range(len(aux_mask_logits) + 1)]
+        norm = sum(weights)
+        total = final_loss * (weights[0] / norm)
+        for w, logits in zip(weights[1:], aux_mask_logits):
+            if logits.shape[-2:] != size:
+                logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+            total = total + (w / norm) * self.segmentation(logits, masks)
+        return total

@@ -75,14 +75,19 @@ class MultiTaskModule(L.LightningModule):
             batch["image"], batch["mask"] = self.device_augment(batch["image"], batch["mask"])
         return batch
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, return_aux: bool = False) -> tuple:
+        """``(mask_logits, class_logits)``; with ``return_aux`` also the deep-supervision logits (a list)."""
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return self.net(images)
+        return self.net(images, return_aux=True) if return_aux else self.net(images)
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor | None:
-        mask_logits, class_logits = self(batch["image"])
-        losses = self.loss(mask_logits, class_logits, batch["mask"], batch["label"])
+        if stage == "train" and getattr(self.net, "deep_supervision", 0):
+            # deep supervision (model.deep_supervision): the extra mask heads are trained, never evaluated
+            mask_logits, class_logits, aux_logits = self(batch["image"], return_aux=True)
+        else:
+            (mask_logits, class_logits), aux_logits = self(batch["image"]), ()
+        losses = self.loss(mask_logits, class_logits, batch["mask"], batch["label"], aux_mask_logits=aux_logits)
         if stage == "train" and not check_loss(self, losses["loss"], batch, self.nonfinite):
             return None  # skipped: no metrics, no logging, no optimizer step
         mask_probs = torch.sigmoid(mask_logits.detach().float())

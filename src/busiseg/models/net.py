@@ -46,6 +46,12 @@ class MultiTaskUnet(nn.Module):
     Inputs are images in [0, 1]; they are standardised inside the network with fixed
     ``input_mean``/``input_std`` so data, callbacks and exported models all speak [0, 1].
     ``forward`` returns ``(mask_logits (B,1,H,W), class_logits (B,3))``.
+
+    ``deep_supervision=k`` (0 = off) adds a 1x1-convolution mask head on each of the last ``k``
+    decoder blocks before the final one (resolutions 1/2, 1/4, ... of the input).
+    ``forward(images, return_aux=True)`` then also returns their logits, finest first, at their
+    own resolution; training adds their losses (``MultiTaskLoss``). The plain ``forward`` (eval,
+    predict, ONNX export) is unchanged and never runs the extra heads.
     """
 
     def __init__(
@@ -58,12 +64,22 @@ class MultiTaskUnet(nn.Module):
         head_dropout: float = 0.2,
         input_mean: float = 0.5,
         input_std: float = 0.25,
+        deep_supervision: int = 0,
     ):
         super().__init__()
         if input_std <= 0:
             raise ValueError(f"model.input_std must be > 0, got {input_std}")
+        decoder_channels = tuple(int(c) for c in decoder_channels)
+        if not isinstance(deep_supervision, int) or not 0 <= deep_supervision < len(decoder_channels):
+            raise ValueError(f"model.deep_supervision must be an integer from 0 to {len(decoder_channels) - 1} "
+                             f"(decoder blocks before the last), got {deep_supervision!r}")
         self.unet = build_unet(encoder_name, encoder_weights, in_channels, decoder_channels, num_classes, head_dropout)
         self.in_channels = in_channels
+        self.deep_supervision = deep_supervision
+        # aux head k reads decoder block -(k + 2): the block before the last, then the one before it, ...
+        self.aux_heads = nn.ModuleList(
+            nn.Conv2d(decoder_channels[-(k + 2)], 1, kernel_size=1) for k in range(deep_supervision))
+        self._aux_blocks = [self.unet.decoder.blocks[-(k + 2)] for k in range(deep_supervision)]
         self._zero_init_class_head()
         self.register_buffer("input_mean", torch.tensor(float(input_mean)), persistent=False)
         self.register_buffer("input_std", torch.tensor(float(input_std)), persistent=False)
@@ -76,6 +92,18 @@ class MultiTaskUnet(nn.Module):
         nn.init.zeros_(linears[-1].weight)
         nn.init.zeros_(linears[-1].bias)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mask_logits, class_logits = self.unet((images - self.input_mean) / self.input_std)
-        return mask_logits, class_logits
+    def forward(self, images: torch.Tensor, return_aux: bool = False):
+        x = (images - self.input_mean) / self.input_std
+        if not return_aux or not self.deep_supervision:
+            mask_logits, class_logits = self.unet(x)
+            return (mask_logits, class_logits, []) if return_aux else (mask_logits, class_logits)
+        features: dict[int, torch.Tensor] = {}
+        hooks = [block.register_forward_hook(lambda _m, _i, out, k=k: features.__setitem__(k, out))
+                 for k, block in enumerate(self._aux_blocks)]
+        try:
+            mask_logits, class_logits = self.unet(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        aux_logits = [head(features[k]) for k, head in enumerate(self.aux_heads)]
+        return mask_logits, class_logits, aux_logits
