@@ -79,6 +79,12 @@ def test_every_loss_config_instantiates_and_backpropagates(tmp_path, data_dir, l
         assert any(g is not None and g.abs().sum() > 0 for g in decoder_grad)
 
 
+@pytest.mark.parametrize("loss", ["fixed", "uncertainty", "seg_only", "cls_only"])
+def test_class_weights_are_a_key_of_every_loss_config(tmp_path, data_dir, loss):
+    cfg = compose_train(tmp_path, data_dir, [f"loss={loss}", "loss.classification.class_weights=[2,1,1.5]"])
+    assert instantiate(cfg.loss).classification.class_weights.tolist() == [2.0, 1.0, 1.5]
+
+
 def test_fast_dev_run_writes_metrics_and_split(tmp_path, data_dir):
     cfg = compose_train(tmp_path, data_dir, ["debug=fdr"])
     summary = train(cfg)
