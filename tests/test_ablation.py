@@ -52,3 +52,11 @@ def test_cli_writes_the_table_and_refuses_unpaired_arms(tmp_path, capsys):
     assert "different fold assignments" in capsys.readouterr().err
     with pytest.raises(AblationError, match="--reference"):
         compare({"ce": b}, "seg_only")
+
+
+def test_against_the_classifier_only_arm_only_accuracy_is_paired(tmp_path, capsys):
+    a, b = _arm(tmp_path, "cls_only", 0.0), _arm(tmp_path, "mse", 0.02)
+    assert main([f"cls_only={a}", f"mse={b}", "--reference", "cls_only"]) == 0
+    out = capsys.readouterr().out
+    assert "| mse | accuracy |" in out
+    assert "| mse | dice_per_image_lesion |" not in out  # cls_only's decoder is untrained: no Dice pairing

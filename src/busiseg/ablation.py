@@ -124,8 +124,8 @@ def render_markdown(result: Mapping[str, Any]) -> str:
             continue
         for key in ("paired_dice", "paired_accuracy"):
             p = a[key]
-            if key == "paired_dice" and name in CLS_ONLY_ARMS:
-                continue
+            if key == "paired_dice" and (name in CLS_ONLY_ARMS or ref in CLS_ONLY_ARMS):
+                continue  # a classifier-only arm's decoder is untrained: no meaningful Dice difference
             if key == "paired_accuracy" and ref in SEG_ONLY_ARMS:
                 continue  # the reference's class head is untrained: no meaningful accuracy difference
             cells = [f"{p['per_fold'][f]:+.3f}" if p["per_fold"].get(f) is not None else "-" for f in folds]
