@@ -79,7 +79,6 @@ class MultiTaskUnet(nn.Module):
         # aux head k reads decoder block -(k + 2): the block before the last, then the one before it, ...
         self.aux_heads = nn.ModuleList(
             nn.Conv2d(decoder_channels[-(k + 2)], 1, kernel_size=1) for k in range(deep_supervision))
-        self._aux_blocks = [self.unet.decoder.blocks[-(k + 2)] for k in range(deep_supervision)]
         self._zero_init_class_head()
         self.register_buffer("input_mean", torch.tensor(float(input_mean)), persistent=False)
         self.register_buffer("input_std", torch.tensor(float(input_std)), persistent=False)
@@ -98,8 +97,9 @@ class MultiTaskUnet(nn.Module):
             mask_logits, class_logits = self.unet(x)
             return (mask_logits, class_logits, []) if return_aux else (mask_logits, class_logits)
         features: dict[int, torch.Tensor] = {}
+        blocks = [self.unet.decoder.blocks[-(k + 2)] for k in range(self.deep_supervision)]  # as aux_heads
         hooks = [block.register_forward_hook(lambda _m, _i, out, k=k: features.__setitem__(k, out))
-                 for k, block in enumerate(self._aux_blocks)]
+                 for k, block in enumerate(blocks)]
         try:
             mask_logits, class_logits = self.unet(x)
         finally:
