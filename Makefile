@@ -14,7 +14,11 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "Installing busiseg and its dependencies into $(VENV) (log: $(VENV)/pip.log) ..."
-	$(PY) -m pip install -c constraints.txt -e '.[dev]' > $(VENV)/pip.log 2>&1 || (grep -v '^WARNING: Location' $(VENV)/pip.log | tail -30; exit 1)
+	$(PY) -m pip install -c constraints.txt -e '.[dev]' > $(VENV)/pip.log 2>&1 || (grep -v '^WARNING: Location' $(VENV)/pip.log | tail -30; \
+	  if grep -q 'No space left on device' $(VENV)/pip.log; then \
+	    echo "error: the disk holding $(VENV) is full: the install needs about 7 GB free (torch 2.14.1 with its CUDA libraries is about 5.6 GB); free space and rerun make"; \
+	    df -h $(VENV) | tail -1; fi; \
+	  exit 1)
 	$(PY) -c "import busiseg, torch, lightning, segmentation_models_pytorch, albumentations; print('busiseg installed, torch', torch.__version__)"
 	touch $(STAMP)
 
