@@ -269,3 +269,25 @@ def test_device_resident_run_and_its_config_check(tmp_path, data_dir):
         cfg = compose_train(tmp_path, data_dir, ["data.device_resident=true", "augment_on_device=true", *trainer])
         with pytest.raises(ConfigError, match="one-process option"):
             check_config(cfg)
+
+
+def test_one_cycle_schedule_spans_the_whole_fit(tmp_path, data_dir):
+    """scheduler=one_cycle gets Lightning's exact step count: the fit ends without OneCycleLR's
+    'stepped too many times' error, and the learning rate logged at each epoch start is the
+    one-cycle value at that step."""
+    from busiseg.models.scheduler import one_cycle
+
+    cfg = compose_train(tmp_path, data_dir, ["debug=limit", "trainer.max_epochs=3", "scheduler=one_cycle",
+                                             "callbacks.image_logger=null", "logger=csv", "test=false"])
+    train(cfg)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "csv" / "metrics.csv")))
+    logged = [float(r["lr-AdamW"]) for r in rows if r.get("lr-AdamW")]
+    reference = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optimizer.lr)
+    schedule = one_cycle(reference, total_steps=9)  # 3 epochs x 3 batches (debug=limit)
+    expected = []
+    for step in range(9):
+        if step % 3 == 0:
+            expected.append(reference.param_groups[0]["lr"])
+        reference.step()
+        schedule.step()
+    assert logged == pytest.approx(expected, rel=1e-6)
