@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The ablation of docs/results.md: the busi_cpu recipe, grouped 5-fold CV, one arm per loss choice.
-#   BUSI_ROOT=/path/to/Dataset_BUSI_with_GT scripts/ablation.sh [OUT_DIR]
+#   BUSI_ROOT=/path/to/Dataset_BUSI_with_GT scripts/ablation.sh [OUT_DIR [OVERRIDE ...]]
+# OVERRIDEs go to every arm (e.g. scheduler=warmup_cosine: the ablation at the e06 recipe).
 # ARMS (default "mse seg_only ce uncertainty cls_only") and FOLDS (default "0 1 2 3 4") pick a part.
 # Runs fold by fold (every arm of fold 0, then fold 1, ...), so that the arms stay paired if it is
 # stopped. Each run is scripts/cv.sh OUT_DIR/ARM for one fold: restartable (a finished run is
 # skipped, an interrupted one resumed). Then: python -m busiseg.ablation mse=OUT/mse seg_only=OUT/seg_only ...
 set -euo pipefail
 OUT=${1:-logs/ablation}
+shift || true
 ARMS=${ARMS:-"mse seg_only ce uncertainty cls_only"}
 FOLDS=${FOLDS:-"0 1 2 3 4"}
 CV="$(dirname "$0")/cv.sh"
@@ -26,6 +28,6 @@ for fold in $FOLDS; do
   for arm in $ARMS; do
     args=$(overrides "$arm")
     # shellcheck disable=SC2086
-    FOLDS="$fold" "$CV" "$OUT/$arm" $args
+    FOLDS="$fold" "$CV" "$OUT/$arm" $args "$@"
   done
 done
