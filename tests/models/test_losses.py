@@ -51,6 +51,30 @@ def test_segmentation_dice_is_aggregated_over_the_batch():
     assert_close(dice_only(logits, masks), _t(4 / 9))
 
 
+def test_segmentation_dice_per_lesion_image():
+    # Three 2x2 images, logits 0 -> p = 0.5 everywhere. Image 0: empty mask (no Dice term);
+    # image 1: 1 lesion pixel -> (2*0.5 + 1) / (2 + 1 + 1) = 1/2; image 2: full -> (2*2 + 1) / (2 + 4 + 1) = 5/7.
+    # lesion_images: 1 - (1/2 + 5/7) / 2 = 11/28. Batch-aggregated: (2*2.5 + 1) / (6 + 5 + 1) = 1/2 -> 1/2.
+    logits = torch.zeros(3, 1, 2, 2)
+    masks = torch.zeros(3, 1, 2, 2)
+    masks[1, 0, 0, 0] = 1
+    masks[2] = 1
+    per_image = SegmentationLoss(dice_weight=1.0, bce_weight=0.0, smooth=1.0, dice_reduction="lesion_images")
+    assert_close(per_image(logits, masks), _t(11 / 28))
+    assert_close(SegmentationLoss(dice_weight=1.0, bce_weight=0.0, smooth=1.0)(logits, masks), _t(1 / 2))
+    # a batch without lesions falls back to the batch-aggregated Dice: (0 + 1) / (6 + 0 + 1)
+    empty = torch.zeros(3, 1, 2, 2)
+    assert_close(per_image(logits, empty), _t(1 - 1 / 7))
+    # the 1-pixel lesion missed, the 4-pixel one hit: per image (1 - (0 + 1) / (1 + 1)) / 2 = 1/4, where the
+    # batch sum barely notices it: 1 - (2*4 + 1) / (4 + 5 + 1) = 1/10
+    hit_big = torch.where(masks.bool(), 30.0, -30.0)
+    hit_big[1] = -30.0
+    assert_close(per_image(hit_big, masks), _t(1 / 4))
+    assert_close(SegmentationLoss(dice_weight=1.0, bce_weight=0.0, smooth=1.0)(hit_big, masks), _t(1 / 10))
+    with pytest.raises(ValueError, match="loss.segmentation.dice_reduction"):
+        SegmentationLoss(dice_reduction="image")
+
+
 def test_segmentation_loss_near_zero_for_perfect_and_large_for_inverted_logits():
     masks = torch.zeros(2, 1, 8, 8)
     masks[0, 0, 2:5, 3:7] = 1

@@ -42,6 +42,7 @@ __all__ = [
 ]
 
 CLASSIFICATION_KINDS: tuple[str, ...] = ("mse", "ce")
+DICE_REDUCTIONS: tuple[str, ...] = ("batch", "lesion_images")
 
 
 def _check_weight(value: float, key: str) -> float:
@@ -81,6 +82,12 @@ class SegmentationLoss(nn.Module):
     a batch made only of empty masks still gets a Dice term that pushes ``p`` to 0, since ``smooth > 0``.
     The BCE term is the mean over all pixels.
 
+    ``dice_reduction="lesion_images"`` instead computes the soft Dice of each image whose true mask is not
+    empty and averages those (images with an empty mask get no Dice term; BCE, and the focal and Lovasz terms
+    if on, still cover them); a batch without any lesion falls back to the batch-aggregated Dice. That is the
+    loss-side twin of the headline metric (mean Dice over lesion images): a small lesion weighs as much as a
+    large one, where the batch sum lets large lesions dominate.
+
     Args:
         dice_weight: weight of the Dice term (>= 0).
         bce_weight: weight of the BCE term (>= 0).
@@ -89,11 +96,19 @@ class SegmentationLoss(nn.Module):
         focal_gamma: the focal loss's focusing exponent (>= 0; 0 is plain BCE).
         lovasz_weight: weight of the Lovasz hinge (Berman et al. 2018), a surrogate of the IoU, computed over the
             whole batch like the Dice term; 0 = off.
+        dice_reduction: ``"batch"`` (sums over the whole batch, the default) or ``"lesion_images"`` (per image,
+            averaged over the images with a non-empty mask).
     """
 
     def __init__(self, dice_weight: float = 1.0, bce_weight: float = 1.0, smooth: float = 1.0,
-                 focal_weight: float = 0.0, focal_gamma: float = 2.0, lovasz_weight: float = 0.0) -> None:
+                 focal_weight: float = 0.0, focal_gamma: float = 2.0, lovasz_weight: float = 0.0,
+                 dice_reduction: str = "batch") -> None:
         super().__init__()
+        if dice_reduction not in DICE_REDUCTIONS:
+            raise ValueError(
+                f"loss.segmentation.dice_reduction must be one of {', '.join(DICE_REDUCTIONS)}, got {dice_reduction!r}"
+            )
+        self.dice_reduction = dice_reduction
         self.dice_weight = _check_weight(dice_weight, "loss.segmentation.dice_weight")
         self.bce_weight = _check_weight(bce_weight, "loss.segmentation.bce_weight")
         self.smooth = _check_weight(smooth, "loss.segmentation.smooth")
@@ -102,10 +117,18 @@ class SegmentationLoss(nn.Module):
         self.lovasz_weight = _check_weight(lovasz_weight, "loss.segmentation.lovasz_weight")
 
     def dice_loss(self, mask_logits: Tensor, masks: Tensor) -> Tensor:
-        """``1 - soft Dice``, aggregated over the batch (scalar)."""
+        """``1 - soft Dice``, aggregated over the batch or averaged over lesion images (scalar)."""
         masks = _as_mask(masks, mask_logits)
         probs = torch.sigmoid(mask_logits.float())
         target = masks.float()
+        if self.dice_reduction == "lesion_images":
+            dims = tuple(range(1, target.dim()))
+            has_lesion = target.sum(dim=dims) > 0
+            if has_lesion.any():
+                p, t = probs[has_lesion], target[has_lesion]
+                inter = (p * t).sum(dim=dims)
+                den = p.sum(dim=dims) + t.sum(dim=dims)
+                return (1.0 - (2.0 * inter + self.smooth) / (den + self.smooth).clamp_min(1e-7)).mean()
         intersection = (probs * target).sum()
         denominator = probs.sum() + target.sum()
         dice = (2.0 * intersection + self.smooth) / (denominator + self.smooth).clamp_min(1e-7)
@@ -148,6 +171,8 @@ class SegmentationLoss(nn.Module):
             extra += f", focal_weight={self.focal_weight}, focal_gamma={self.focal_gamma}"
         if self.lovasz_weight:
             extra += f", lovasz_weight={self.lovasz_weight}"
+        if self.dice_reduction != "batch":
+            extra += f", dice_reduction={self.dice_reduction!r}"
         return f"dice_weight={self.dice_weight}, bce_weight={self.bce_weight}, smooth={self.smooth}{extra}"
 
 
