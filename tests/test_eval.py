@@ -373,6 +373,98 @@ def test_clear_errors(trained_run, tmp_path):
         run_eval(tmp_path, [f"ckpt_path={ckpt}", "inference.threshold=2"])
 
 
+def _copy_run(ckpt: Path, dest: Path) -> Path:
+    """A copy of the training run dir (checkpoint, split.json, metrics.json) elsewhere."""
+    shutil.copytree(ckpt.parent.parent, dest)
+    return dest / "checkpoints" / ckpt.name
+
+
+def test_ensemble_of_a_network_with_itself_equals_the_network(trained_run, tmp_path):
+    ckpt, _ = trained_run
+    single, _ = run_eval(tmp_path / "single", [f"ckpt_path={ckpt}"])
+    twin = _copy_run(ckpt, tmp_path / "twin")
+    both, out = run_eval(tmp_path / "both", [f"ckpt_path=[{ckpt},{twin}]"])
+    assert both["ensemble"] == [str(ckpt.resolve()), str(twin.resolve())] and single["ensemble"] is None
+    assert "training_check" not in both and "training_check" in single
+    for size in ("preprocessed", "original"):
+        a = single["raw"]["segmentation"][size]["overall"]
+        b = both["raw"]["segmentation"][size]["overall"]
+        assert b["dice_per_image"] == pytest.approx(a["dice_per_image"], abs=1e-6)
+    assert both["raw"]["classification"]["accuracy"] == single["raw"]["classification"]["accuracy"]
+    assert both["counts"] == single["counts"]
+
+
+def test_ensemble_errors(trained_run, tmp_path):
+    ckpt, _ = trained_run
+    with pytest.raises(EvalError, match="twice"):
+        run_eval(tmp_path, [f"ckpt_path=[{ckpt},{ckpt}]"])
+    # a member that trained on the images evaluated: refused, naming the member and an image
+    leaky = _copy_run(ckpt, tmp_path / "leaky")
+    split = json.loads((leaky.parent.parent / "split.json").read_text())
+    split["train"] = split["train"] + split["test"][:1]
+    (leaky.parent.parent / "split.json").write_text(json.dumps(split))
+    with pytest.raises(EvalError, match=rf"leaky.*trained on 1 of the .* images evaluated .*{re.escape(split['test'][0])}"):
+        run_eval(tmp_path, [f"ckpt_path=[{ckpt},{leaky}]"])
+    # part=train asks for training images on purpose: no refusal
+    metrics, _ = run_eval(tmp_path / "train_part", [f"ckpt_path=[{ckpt},{leaky}]", "part=train"])
+    assert metrics["part"] == "train"
+    # a member trained at another input size
+    other = _copy_run(ckpt, tmp_path / "other")
+    state = torch.load(other, map_location="cpu", weights_only=True)
+    state["hyper_parameters"]["config"]["data"]["image_size"] = 96
+    torch.save(state, other)
+    with pytest.raises(EvalError, match=r"other.*image_size=96.*members must take the same input"):
+        run_eval(tmp_path, [f"ckpt_path=[{ckpt},{other}]"])
+
+
+def _as_fold(run_ckpt: Path, sweep: Path, fold: int = 0, assignment: str = "a1") -> Path:
+    """The trained run copied into ``sweep/<fold>`` and labelled as fold ``fold`` of a 2-fold CV."""
+    ckpt = _copy_run(run_ckpt, sweep / str(fold))
+    split_file = sweep / str(fold) / "split.json"
+    split = json.loads(split_file.read_text())
+    split["meta"].update({"splitter": "kfold", "fold": fold, "k": 2, "assignment": assignment})
+    split_file.write_text(json.dumps(split))
+    shutil.copy(ckpt, ckpt.parent / "last.ckpt")
+    return ckpt.parent / "last.ckpt"
+
+
+def test_ensemble_cv(trained_run, tmp_path):
+    from busiseg.ensemble_cv import EnsembleCVError, ensemble_cv
+
+    ckpt, run_metrics = trained_run
+    a = _as_fold(ckpt, tmp_path / "a")
+    b = _as_fold(ckpt, tmp_path / "b")
+    state = torch.load(b, map_location="cpu", weights_only=True)  # member b: other weights
+    sd = state["state_dict"]
+    sd["net.unet.classification_head.3.bias"] = sd["net.unet.classification_head.3.bias"] + torch.tensor([1.0, 0.0, -1.0])
+    sd["net.unet.segmentation_head.0.bias"] = sd["net.unet.segmentation_head.0.bias"] + 1.0
+    torch.save(state, b)
+    out = tmp_path / "ens"
+    result = ensemble_cv(out, {"a": tmp_path / "a", "b": tmp_path / "b"}, progress=False)
+    assert set(result["arms"]) == {"a", "b", "ensemble"} and result["reference"] == "a"
+    # member a re-evaluated by the same code reproduces its training run's test step
+    a_metrics = json.loads((out / "a" / "0" / "metrics.json").read_text())["metrics"]
+    for key in ("accuracy", "dice", "dice_per_image"):
+        assert a_metrics[f"test/{key}"] == pytest.approx(run_metrics["metrics"][f"test/{key}"], abs=1e-5), key
+    rows = {n: [r for r in csv.DictReader(open(out / n / "0" / "predictions.csv")) if r["part"] == "test"]
+            for n in ("a", "b", "ensemble")}
+    assert len(rows["ensemble"]) == sum(run_metrics["images_per_split"]["test"].values())
+    probs = {n: np.array([[float(r[f"prob_{c}"]) for c in CLASS_NAMES] for r in rows[n]]) for n in rows}
+    assert not np.allclose(probs["a"], probs["b"], atol=1e-3)
+    np.testing.assert_allclose(probs["ensemble"], (probs["a"] + probs["b"]) / 2, atol=2e-6)
+    ens = json.loads((out / "ensemble" / "0" / "metrics.json").read_text())
+    assert ens["fit_seconds"] == pytest.approx(2 * run_metrics["fit_seconds"])
+    assert "Paired per-fold difference against `a`" in (out / "ensemble_cv.md").read_text()
+
+    with pytest.raises(EnsembleCVError, match="at least 2"):
+        ensemble_cv(tmp_path / "x", {"a": tmp_path / "a"}, progress=False)
+    _as_fold(ckpt, tmp_path / "c", assignment="other")
+    with pytest.raises(EnsembleCVError, match="different fold assignments"):
+        ensemble_cv(tmp_path / "x", {"a": tmp_path / "a", "c": tmp_path / "c"}, progress=False)
+    with pytest.raises(EnsembleCVError, match="best.ckpt: checkpoint not found"):
+        ensemble_cv(tmp_path / "x", {"a": tmp_path / "a", "b": tmp_path / "b"}, checkpoint="best.ckpt", progress=False)
+
+
 def test_cli_missing_checkpoint_is_one_clear_error(tmp_path):
     missing = tmp_path / "nope.ckpt"
     cmd = [sys.executable, "-m", "busiseg.eval", f"ckpt_path={missing}", f"paths.log_dir={tmp_path}"]

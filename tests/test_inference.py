@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from busiseg.inference import InferenceOptions, postprocess_mask, predict_probs, prepare_image, restore_size
+from busiseg.inference import Ensemble, InferenceOptions, postprocess_mask, predict_probs, prepare_image, restore_size
 
 
 class MirrorNet(torch.nn.Module):
@@ -28,6 +28,35 @@ def test_flip_tta_is_exact_for_an_equivariant_net():
     tta, cls_tta = predict_probs(MirrorNet(), x, InferenceOptions(tta_flip=True, tta_scales=[1.0]))
     torch.testing.assert_close(plain, tta)
     torch.testing.assert_close(cls_plain, cls_tta)
+
+
+class ShiftedNet(MirrorNet):
+    """MirrorNet with its mask logits shifted and class logits permuted: another member."""
+
+    def forward(self, x):
+        mask_logits, class_logits = super().forward(x)
+        return mask_logits - 3.0, class_logits[:, [2, 0, 1]]
+
+
+def test_ensemble_averages_probabilities():
+    x = torch.rand(3, 1, 32, 32)
+    a_mask, a_cls = predict_probs(MirrorNet(), x)
+    b_mask, b_cls = predict_probs(ShiftedNet(), x)
+    ensemble = Ensemble([MirrorNet(), ShiftedNet()])
+    mask, cls = predict_probs(ensemble, x)
+    torch.testing.assert_close(mask, (a_mask + b_mask) / 2)
+    torch.testing.assert_close(cls, (a_cls + b_cls) / 2)
+    assert not torch.allclose(a_mask, b_mask)  # the members differ, so the average is a real one
+    # forward: logits of the averages, for code that expects a network
+    mask_logits, class_logits = ensemble(x)
+    torch.testing.assert_close(torch.sigmoid(mask_logits), mask, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.softmax(class_logits, dim=1), cls)
+    # with TTA: the members' TTA views averaged as well
+    tta = InferenceOptions(tta_flip=True)
+    torch.testing.assert_close(predict_probs(ensemble, x, tta)[0],
+                               (predict_probs(MirrorNet(), x, tta)[0] + predict_probs(ShiftedNet(), x, tta)[0]) / 2)
+    with pytest.raises(ValueError, match="at least 2"):
+        Ensemble([MirrorNet()])
 
 
 def test_scale_tta_returns_input_size():

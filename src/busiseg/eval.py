@@ -95,7 +95,7 @@ def check_against_training(inputs: EvalInputs, results: EvalResults) -> dict[str
     """Compare the raw preprocessed view with the training run's ``test/*`` metrics when they
     measure the same thing: test part, the run's split.json, its data root, the checkpoint it tested."""
     metrics_file = inputs.run_dir / "metrics.json"
-    if inputs.part != "test" or not inputs.same_data_as_training or not metrics_file.is_file():
+    if inputs.is_ensemble or inputs.part != "test" or not inputs.same_data_as_training or not metrics_file.is_file():
         return None
     if inputs.split_file is None or inputs.split_file.resolve() != (inputs.run_dir / "split.json").resolve():
         return None
@@ -129,6 +129,7 @@ def build_metrics(inputs: EvalInputs, options: InferenceOptions, results: EvalRe
     payload: dict[str, Any] = {
         "schema": SCHEMA,
         "checkpoint": str(inputs.ckpt_path),
+        "ensemble": [str(p) for p in inputs.ckpt_paths] if inputs.is_ensemble else None,
         "training_run_dir": str(inputs.run_dir),
         "data_root": str(inputs.data_root.resolve()),
         "part": inputs.part,
@@ -325,6 +326,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     counts = summarize(inputs.records)
+    if inputs.is_ensemble:
+        log.info("ensemble of %d checkpoints (probabilities averaged): %s", len(inputs.ckpt_paths),
+                 ", ".join(str(p) for p in inputs.ckpt_paths))
     log.info("evaluating %s on %d images (%s) of %s, part %s", inputs.ckpt_path, len(inputs.records),
              ", ".join(f"{c} {n}" for c, n in counts.items()), inputs.data_root, inputs.part)
     results = run_network(inputs.net, inputs.records, inputs.image_size, inputs.in_channels, inputs.batch_size,

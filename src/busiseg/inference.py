@@ -64,7 +64,39 @@ def prepare_image(image: np.ndarray, image_size: int) -> torch.Tensor:
     return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
 
 
+class Ensemble(torch.nn.Module):
+    """Several trained networks as one: mask and class probabilities averaged over the members.
+
+    :func:`predict_probs` (and so eval and predict, TTA included) averages the members'
+    probabilities exactly; ``forward`` returns logits of those averages (``logit`` of the mean
+    mask probability, ``log`` of the mean class probabilities) for code that expects a network.
+    Members must take the same input (size and channels); the caller checks that.
+    """
+
+    def __init__(self, members: list[torch.nn.Module]) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 networks, got {len(members)}")
+        self.members = torch.nn.ModuleList(members)
+
+    def probs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mask_sum, class_sum = None, None
+        for net in self.members:
+            mask_logits, class_logits = net(images)
+            m, c = torch.sigmoid(mask_logits.float()), torch.softmax(class_logits.float(), dim=1)
+            mask_sum = m if mask_sum is None else mask_sum + m
+            class_sum = c if class_sum is None else class_sum + c
+        n = len(self.members)
+        return mask_sum / n, class_sum / n
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mask, cls = self.probs(images)
+        return torch.logit(mask, eps=1e-7), torch.log(cls.clamp_min(1e-12))
+
+
 def _forward(net: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(net, Ensemble):
+        return net.probs(images)
     mask_logits, class_logits = net(images)
     return torch.sigmoid(mask_logits.float()), torch.softmax(class_logits.float(), dim=1)
 

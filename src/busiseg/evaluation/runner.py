@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+from omegaconf import ListConfig
 from omegaconf.errors import MissingMandatoryValue
 
 from busiseg.checkpoint import load_model
@@ -28,7 +29,7 @@ from busiseg.data.busi import Record, load_record, scan_busi
 from busiseg.data.dataset import resize_pair
 from busiseg.data.splits import PARTS, load_split
 from busiseg.evaluation.metrics_table import MaskScore, MaskScores, score_mask
-from busiseg.inference import InferenceOptions, postprocess_mask, predict_probs, restore_size
+from busiseg.inference import Ensemble, InferenceOptions, postprocess_mask, predict_probs, restore_size
 from busiseg.models.metrics import SEG_THRESHOLD, classification_metrics, segmentation_metrics
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,12 @@ class EvalInputs:
     split_file: Path | None
     records: list[Record]
     same_data_as_training: bool
+    # every checkpoint evaluated: one, or the members of an ensemble (the first is ckpt_path)
+    ckpt_paths: list[Path] = field(default_factory=list)
+
+    @property
+    def is_ensemble(self) -> bool:
+        return len(self.ckpt_paths) > 1
 
 
 def _is_set(value: Any) -> bool:
@@ -104,12 +111,17 @@ def resolve_inputs(cfg: Mapping[str, Any]) -> EvalInputs:
         ckpt_value = cfg.get("ckpt_path")
     except MissingMandatoryValue:  # ckpt_path: ??? in conf/eval.yaml
         ckpt_value = None
-    if not _is_set(ckpt_value):
-        raise EvalError("ckpt_path is not set: pass ckpt_path=<run>/checkpoints/<name>.ckpt")
+    values = list(ckpt_value) if isinstance(ckpt_value, (list, tuple, ListConfig)) else [ckpt_value]
+    if not values or not all(_is_set(v) for v in values):
+        raise EvalError("ckpt_path is not set: pass ckpt_path=<run>/checkpoints/<name>.ckpt "
+                        "(or a list of checkpoints, an ensemble: ckpt_path=[A.ckpt,B.ckpt])")
     part = str(cfg.get("part", "test"))
     if part not in PART_CHOICES:
         raise EvalError(f"part={part} is not one of {', '.join(PART_CHOICES)}")
-    ckpt_path = Path(str(ckpt_value)).expanduser().resolve()
+    ckpt_paths = [Path(str(v)).expanduser().resolve() for v in values]
+    if len(set(ckpt_paths)) != len(ckpt_paths):
+        raise EvalError(f"ckpt_path lists a checkpoint twice: {[str(p) for p in ckpt_paths]}")
+    ckpt_path = ckpt_paths[0]
     net, train_config = load_model(ckpt_path)
     run_dir = training_run_dir(ckpt_path)
 
@@ -141,6 +153,9 @@ def resolve_inputs(cfg: Mapping[str, Any]) -> EvalInputs:
     if batch_size < 1:
         raise EvalError(f"data.eval_batch_size must be >= 1, got {batch_size}")
 
+    if len(ckpt_paths) > 1:
+        net = _ensemble(net, ckpt_paths, image_size, in_channels)
+
     records = scan_busi(root)
     split_file: Path | None = None
     if part != "all":
@@ -156,8 +171,46 @@ def resolve_inputs(cfg: Mapping[str, Any]) -> EvalInputs:
                     f"pass split_file=PATH, or part=all to evaluate every image in {root}"
                 )
         records = _select_part(records, part, split_file, root)
+    if len(ckpt_paths) > 1 and part != "train":
+        _check_members_did_not_train_on(ckpt_paths, records)
     return EvalInputs(ckpt_path, net, train_config, run_dir, root, image_size, in_channels, batch_size, part,
-                      split_file, records, same_data)
+                      split_file, records, same_data, ckpt_paths)
+
+
+def _ensemble(first: torch.nn.Module, ckpt_paths: list[Path], image_size: int, in_channels: int) -> Ensemble:
+    """The first network and the other checkpoints' networks as one; all must take the same input."""
+    nets = [first]
+    for path in ckpt_paths[1:]:
+        net, config = load_model(path)
+        data = dict(config.get("data") or {})
+        size, channels = data.get("image_size"), data.get("in_channels", 1)
+        if size is None or int(size) != image_size or int(channels) != in_channels:
+            raise EvalError(
+                f"{path}: trained at data.image_size={size}, data.in_channels={channels}; the ensemble's first "
+                f"checkpoint {ckpt_paths[0]} at {image_size}, {in_channels}: members must take the same input"
+            )
+        nets.append(net)
+    return Ensemble(nets)
+
+
+def _check_members_did_not_train_on(ckpt_paths: list[Path], records: list[Record]) -> None:
+    """An ensemble is only as clean as its dirtiest member: refuse one whose training part (its run's
+    split.json) names an evaluated image (names are class/file, so a copy of the same data counts too)."""
+    evaluated = {r.name for r in records}
+    for path in ckpt_paths:
+        run = training_run_dir(path)
+        split_file = run / "split.json"
+        if not split_file.is_file():
+            raise EvalError(f"{split_file}: not found, so it is unknown which images ensemble member {path} "
+                            "trained on (use checkpoints inside their training run dirs)")
+        try:
+            trained = set(load_split(split_file)["train"])
+        except ValueError as exc:
+            raise EvalError(str(exc)) from exc
+        seen = sorted(evaluated & trained)
+        if seen:
+            raise EvalError(f"{path}: ensemble member trained on {len(seen)} of the {len(evaluated)} images evaluated "
+                            f"(e.g. {seen[0]}, in {split_file}); members of a k-fold ensemble must share the fold")
 
 
 # --------------------------------------------------------------------------- running the network
