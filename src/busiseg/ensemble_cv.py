@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from busiseg.ablation import _parse_arm, compare, render_markdown  # noqa: E402
+from busiseg.ablation import AblationError, _parse_arm, compare, render_markdown  # noqa: E402
 from busiseg.atomic import write_json_atomic, write_text_atomic  # noqa: E402
 from busiseg.checkpoint import CheckpointError  # noqa: E402
 from busiseg.cv_summary import PREDICTION_COLUMNS, CVSummaryError, _write_csv, find_fold_runs  # noqa: E402
@@ -140,7 +140,7 @@ def ensemble_cv(out: Path, members: Mapping[str, Path], checkpoint: str = "last.
         _write_run(out / ENSEMBLE / str(fold), split_json, results, total, [str(c) for c in ckpts])
     try:
         result = compare({**{n: out / n for n in names}, ENSEMBLE: out / ENSEMBLE}, names[0])
-    except Exception as exc:  # AblationError
+    except AblationError as exc:
         raise EnsembleCVError(str(exc)) from exc
     result["members"] = {n: str(p) for n, p in members.items()}
     result["checkpoint"] = checkpoint
