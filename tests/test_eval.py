@@ -449,6 +449,10 @@ def test_ensemble_cv(trained_run, tmp_path):
     rows = {n: [r for r in csv.DictReader(open(out / n / "0" / "predictions.csv")) if r["part"] == "test"]
             for n in ("a", "b", "ensemble")}
     assert len(rows["ensemble"]) == sum(run_metrics["images_per_split"]["test"].values())
+    # and the same per-image Dice as the training run's own predictions.csv
+    trained = {r["image"]: float(r["dice"]) for r in csv.DictReader(open(ckpt.parent.parent / "predictions.csv"))
+               if r["part"] == "test"}
+    assert {r["image"]: float(r["dice"]) for r in rows["a"]} == pytest.approx(trained, abs=1e-5)
     probs = {n: np.array([[float(r[f"prob_{c}"]) for c in CLASS_NAMES] for r in rows[n]]) for n in rows}
     assert not np.allclose(probs["a"], probs["b"], atol=1e-3)
     np.testing.assert_allclose(probs["ensemble"], (probs["a"] + probs["b"]) / 2, atol=2e-6)

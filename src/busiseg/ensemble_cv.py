@@ -66,11 +66,10 @@ def _assignment(run: Path) -> Any:
 
 def _predictions(results: EvalResults) -> list[dict[str, Any]]:
     """predictions.csv rows (cv_summary's columns), Dice at the preprocessing size (both empty = 1)."""
-    scores = results.scores[("raw", "preprocessed")]
+    dice_per_image = results.scores[("raw", "preprocessed")].dice
     rows = []
     for i, name in enumerate(results.names):
-        tp, fp, fn = int(scores.tp[i]), int(scores.fp[i]), int(scores.fn[i])
-        dice = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 1.0
+        dice = float(dice_per_image[i])
         probs = results.probs["raw"][i]
         row = {"image": name, "true_class": CLASS_NAMES[int(results.labels[i])],
                "pred_class": CLASS_NAMES[int(probs.argmax())],
