@@ -272,6 +272,30 @@ def test_eval_reproduces_the_training_test_step(trained_run, tmp_path):
     assert np.array(cls["confusion_matrix"]).tolist() == run_metrics["test_confusion_matrix"]
 
 
+def _probs(out: Path) -> np.ndarray:
+    with open(out / "per_image.csv", newline="") as f:
+        return np.array([[float(r[f"prob_{c}"]) for c in CLASS_NAMES] for r in csv.DictReader(f)])
+
+
+def test_eval_reproduces_a_bf16_run_tested_with_its_last_weights(tmp_path):
+    # as experiment=busi_cpu: bf16 autocast, channels_last, the last weights tested (last.ckpt)
+    root = tmp_path / "bf16"
+    extra = ["trainer.precision=bf16-mixed", "channels_last=true", "test_ckpt=last"]
+    summary = train(_compose("train", [*TINY, *extra], root, root / "run"))
+    assert summary["tested_checkpoint"] == "last"
+    ckpt = root / "run" / "checkpoints" / "last.ckpt"
+    metrics, out = run_eval(tmp_path / "a", [f"ckpt_path={ckpt}"])
+    assert metrics["precision"] == "bf16-mixed"
+    # compared at all: the check follows tested_checkpoint, not best_checkpoint
+    assert metrics["training_check"]["max_abs_diff"] <= 1e-5, metrics["training_check"]
+    full, out32 = run_eval(tmp_path / "b", [f"ckpt_path={ckpt}", "precision=32"])
+    assert full["precision"] == "32"
+    # the forward passes really ran at another precision: bf16 rounding moves the probabilities
+    assert np.abs(_probs(out) - _probs(out32)).max() > 1e-4
+    with pytest.raises(EvalError, match="precision=8"):
+        run_eval(tmp_path / "c", [f"ckpt_path={ckpt}", "precision=8"])
+
+
 def test_eval_writes_every_file(trained_run, tmp_path):
     ckpt, _ = trained_run
     metrics, out = run_eval(tmp_path, [f"ckpt_path={ckpt}", "figures.samples=4"])

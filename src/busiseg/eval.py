@@ -41,6 +41,7 @@ from busiseg.evaluation.runner import (  # noqa: E402
     SIZES,
     EvalError,
     EvalInputs,
+    autocast_dtype,
     EvalResults,
     resolve_inputs,
     run_network,
@@ -63,6 +64,23 @@ def _plain(cfg: DictConfig) -> dict[str, Any]:
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain.pop("hydra", None)
     return plain  # type: ignore[return-value]
+
+
+PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+
+
+def eval_precision(cfg: DictConfig, train_config: dict[str, Any]) -> str:
+    """``precision`` of the eval config, or (null) the training run's ``trainer.precision``, which
+    its test step ran at: bf16 autocast for ``bf16-mixed``. A precision autocast does not cover
+    (32, 64, the ``*-true`` ones) is full precision, ``32``."""
+    value = cfg.get("precision")
+    if value is None:
+        value = (train_config.get("trainer") or {}).get("precision")
+        value = str(value) if str(value) in PRECISIONS else "32"
+    value = str(value)
+    if value not in PRECISIONS:
+        raise EvalError(f"precision={value} is not one of {', '.join(PRECISIONS)} (null: the training run's)")
+    return value
 
 
 def inference_options(cfg: DictConfig) -> InferenceOptions:
@@ -104,7 +122,10 @@ def check_against_training(inputs: EvalInputs, results: EvalResults) -> dict[str
     except (OSError, json.JSONDecodeError) as exc:
         log.warning("%s: cannot read the training run's metrics (%s)", metrics_file, exc)
         return None
-    tested = summary.get("best_checkpoint")
+    # the file the test step scored: "last" (test_ckpt=last) is the fit's final weights, which
+    # last.ckpt holds; a path is that checkpoint; none (older runs) means the best checkpoint
+    tested = summary.get("tested_checkpoint") or summary.get("best_checkpoint")
+    tested = "last.ckpt" if tested == "last" else tested
     if not tested or Path(tested).name != inputs.ckpt_path.name:
         return None
     train_metrics = summary.get("metrics") or {}
@@ -331,11 +352,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                  ", ".join(str(p) for p in inputs.ckpt_paths))
     log.info("evaluating %s on %d images (%s) of %s, part %s", inputs.ckpt_path, len(inputs.records),
              ", ".join(f"{c} {n}" for c, n in counts.items()), inputs.data_root, inputs.part)
+    precision = eval_precision(cfg, inputs.train_config)
     results = run_network(inputs.net, inputs.records, inputs.image_size, inputs.in_channels, inputs.batch_size,
                           options, progress=bool(cfg.get("progress", True)),
-                          channels_last=bool(inputs.train_config.get("channels_last", False)))
+                          channels_last=bool(inputs.train_config.get("channels_last", False)),
+                          autocast=autocast_dtype(precision))
     ece_bins = int(cfg.get("ece_bins") or ECE_BINS)
     metrics = build_metrics(inputs, options, results, ece_bins)
+    metrics["precision"] = precision
     write_json(output_dir / "metrics.json", metrics)
     write_per_image_csv(output_dir / "per_image.csv", results)
     report_text = classification_report_text(metrics[results.final]["classification"], CLASS_NAMES)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -261,12 +262,22 @@ def _float_or_none(v: torch.Tensor) -> float | None:
     return x if np.isfinite(x) else None
 
 
+def autocast_dtype(precision: Any) -> torch.dtype | None:
+    """The autocast dtype of a Lightning ``trainer.precision`` (``bf16-mixed`` -> bfloat16,
+    ``16-mixed`` -> float16), None for full precision (32, 64, and the ``*-true`` ones, whose
+    weights are already in that dtype when trained, and loaded as float32 here)."""
+    return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(precision))
+
+
 def run_network(net: torch.nn.Module, records: list[Record], image_size: int, in_channels: int, batch_size: int,
-                options: InferenceOptions, progress: bool = True, channels_last: bool = False) -> EvalResults:
+                options: InferenceOptions, progress: bool = True, channels_last: bool = False,
+                autocast: torch.dtype | None = None) -> EvalResults:
     """Run the network over the records in batches of ``batch_size`` (the training run's
     eval batch size by default, so the test step's batches are reproduced exactly) and
     score every view. ``channels_last``: NHWC memory format, as a run trained with
-    ``channels_last=true`` tested (same kernels, same rounding)."""
+    ``channels_last=true`` tested (same kernels, same rounding). ``autocast``: each forward
+    pass under ``torch.autocast`` with this dtype, as a run trained with ``bf16-mixed``
+    tested (None: full precision)."""
     pipelines = PIPELINES if inference_active(options) else PIPELINES[:1]
     seg_metrics = segmentation_metrics("")
     cls_metrics = classification_metrics("")
@@ -292,12 +303,13 @@ def run_network(net: torch.nn.Module, records: list[Record], image_size: int, in
             true_s = torch.from_numpy(np.stack([d[3] for d in decoded])).unsqueeze(1)
             labels = torch.tensor([r.label for r in batch], dtype=torch.long)
 
-            out = {"raw": predict_probs(net, images, InferenceOptions())}
+            with torch.autocast(images.device.type, dtype=autocast) if autocast is not None else nullcontext():
+                out = {"raw": predict_probs(net, images, InferenceOptions())}
+                if "postprocessed" in pipelines:
+                    tta = options.tta_flip or any(s != 1.0 for s in options.tta_scales)
+                    out["postprocessed"] = predict_probs(net, images, options) if tta else out["raw"]
             seg_metrics.update(out["raw"][0], true_s.int())
             cls_metrics.update(out["raw"][1], labels)
-            if "postprocessed" in pipelines:
-                tta = options.tta_flip or any(s != 1.0 for s in options.tta_scales)
-                out["postprocessed"] = predict_probs(net, images, options) if tta else out["raw"]
 
             for p in pipelines:
                 probs[p].append(out[p][1].numpy().astype(np.float64))
