@@ -30,9 +30,11 @@ def test_experiment_presets_compose(tmp_path, data_dir, name, monkeypatch):
         assert cfg.trainer.accelerator == "cpu" and cfg.trainer.precision == "bf16-mixed" and cfg.channels_last
         assert cfg.augment._target_.endswith("standard_recipe") and cfg.data.image_size == 128
         assert cfg.scheduler._target_.endswith("one_cycle") and cfg.model.encoder_name == "resnet34"
+        assert cfg.loss.segmentation.dice_reduction == "lesion_images"  # e19
     if name == "busi_gpu":
         assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
         assert cfg.data.image_size == 256 and cfg.trainer.max_epochs > 30
+        assert cfg.loss.segmentation.dice_reduction == "batch"  # as measured (g01), not busi_cpu's
 
 
 def test_test_ckpt_last_tests_the_final_weights(tmp_path, data_dir):
