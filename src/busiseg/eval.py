@@ -41,8 +41,8 @@ from busiseg.evaluation.runner import (  # noqa: E402
     SIZES,
     EvalError,
     EvalInputs,
-    autocast_dtype,
     EvalResults,
+    autocast_dtype,
     resolve_inputs,
     run_network,
 )
