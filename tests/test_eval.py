@@ -294,6 +294,24 @@ def test_eval_reproduces_a_bf16_run_tested_with_its_last_weights(tmp_path):
     assert np.abs(_probs(out) - _probs(out32)).max() > 1e-4
     with pytest.raises(EvalError, match="precision=8"):
         run_eval(tmp_path / "c", [f"ckpt_path={ckpt}", "precision=8"])
+    # busiseg.ensemble_cv re-evaluates its members at the training run's precision too: a member
+    # reproduces the run's own test predictions (bf16), which float32 does not (checked above)
+    from busiseg.ensemble_cv import ensemble_cv
+
+    _as_fold(ckpt, tmp_path / "m1")
+    _as_fold(ckpt, tmp_path / "m2")
+    ensemble_cv(tmp_path / "ens", {"m1": tmp_path / "m1", "m2": tmp_path / "m2"}, progress=False)
+
+    def test_probs(csv_path: Path) -> dict[str, list[float]]:
+        with open(csv_path, newline="") as f:
+            return {r["image"]: [float(r[f"prob_{c}"]) for c in CLASS_NAMES]
+                    for r in csv.DictReader(f) if r["part"] == "test"}
+
+    trained = test_probs(root / "run" / "predictions.csv")
+    member = test_probs(tmp_path / "ens" / "m1" / "0" / "predictions.csv")
+    assert member.keys() == trained.keys() and trained
+    for image, probs in trained.items():
+        assert member[image] == pytest.approx(probs, abs=2e-6), image
 
 
 def test_eval_writes_every_file(trained_run, tmp_path):
@@ -448,7 +466,8 @@ def _as_fold(run_ckpt: Path, sweep: Path, fold: int = 0, assignment: str = "a1")
     split = json.loads(split_file.read_text())
     split["meta"].update({"splitter": "kfold", "fold": fold, "k": 2, "assignment": assignment})
     split_file.write_text(json.dumps(split))
-    shutil.copy(ckpt, ckpt.parent / "last.ckpt")
+    if ckpt.name != "last.ckpt":
+        shutil.copy(ckpt, ckpt.parent / "last.ckpt")
     return ckpt.parent / "last.ckpt"
 
 

@@ -34,7 +34,14 @@ from busiseg.checkpoint import CheckpointError  # noqa: E402
 from busiseg.cv_summary import PREDICTION_COLUMNS, CVSummaryError, _write_csv, find_fold_runs  # noqa: E402
 from busiseg.data.busi import DatasetError  # noqa: E402
 from busiseg.data.labels import CLASS_NAMES  # noqa: E402
-from busiseg.evaluation.runner import EvalError, EvalResults, autocast_dtype, resolve_inputs, run_network  # noqa: E402
+from busiseg.evaluation.runner import (  # noqa: E402
+    EvalError,
+    EvalResults,
+    autocast_dtype,
+    resolve_inputs,
+    run_network,
+    run_precision,
+)
 from busiseg.inference import InferenceOptions  # noqa: E402
 
 log = logging.getLogger("busiseg.ensemble_cv")
@@ -127,7 +134,7 @@ def ensemble_cv(out: Path, members: Mapping[str, Path], checkpoint: str = "last.
         inputs = resolve_inputs({"ckpt_path": [str(c) for c in ckpts], "part": "test", "data": {}})
         channels_last = bool(inputs.train_config.get("channels_last", False))
         # as the training runs tested: the first member's precision (bf16 autocast for bf16-mixed)
-        autocast = autocast_dtype((inputs.train_config.get("trainer") or {}).get("precision"))
+        autocast = autocast_dtype(run_precision(inputs.train_config))
         log.info("fold %d: %d test images, %d members", fold, len(inputs.records), len(names))
         split_json = runs[names[0]][fold] / "split.json"
         args = (inputs.records, inputs.image_size, inputs.in_channels, inputs.batch_size, InferenceOptions())

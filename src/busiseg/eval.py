@@ -45,6 +45,7 @@ from busiseg.evaluation.runner import (  # noqa: E402
     autocast_dtype,
     resolve_inputs,
     run_network,
+    run_precision,
 )
 from busiseg.inference import InferenceOptions  # noqa: E402
 from busiseg.models.reporting import save_png  # noqa: E402
@@ -66,21 +67,9 @@ def _plain(cfg: DictConfig) -> dict[str, Any]:
     return plain  # type: ignore[return-value]
 
 
-PRECISIONS = ("32", "bf16-mixed", "16-mixed")
-
-
 def eval_precision(cfg: DictConfig, train_config: dict[str, Any]) -> str:
-    """``precision`` of the eval config, or (null) the training run's ``trainer.precision``, which
-    its test step ran at: bf16 autocast for ``bf16-mixed``. A precision autocast does not cover
-    (32, 64, the ``*-true`` ones) is full precision, ``32``."""
-    value = cfg.get("precision")
-    if value is None:
-        value = (train_config.get("trainer") or {}).get("precision")
-        value = str(value) if str(value) in PRECISIONS else "32"
-    value = str(value)
-    if value not in PRECISIONS:
-        raise EvalError(f"precision={value} is not one of {', '.join(PRECISIONS)} (null: the training run's)")
-    return value
+    """``precision`` of the eval config, or (null) the training run's (``run_precision``)."""
+    return run_precision(train_config, cfg.get("precision"))
 
 
 def inference_options(cfg: DictConfig) -> InferenceOptions:

@@ -262,6 +262,23 @@ def _float_or_none(v: torch.Tensor) -> float | None:
     return x if np.isfinite(x) else None
 
 
+PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+
+
+def run_precision(train_config: dict[str, Any], requested: Any = None) -> str:
+    """The precision to evaluate at: ``requested`` (one of PRECISIONS), or (None) the training run's
+    ``trainer.precision``, which its test step ran at: bf16 autocast for ``bf16-mixed``. A precision
+    autocast does not cover (32, 64, the ``*-true`` ones) is full precision, ``32``."""
+    value = requested
+    if value is None:
+        value = (train_config.get("trainer") or {}).get("precision")
+        value = str(value) if str(value) in PRECISIONS else "32"
+    value = str(value)
+    if value not in PRECISIONS:
+        raise EvalError(f"precision={value} is not one of {', '.join(PRECISIONS)} (null: the training run's)")
+    return value
+
+
 def autocast_dtype(precision: Any) -> torch.dtype | None:
     """The autocast dtype of a Lightning ``trainer.precision`` (``bf16-mixed`` -> bfloat16,
     ``16-mixed`` -> float16), None for full precision (32, 64, and the ``*-true`` ones, whose
