@@ -300,7 +300,9 @@ def test_eval_reproduces_a_bf16_run_tested_with_its_last_weights(tmp_path):
 
     _as_fold(ckpt, tmp_path / "m1")
     _as_fold(ckpt, tmp_path / "m2")
-    ensemble_cv(tmp_path / "ens", {"m1": tmp_path / "m1", "m2": tmp_path / "m2"}, progress=False)
+    result = ensemble_cv(tmp_path / "ens", {"m1": tmp_path / "m1", "m2": tmp_path / "m2"}, progress=False)
+    assert result["precision"] == "bf16-mixed"
+    assert "precision bf16-mixed" in (tmp_path / "ens" / "ensemble_cv.md").read_text()
 
     def test_probs(csv_path: Path) -> dict[str, list[float]]:
         with open(csv_path, newline="") as f:
@@ -485,6 +487,7 @@ def test_ensemble_cv(trained_run, tmp_path):
     out = tmp_path / "ens"
     result = ensemble_cv(out, {"a": tmp_path / "a", "b": tmp_path / "b"}, progress=False)
     assert set(result["arms"]) == {"a", "b", "ensemble"} and result["reference"] == "a"
+    assert result["precision"] == "32"
     # member a re-evaluated by the same code reproduces its training run's test step
     a_metrics = json.loads((out / "a" / "0" / "metrics.json").read_text())["metrics"]
     for key in ("accuracy", "dice", "dice_per_image"):

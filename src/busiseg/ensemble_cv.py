@@ -6,8 +6,9 @@ Each ``NAME=SWEEP`` is a k-fold sweep (``scripts/cv.sh`` or ``-m ... split.fold=
 the same fold assignment. For each fold, the members' checkpoints (``--checkpoint``, default
 ``last.ckpt``: what ``test_ckpt=last`` tested) are evaluated on that fold's test part, alone and
 as one ensemble (mask and class probabilities averaged, ``busiseg.inference.Ensemble``), all by
-the same code (``busiseg.evaluation.runner``: fp32, no TTA, mask probability > 0.5 at the
-preprocessing size, as the training test step). Writes, under ``OUT``, one sweep-like folder per
+the same code (``busiseg.evaluation.runner``: at the first member's ``trainer.precision``, bf16
+autocast for ``bf16-mixed``; no TTA, mask probability > 0.5 at the preprocessing size, as the
+training test step). Writes, under ``OUT``, one sweep-like folder per
 arm (``ensemble/`` and each member re-evaluated, ``<NAME>/``; fold folders with ``split.json``,
 ``metrics.json`` and ``predictions.csv``), so ``busiseg.cv_summary`` and ``busiseg.ablation``
 read them, and ``ensemble_cv.md`` / ``.json``: the ablation table of every arm with per-fold
@@ -125,6 +126,7 @@ def ensemble_cv(out: Path, members: Mapping[str, Path], checkpoint: str = "last.
             raise EnsembleCVError(f"fold {fold}: the sweeps use different fold assignments, so the fold is not the "
                                   "same images in each: " + ", ".join(f"{n} {a}" for n, a in assignments.items()))
     out.mkdir(parents=True, exist_ok=True)
+    precisions: set[str] = set()
     for fold in folds:
         ckpts = [runs[n][fold] / "checkpoints" / checkpoint for n in names]
         for c in ckpts:
@@ -134,7 +136,9 @@ def ensemble_cv(out: Path, members: Mapping[str, Path], checkpoint: str = "last.
         inputs = resolve_inputs({"ckpt_path": [str(c) for c in ckpts], "part": "test", "data": {}})
         channels_last = bool(inputs.train_config.get("channels_last", False))
         # as the training runs tested: the first member's precision (bf16 autocast for bf16-mixed)
-        autocast = autocast_dtype(run_precision(inputs.train_config))
+        precision = run_precision(inputs.train_config)
+        precisions.add(precision)
+        autocast = autocast_dtype(precision)
         log.info("fold %d: %d test images, %d members", fold, len(inputs.records), len(names))
         split_json = runs[names[0]][fold] / "split.json"
         args = (inputs.records, inputs.image_size, inputs.in_channels, inputs.batch_size, InferenceOptions())
@@ -153,9 +157,10 @@ def ensemble_cv(out: Path, members: Mapping[str, Path], checkpoint: str = "last.
         raise EnsembleCVError(str(exc)) from exc
     result["members"] = {n: str(p) for n, p in members.items()}
     result["checkpoint"] = checkpoint
+    result["precision"] = "/".join(sorted(precisions))
     write_json_atomic(out / "ensemble_cv.json", result)
     text = ("Ensemble of " + ", ".join(f"`{n}` ({p})" for n, p in members.items())
-            + f"; every arm evaluated here by the same code ({checkpoint}, fp32, no TTA).\n\n" + render_markdown(result))
+            + f"; every arm evaluated here by the same code ({checkpoint}, precision {result['precision']}, no TTA).\n\n" + render_markdown(result))
     write_text_atomic(out / "ensemble_cv.md", text)
     return result
 
