@@ -15,6 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
+from busiseg.checkpoint import CheckpointError
 from busiseg.models.net import MultiTaskUnet
 from busiseg.onnx_predictor import (CSV_NAME, InputError, UnsafeOutputPath, find_images, output_base,
                                     safe_output_path)
@@ -224,6 +225,41 @@ def test_inference_group_applies(tiny_ckpt, tmp_path):
         mask = np.asarray(Image.open(tmp_path / "refined" / f"{name}_pred_mask.png")) > 0
         n_components = cv2.connectedComponents(mask.astype(np.uint8))[0] - 1
         assert n_components <= 1  # keep_largest
+
+
+def _compose_predict(ckpts: list[Path], input_path: Path, output: Path):
+    listed = ",".join(f"'{c}'" for c in ckpts)
+    with initialize_config_dir(CONF, version_base="1.3"):
+        return compose("predict", overrides=[f"ckpt_path=[{listed}]", f"input='{input_path}'", f"output='{output}'",
+                                             "progress=false", "device=cpu", "overlays=false"])
+
+
+def test_a_list_of_checkpoints_predicts_as_one_ensemble(tiny_ckpt, tmp_path):
+    other = tmp_path / "other.ckpt"
+    state = torch.load(tiny_ckpt, map_location="cpu", weights_only=True)
+    sd = state["state_dict"]
+    head_bias = sorted(k for k in sd if k.startswith("net.unet.classification_head.") and k.endswith(".bias"))[-1]
+    sd[head_bias] = sd[head_bias] + torch.tensor([1.0, 0.0, -1.0])
+    sd["net.unet.segmentation_head.0.bias"] = sd["net.unet.segmentation_head.0.bias"] + 1.0
+    torch.save(state, other)
+    write_inputs(tmp_path / "in", {"a.png": ("L", (120, 90)), "b.png": ("RGB", (64, 80))})
+    for name, ckpt in (("one", tiny_ckpt), ("other", other)):
+        assert run_predict(ckpt, tmp_path / "in", tmp_path / name, "overlays=false").exit_code == 0
+    summary = predict(_compose_predict([tiny_ckpt, other], tmp_path / "in", tmp_path / "both"))
+    assert summary.exit_code == 0
+    rows = {n: read_rows(tmp_path / n) for n in ("one", "other", "both")}
+    assert rows["both"].keys() == rows["one"].keys() and rows["one"]
+    for file, row in rows["both"].items():
+        probs = {n: np.array([float(rows[n][file][f"prob_{c}"]) for c in ("normal", "benign", "malignant")])
+                 for n in rows}
+        assert not np.allclose(probs["one"], probs["other"], atol=1e-2)
+        np.testing.assert_allclose(probs["both"], (probs["one"] + probs["other"]) / 2, atol=2e-4)
+        assert (tmp_path / "both" / f"{Path(file).stem}_pred_mask.png").is_file()
+    small = make_tiny_checkpoint(tmp_path / "small.ckpt", image_size=32)
+    with pytest.raises(CheckpointError, match=r"small\.ckpt: trained at data.image_size=32.*same input"):
+        predict(_compose_predict([tiny_ckpt, small], tmp_path / "in", tmp_path / "x"))
+    with pytest.raises(ConfigError, match="twice"):
+        predict(_compose_predict([tiny_ckpt, tiny_ckpt], tmp_path / "in", tmp_path / "x"))
 
 
 def test_config_errors_name_the_key(tiny_ckpt, tmp_path):

@@ -1,6 +1,7 @@
 """Predict masks and classes for new images: ``python -m busiseg.predict ckpt_path=CKPT input=IN output=OUT``.
 
-``input`` is an image or a folder (walked recursively). For ``benign/benign (3).png`` the
+``input`` is an image or a folder (walked recursively); ``ckpt_path=[A.ckpt,B.ckpt,...]`` predicts
+with an ensemble (mask and class probabilities averaged). For ``benign/benign (3).png`` the
 output folder gets ``benign/benign (3)_pred_mask.png`` (0/255 at the image's original
 size) and ``benign/benign (3)_overlay.png``, plus one ``predictions.csv`` for the run.
 The ``inference`` config group (TTA, post-processing) applies. Unreadable files are
@@ -15,19 +16,19 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import hydra  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig, ListConfig, OmegaConf  # noqa: E402
 
 from busiseg.checkpoint import CheckpointError, load_model  # noqa: E402
 from busiseg.cli import fail  # noqa: E402
 from busiseg.data.labels import CLASS_NAMES  # noqa: E402
-from busiseg.inference import InferenceOptions, postprocess_mask, predict_probs, prepare_image, restore_size  # noqa: E402
+from busiseg.inference import Ensemble, InferenceOptions, postprocess_mask, predict_probs, prepare_image, restore_size  # noqa: E402
 from busiseg.onnx_predictor import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, InputError, PredictionSummary, find_images, predict_files  # noqa: E402
 
 log = logging.getLogger("busiseg.predict")
@@ -91,11 +92,28 @@ def _skip_masks(value: Any) -> bool | str:
     raise ConfigError(f"skip_masks must be true, false or auto, got {value!r}")
 
 
-def load_predictor(ckpt_path: str | Path, options: InferenceOptions, device: str = "cpu") -> TorchPredictor:
-    """The checkpoint's network with its training image size and channels."""
-    net, config = load_model(ckpt_path)
-    return TorchPredictor(net, _data_setting(config, "image_size", str(ckpt_path)),
-                          _data_setting(config, "in_channels", str(ckpt_path)), options, device)
+def load_predictor(ckpt_path: str | Path | Sequence[str | Path], options: InferenceOptions,
+                   device: str = "cpu") -> TorchPredictor:
+    """The checkpoint's network with its training image size and channels. A list of checkpoints is
+    one ensemble (:class:`busiseg.inference.Ensemble`: mask and class probabilities averaged); its
+    members must have been trained at the same ``data.image_size`` and ``data.in_channels``."""
+    paths = [str(p) for p in ckpt_path] if isinstance(ckpt_path, (list, tuple, ListConfig)) else [str(ckpt_path)]
+    if not paths:
+        raise ConfigError("ckpt_path is an empty list: pass ckpt_path=CKPT or ckpt_path=[A.ckpt,B.ckpt]")
+    if len({str(Path(p).expanduser().resolve()) for p in paths}) != len(paths):
+        raise ConfigError(f"ckpt_path lists a checkpoint twice: {paths}")
+    nets, inputs = [], []
+    for path in paths:
+        net, config = load_model(path)
+        nets.append(net)
+        inputs.append((_data_setting(config, "image_size", path), _data_setting(config, "in_channels", path)))
+        if inputs[-1] != inputs[0]:
+            raise CheckpointError(
+                f"{path}: trained at data.image_size={inputs[-1][0]}, data.in_channels={inputs[-1][1]}; the first "
+                f"checkpoint {paths[0]} at {inputs[0][0]}, {inputs[0][1]}: an ensemble's members must take the "
+                f"same input")
+    net = nets[0] if len(nets) == 1 else Ensemble(nets)
+    return TorchPredictor(net, *inputs[0], options, device)
 
 
 def predict(cfg: DictConfig) -> PredictionSummary:
@@ -120,8 +138,9 @@ def predict(cfg: DictConfig) -> PredictionSummary:
         raise InputError(f"input {input_path}: no images found ({', '.join(IMAGE_SUFFIXES)}; hidden files and "
                          f"mask files are skipped)")
     predictor = load_predictor(ckpt_path, options, _device(str(cfg.get("device", "auto"))))
-    log.info("%d image(s) from %s, checkpoint %s, image size %d", len(images), input_path, ckpt_path,
-             predictor.image_size)
+    members = len(predictor.net.members) if isinstance(predictor.net, Ensemble) else 1
+    log.info("%d image(s) from %s, %s %s, image size %d", len(images), input_path,
+             f"ensemble of {members} checkpoints" if members > 1 else "checkpoint", ckpt_path, predictor.image_size)
     return predict_files(predictor, images, output, batch_size=batch_size, overlays=bool(cfg.get("overlays", True)),
                          progress=bool(cfg.get("progress", True)) and Path(input_path).is_dir(),
                          skipped_masks=len(skipped), max_pixels=max_pixels)
