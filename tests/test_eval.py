@@ -304,13 +304,13 @@ def test_eval_reproduces_a_bf16_run_tested_with_its_last_weights(tmp_path):
     assert result["precision"] == "bf16-mixed"
     assert "precision bf16-mixed" in (tmp_path / "ens" / "ensemble_cv.md").read_text()
 
-    def test_probs(csv_path: Path) -> dict[str, list[float]]:
+    def _test_part_probs(csv_path: Path) -> dict[str, list[float]]:
         with open(csv_path, newline="") as f:
             return {r["image"]: [float(r[f"prob_{c}"]) for c in CLASS_NAMES]
                     for r in csv.DictReader(f) if r["part"] == "test"}
 
-    trained = test_probs(root / "run" / "predictions.csv")
-    member = test_probs(tmp_path / "ens" / "m1" / "0" / "predictions.csv")
+    trained = _test_part_probs(root / "run" / "predictions.csv")
+    member = _test_part_probs(tmp_path / "ens" / "m1" / "0" / "predictions.csv")
     assert member.keys() == trained.keys() and trained
     for image, probs in trained.items():
         assert member[image] == pytest.approx(probs, abs=2e-6), image

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import hydra
 import torch
@@ -49,3 +49,28 @@ def load_model(path: str | Path) -> tuple[MultiTaskUnet, dict[str, Any]]:
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit the model in its config ({exc})") from exc
     return net.eval(), config
+
+
+class MemberInputError(CheckpointError):
+    """An ensemble member trained at another input size or channel count than the first."""
+
+
+def load_ensemble(first: torch.nn.Module, ckpt_paths: Sequence[str | Path], image_size: int,
+                  in_channels: int) -> torch.nn.Module:
+    """The first checkpoint's network (already loaded) and the other checkpoints' networks as one
+    :class:`busiseg.inference.Ensemble`; every member must take the first one's input
+    (``data.image_size``, ``data.in_channels``), else :class:`MemberInputError` naming the file."""
+    from busiseg.inference import Ensemble
+
+    nets = [first]
+    for path in ckpt_paths[1:]:
+        net, config = load_model(path)
+        data = dict(config.get("data") or {})
+        size, channels = data.get("image_size"), data.get("in_channels", 1)
+        if size is None or int(size) != image_size or int(channels) != in_channels:
+            raise MemberInputError(
+                f"{path}: trained at data.image_size={size}, data.in_channels={channels}; the ensemble's first "
+                f"checkpoint {ckpt_paths[0]} at {image_size}, {in_channels}: members must take the same input"
+            )
+        nets.append(net)
+    return Ensemble(nets)

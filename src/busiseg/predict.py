@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, ListConfig, OmegaConf  # noqa: E402
 
-from busiseg.checkpoint import CheckpointError, load_model  # noqa: E402
+from busiseg.checkpoint import CheckpointError, load_ensemble, load_model  # noqa: E402
 from busiseg.cli import fail  # noqa: E402
 from busiseg.data.labels import CLASS_NAMES  # noqa: E402
 from busiseg.inference import Ensemble, InferenceOptions, postprocess_mask, predict_probs, prepare_image, restore_size  # noqa: E402
@@ -102,18 +102,12 @@ def load_predictor(ckpt_path: str | Path | Sequence[str | Path], options: Infere
         raise ConfigError("ckpt_path is an empty list: pass ckpt_path=CKPT or ckpt_path=[A.ckpt,B.ckpt]")
     if len({str(Path(p).expanduser().resolve()) for p in paths}) != len(paths):
         raise ConfigError(f"ckpt_path lists a checkpoint twice: {paths}")
-    nets, inputs = [], []
-    for path in paths:
-        net, config = load_model(path)
-        nets.append(net)
-        inputs.append((_data_setting(config, "image_size", path), _data_setting(config, "in_channels", path)))
-        if inputs[-1] != inputs[0]:
-            raise CheckpointError(
-                f"{path}: trained at data.image_size={inputs[-1][0]}, data.in_channels={inputs[-1][1]}; the first "
-                f"checkpoint {paths[0]} at {inputs[0][0]}, {inputs[0][1]}: an ensemble's members must take the "
-                f"same input")
-    net = nets[0] if len(nets) == 1 else Ensemble(nets)
-    return TorchPredictor(net, *inputs[0], options, device)
+    net, config = load_model(paths[0])
+    image_size = _data_setting(config, "image_size", paths[0])
+    in_channels = _data_setting(config, "in_channels", paths[0])
+    if len(paths) > 1:
+        net = load_ensemble(net, paths, image_size, in_channels)
+    return TorchPredictor(net, image_size, in_channels, options, device)
 
 
 def predict(cfg: DictConfig) -> PredictionSummary:

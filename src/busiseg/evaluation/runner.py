@@ -25,12 +25,12 @@ import torch
 from omegaconf import ListConfig
 from omegaconf.errors import MissingMandatoryValue
 
-from busiseg.checkpoint import load_model
+from busiseg.checkpoint import MemberInputError, load_ensemble, load_model
 from busiseg.data.busi import Record, load_record, scan_busi
 from busiseg.data.dataset import resize_pair
 from busiseg.data.splits import PARTS, load_split
 from busiseg.evaluation.metrics_table import MaskScore, MaskScores, score_mask
-from busiseg.inference import Ensemble, InferenceOptions, postprocess_mask, predict_probs, restore_size
+from busiseg.inference import InferenceOptions, postprocess_mask, predict_probs, restore_size
 from busiseg.models.metrics import SEG_THRESHOLD, classification_metrics, segmentation_metrics
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,10 @@ def resolve_inputs(cfg: Mapping[str, Any]) -> EvalInputs:
         raise EvalError(f"data.eval_batch_size must be >= 1, got {batch_size}")
 
     if len(ckpt_paths) > 1:
-        net = _ensemble(net, ckpt_paths, image_size, in_channels)
+        try:
+            net = load_ensemble(net, ckpt_paths, image_size, in_channels)
+        except MemberInputError as exc:
+            raise EvalError(str(exc)) from exc
 
     records = scan_busi(root)
     split_file: Path | None = None
@@ -176,22 +179,6 @@ def resolve_inputs(cfg: Mapping[str, Any]) -> EvalInputs:
         _check_members_did_not_train_on(ckpt_paths, records)
     return EvalInputs(ckpt_path, net, train_config, run_dir, root, image_size, in_channels, batch_size, part,
                       split_file, records, same_data, ckpt_paths)
-
-
-def _ensemble(first: torch.nn.Module, ckpt_paths: list[Path], image_size: int, in_channels: int) -> Ensemble:
-    """The first network and the other checkpoints' networks as one; all must take the same input."""
-    nets = [first]
-    for path in ckpt_paths[1:]:
-        net, config = load_model(path)
-        data = dict(config.get("data") or {})
-        size, channels = data.get("image_size"), data.get("in_channels", 1)
-        if size is None or int(size) != image_size or int(channels) != in_channels:
-            raise EvalError(
-                f"{path}: trained at data.image_size={size}, data.in_channels={channels}; the ensemble's first "
-                f"checkpoint {ckpt_paths[0]} at {image_size}, {in_channels}: members must take the same input"
-            )
-        nets.append(net)
-    return Ensemble(nets)
 
 
 def _check_members_did_not_train_on(ckpt_paths: list[Path], records: list[Record]) -> None:
