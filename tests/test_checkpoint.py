@@ -17,12 +17,12 @@ MODEL_CFG = {
 }
 
 
-def _ckpt(tmp_path, extra=None):
-    net = MultiTaskUnet(encoder_name="resnet18", decoder_channels=(16, 16, 8, 8, 8))
+def _ckpt(tmp_path, extra=None, model_cfg=MODEL_CFG):
+    net = MultiTaskUnet(**{k: v for k, v in model_cfg.items() if k != "_target_"})
     for p in net.parameters():
         torch.nn.init.normal_(p, std=0.01)
     ckpt = {"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
-            "hyper_parameters": {"config": {"model": MODEL_CFG}}}
+            "hyper_parameters": {"config": {"model": model_cfg}}}
     if extra:
         ckpt.update(extra)
     path = tmp_path / "m.ckpt"
@@ -30,9 +30,11 @@ def _ckpt(tmp_path, extra=None):
     return net.eval(), path
 
 
-def test_round_trip_same_outputs(tmp_path):
-    net, path = _ckpt(tmp_path)
+@pytest.mark.parametrize("arch", [None, "unet", "unetplusplus"])  # None: a checkpoint from before model.arch
+def test_round_trip_same_outputs(tmp_path, arch):
+    net, path = _ckpt(tmp_path, model_cfg=MODEL_CFG if arch is None else {**MODEL_CFG, "arch": arch})
     loaded, config = load_model(path)
+    assert loaded.unet.__class__ is net.unet.__class__
     x = torch.rand(1, 1, 64, 64)
     with torch.no_grad():
         for a, b in zip(net(x), loaded(x)):

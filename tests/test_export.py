@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from busiseg import export as export_module
 from busiseg.checkpoint import load_model
 from busiseg.export import ConfigError, ExportError, export
-from tests.test_predict import CONF, tiny_ckpt, write_inputs  # noqa: F401  (tiny_ckpt: a fixture)
+from tests.test_predict import CONF, make_tiny_checkpoint, tiny_ckpt, write_inputs  # noqa: F401  (tiny_ckpt: a fixture)
 
 CHECK_IMAGES = {"a.png": ("L", (70, 50)), "b/c.jpg": ("RGB", (90, 120)), "b/d.tif": ("I;16", (64, 64))}
 
@@ -67,6 +67,23 @@ def test_onnx_export_matches_pytorch(tiny_ckpt, tiny_onnx):
         assert mask.shape == (shape[0], 1, *shape[2:]) and cls.shape == (shape[0], 3)
         assert np.abs(mask - ref_mask.numpy()).max() <= 1e-4
         assert np.abs(cls - ref_cls.numpy()).max() <= 1e-4
+
+
+def test_unetplusplus_exports_to_onnx_and_matches_pytorch(tmp_path):
+    ckpt = make_tiny_checkpoint(tmp_path / "upp.ckpt", arch="unetplusplus")
+    write_inputs(tmp_path / "check", CHECK_IMAGES)
+    sidecar = run_export(ckpt, "format=onnx", f"output='{tmp_path / 'upp.onnx'}'", f"check_input='{tmp_path / 'check'}'")
+    assert sidecar["parity"]["max_abs_diff"] <= 1e-4  # export compares ONNX Runtime with PyTorch itself
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / "upp.onnx"), providers=["CPUExecutionProvider"])
+    net, _ = load_model(ckpt)
+    assert net.unet.__class__.__name__ == "UnetPlusPlus"
+    x = torch.rand(2, 1, 96, 64)
+    mask, cls = session.run(None, {"image": x.numpy()})
+    with torch.no_grad():
+        ref_mask, ref_cls = net(x)
+    assert np.abs(mask - ref_mask.numpy()).max() <= 1e-4 and np.abs(cls - ref_cls.numpy()).max() <= 1e-4
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit")

@@ -61,3 +61,27 @@ def test_deep_supervision_off_returns_empty_aux_and_has_no_heads():
 def test_deep_supervision_bad_value_names_the_key(bad):
     with pytest.raises(ValueError, match="model.deep_supervision"):
         MultiTaskUnet(encoder_name="resnet18", decoder_channels=(32, 16, 16, 8, 8), deep_supervision=bad)
+
+
+def test_unetplusplus_same_outputs_and_a_different_decoder():
+    net = MultiTaskUnet(encoder_name="resnet18", decoder_channels=(32, 16, 16, 8, 8), arch="unetplusplus")
+    assert net.unet.__class__.__name__ == "UnetPlusPlus" and net.arch == "unetplusplus"
+    mask_logits, class_logits = net(torch.rand(2, 1, 64, 64))
+    assert mask_logits.shape == (2, 1, 64, 64) and class_logits.shape == (2, 3)
+    assert torch.all(class_logits == 0)  # the class head starts at uniform probabilities, as with the U-Net
+    plain = MultiTaskUnet(encoder_name="resnet18", decoder_channels=(32, 16, 16, 8, 8))
+    assert plain.unet.__class__.__name__ == "Unet"
+    # the encoder and heads keep their state_dict keys; the decoder's nested blocks are extra
+    assert {k for k in plain.state_dict() if not k.startswith("unet.decoder.")} == \
+        {k for k in net.state_dict() if not k.startswith("unet.decoder.")}
+
+
+def test_unknown_arch_names_the_key():
+    with pytest.raises(ValueError, match="model.arch must be one of \\['unet', 'unetplusplus'\\], got 'fpn'"):
+        MultiTaskUnet(encoder_name="resnet18", arch="fpn")
+
+
+def test_deep_supervision_needs_the_unet_decoder():
+    with pytest.raises(ValueError, match="model.deep_supervision needs model.arch=unet"):
+        MultiTaskUnet(encoder_name="resnet18", decoder_channels=(32, 16, 16, 8, 8), deep_supervision=1,
+                      arch="unetplusplus")

@@ -1,4 +1,4 @@
-"""The network: an smp U-Net whose encoder also feeds a 3-class head."""
+"""The network: an smp U-Net (or U-Net++) whose encoder also feeds a 3-class head."""
 
 from __future__ import annotations
 
@@ -15,9 +15,18 @@ class EncoderWeightsUnavailable(RuntimeError):
     """Named pretrained weights could not be fetched (no network, or not cached)."""
 
 
+# model.arch -> the smp class. Both take the same arguments and return (mask, class) logits with aux_params.
+ARCHITECTURES: dict[str, type[smp.Unet] | type[smp.UnetPlusPlus]] = {
+    "unet": smp.Unet,
+    "unetplusplus": smp.UnetPlusPlus,  # nested dense skip paths (Zhou et al. 2018), MT-UNet++'s decoder
+}
+
+
 def build_unet(encoder_name: str, encoder_weights: str | None, in_channels: int, decoder_channels: Sequence[int],
-               num_classes: int, head_dropout: float) -> smp.Unet:
-    """smp.Unet with ``aux_params`` for the class head; a failed weight download is one clear error."""
+               num_classes: int, head_dropout: float, arch: str = "unet") -> smp.Unet | smp.UnetPlusPlus:
+    """smp.Unet (or U-Net++) with ``aux_params`` for the class head; a failed weight download is one clear error."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"model.arch must be one of {sorted(ARCHITECTURES)}, got {arch!r}")
     kwargs = dict(
         encoder_name=encoder_name,
         in_channels=in_channels,
@@ -26,7 +35,7 @@ def build_unet(encoder_name: str, encoder_weights: str | None, in_channels: int,
         aux_params=dict(classes=num_classes, pooling="avg", dropout=head_dropout or None),
     )
     try:
-        return smp.Unet(encoder_weights=encoder_weights, **kwargs)
+        return ARCHITECTURES[arch](encoder_weights=encoder_weights, **kwargs)
     except (OSError, RuntimeError, ValueError, KeyError) as exc:
         if encoder_weights is None:
             if isinstance(exc, KeyError) or "encoder" in str(exc).lower():
@@ -42,6 +51,9 @@ def build_unet(encoder_name: str, encoder_weights: str | None, in_channels: int,
 
 class MultiTaskUnet(nn.Module):
     """U-Net for the lesion mask plus a classification head on the encoder's deepest features.
+
+    ``arch="unetplusplus"`` swaps the decoder for U-Net++'s nested skip paths (same encoder,
+    head and outputs; the attribute stays ``self.unet`` so checkpoints keep their keys).
 
     Inputs are images in [0, 1]; they are standardised inside the network with fixed
     ``input_mean``/``input_std`` so data, callbacks and exported models all speak [0, 1].
@@ -65,6 +77,7 @@ class MultiTaskUnet(nn.Module):
         input_mean: float = 0.5,
         input_std: float = 0.25,
         deep_supervision: int = 0,
+        arch: str = "unet",
     ):
         super().__init__()
         if input_std <= 0:
@@ -73,7 +86,12 @@ class MultiTaskUnet(nn.Module):
         if not isinstance(deep_supervision, int) or not 0 <= deep_supervision < len(decoder_channels):
             raise ValueError(f"model.deep_supervision must be an integer from 0 to {len(decoder_channels) - 1} "
                              f"(decoder blocks before the last), got {deep_supervision!r}")
-        self.unet = build_unet(encoder_name, encoder_weights, in_channels, decoder_channels, num_classes, head_dropout)
+        if deep_supervision and arch != "unet":
+            raise ValueError(f"model.deep_supervision needs model.arch=unet (its heads read the U-Net decoder's "
+                             f"blocks), got model.arch={arch!r} with model.deep_supervision={deep_supervision}")
+        self.unet = build_unet(encoder_name, encoder_weights, in_channels, decoder_channels, num_classes, head_dropout,
+                               arch)
+        self.arch = arch
         self.in_channels = in_channels
         self.deep_supervision = deep_supervision
         # aux head k reads decoder block -(k + 2): the block before the last, then the one before it, ...
