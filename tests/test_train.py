@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from busiseg.train import ConfigError, check_config, train
 from tests.conftest import REPO
@@ -184,6 +184,30 @@ def test_cpu_bf16_warns_only_without_native_bfloat16(tmp_path, data_dir, monkeyp
         check_config(cfg)
         check_config(compose_train(tmp_path, data_dir, ["trainer=cpu"]))  # fp32: nothing to say
     assert "bfloat16" not in caplog.text
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_precision_auto_is_bf16_only_where_native(tmp_path, data_dir, monkeypatch, caplog, native):
+    import busiseg.train as train_module
+
+    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: native)
+    cfg = compose_train(tmp_path, data_dir, ["trainer=cpu", "trainer.precision=auto"])
+    with caplog.at_level("INFO", logger="busiseg.train"):
+        train_module.resolve_precision(cfg)
+        check_config(cfg)
+    assert cfg.trainer.precision == ("bf16-mixed" if native else "32")
+    assert "emulated" not in caplog.text  # auto never picks the slow emulated bf16
+    assert f"trainer.precision=auto: {cfg.trainer.precision} on this CPU" in caplog.text
+
+
+def test_precision_auto_run_records_what_it_ran_at(tmp_path, data_dir):
+    from busiseg.run_info import cpu_has_bf16
+
+    summary = train(compose_train(tmp_path, data_dir, ["debug=fdr", "trainer=cpu", "trainer.precision=auto"]))
+    expected = "bf16-mixed" if cpu_has_bf16() else "32"
+    run = tmp_path / "run"
+    assert OmegaConf.load(run / "config.yaml").trainer.precision == expected  # what busiseg.eval reads
+    assert "test/dice" in summary["metrics"]
 
 
 @pytest.mark.slow

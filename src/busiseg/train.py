@@ -50,6 +50,10 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names the key."""
 
 
+# Lightning's precisions busiseg accepts; ``auto`` is resolved by :func:`resolve_precision` first
+PRECISIONS = ("32", "32-true", "64", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Catch impossible values before any heavy work, naming the key."""
     data = cfg.data
@@ -63,9 +67,8 @@ def check_config(cfg: DictConfig) -> None:
                           "training set and draw the same batches): set data.device_resident=false with "
                           f"trainer.strategy={_strategy_name(cfg.trainer)}")
     precision = str(cfg.trainer.get("precision", 32))
-    allowed = ("32", "32-true", "64", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
-    if precision not in allowed:
-        raise ConfigError(f"trainer.precision={precision} is not one of {', '.join(allowed)}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={precision} is not one of auto, {', '.join(PRECISIONS)}")
     accelerator = cfg.trainer.get("accelerator", "auto")
     if accelerator == "gpu" and not torch.cuda.is_available():
         raise ConfigError("trainer.accelerator=gpu but no CUDA device is visible; use trainer=cpu or trainer=default (auto)")
@@ -79,7 +82,8 @@ def check_config(cfg: DictConfig) -> None:
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     if precision == "bf16-mixed" and on_cpu and not cpu_has_bf16():
         log.warning("trainer.precision=bf16-mixed on a CPU without bfloat16 instructions (no avx512_bf16 or AMX): "
-                    "it will be emulated, likely slower than trainer.precision=32 (docs/performance.md, 4b)")
+                    "it will be emulated, 13-20x slower than trainer.precision=32 on one such CPU "
+                    "(docs/performance.md, 4b); trainer.precision=auto picks 32 here")
     nonfinite = (cfg.get("guard") or {}).get("nonfinite", "stop")
     if nonfinite not in NONFINITE_ACTIONS:
         raise ConfigError(f"guard.nonfinite must be one of {', '.join(NONFINITE_ACTIONS)}, got {nonfinite!r}")
@@ -92,6 +96,25 @@ def check_config(cfg: DictConfig) -> None:
     split = cfg.get("split") or {}
     if "fold" in split and not 0 <= int(split.fold) < int(split.k):
         raise ConfigError(f"split.fold must be in 0..{int(split.k) - 1} (split.k={split.k}), got {split.fold}")
+
+
+def _on_gpu(trainer_cfg: DictConfig) -> bool:
+    return trainer_cfg.get("accelerator", "auto") in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+
+
+def resolve_precision(cfg: DictConfig) -> None:
+    """``trainer.precision=auto`` -> ``bf16-mixed`` where the training device runs bfloat16 natively
+    (a GPU with bf16, a CPU with avx512_bf16 or AMX), else ``32``: emulated bf16 on a CPU without
+    those instructions is several times slower than fp32 (docs/performance.md, 4b). The config is
+    changed in place before anything reads it, so the run's config.yaml, its checkpoints and
+    ``busiseg.eval`` (which evaluates at the training precision) all see the value it ran at."""
+    if str(cfg.trainer.get("precision")) != "auto":
+        return
+    native = torch.cuda.is_bf16_supported() if _on_gpu(cfg.trainer) else cpu_has_bf16()
+    cfg.trainer.precision = "bf16-mixed" if native else "32"
+    device = "GPU" if _on_gpu(cfg.trainer) else "CPU"
+    log.info("trainer.precision=auto: %s on this %s (%s bfloat16 instructions)", cfg.trainer.precision, device,
+             "with" if native else "without")
 
 
 def _strategy_name(trainer_cfg: DictConfig) -> str:
@@ -179,6 +202,7 @@ def _scalars(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, MultiTaskModule, L.Trainer]:
     """Instantiate datamodule, module and trainer from the config (no training)."""
+    resolve_precision(cfg)  # train() has done it already; the benchmarks call build() directly
     output_dir = Path(cfg.paths.output_dir)
     on_device = bool(cfg.get("augment_on_device", False))
     datamodule = hydra.utils.instantiate(
@@ -223,6 +247,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     resumed = bool(cfg.get("resume"))
     if resumed:
         cfg = resume_config(cfg)
+    resolve_precision(cfg)
     check_config(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
