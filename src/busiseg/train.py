@@ -110,11 +110,11 @@ def resolve_precision(cfg: DictConfig) -> None:
     ``busiseg.eval`` (which evaluates at the training precision) all see the value it ran at."""
     if str(cfg.trainer.get("precision")) != "auto":
         return
-    native = torch.cuda.is_bf16_supported() if _on_gpu(cfg.trainer) else cpu_has_bf16()
+    gpu = _on_gpu(cfg.trainer)
+    native = torch.cuda.is_bf16_supported() if gpu else cpu_has_bf16()
     cfg.trainer.precision = "bf16-mixed" if native else "32"
-    device = "GPU" if _on_gpu(cfg.trainer) else "CPU"
-    log.info("trainer.precision=auto: %s on this %s (%s bfloat16 instructions)", cfg.trainer.precision, device,
-             "with" if native else "without")
+    log.info("trainer.precision=auto: %s on this %s (%s bfloat16 instructions)", cfg.trainer.precision,
+             "GPU" if gpu else "CPU", "with" if native else "without")
 
 
 def _strategy_name(trainer_cfg: DictConfig) -> str:

@@ -65,7 +65,7 @@ def test_deep_supervision_bad_value_names_the_key(bad):
 
 def test_unetplusplus_same_outputs_and_a_different_decoder():
     net = MultiTaskUnet(encoder_name="resnet18", decoder_channels=(32, 16, 16, 8, 8), arch="unetplusplus")
-    assert net.unet.__class__.__name__ == "UnetPlusPlus" and net.arch == "unetplusplus"
+    assert net.unet.__class__.__name__ == "UnetPlusPlus"
     mask_logits, class_logits = net(torch.rand(2, 1, 64, 64))
     assert mask_logits.shape == (2, 1, 64, 64) and class_logits.shape == (2, 3)
     assert torch.all(class_logits == 0)  # the class head starts at uniform probabilities, as with the U-Net

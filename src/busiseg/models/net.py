@@ -91,7 +91,6 @@ class MultiTaskUnet(nn.Module):
                              f"blocks), got model.arch={arch!r} with model.deep_supervision={deep_supervision}")
         self.unet = build_unet(encoder_name, encoder_weights, in_channels, decoder_channels, num_classes, head_dropout,
                                arch)
-        self.arch = arch
         self.in_channels = in_channels
         self.deep_supervision = deep_supervision
         # aux head k reads decoder block -(k + 2): the block before the last, then the one before it, ...
