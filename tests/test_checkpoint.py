@@ -30,11 +30,16 @@ def _ckpt(tmp_path, extra=None, model_cfg=MODEL_CFG):
     return net.eval(), path
 
 
-@pytest.mark.parametrize("arch", [None, "unet", "unetplusplus"])  # None: a checkpoint from before model.arch
+# None: a checkpoint from before model.arch and model.class_pooling
+@pytest.mark.parametrize("arch", [None, "unet", "unetplusplus", "unet+lesion"])
 def test_round_trip_same_outputs(tmp_path, arch):
-    net, path = _ckpt(tmp_path, model_cfg=MODEL_CFG if arch is None else {**MODEL_CFG, "arch": arch})
+    extra = {} if arch is None else {"arch": arch.split("+")[0]}
+    if arch and arch.endswith("+lesion"):
+        extra["class_pooling"] = "lesion"
+    net, path = _ckpt(tmp_path, model_cfg={**MODEL_CFG, **extra})
     loaded, config = load_model(path)
     assert loaded.unet.__class__ is net.unet.__class__
+    assert loaded.class_pooling == net.class_pooling == extra.get("class_pooling", "avg")
     x = torch.rand(1, 1, 64, 64)
     with torch.no_grad():
         for a, b in zip(net(x), loaded(x)):

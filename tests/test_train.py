@@ -260,6 +260,21 @@ def test_deep_supervision_run_trains_the_aux_heads(tmp_path, data_dir):
     assert "test/dice" in json.loads((run / "metrics.json").read_text())["metrics"]
 
 
+def test_lesion_pooled_class_head_trains_and_reloads(tmp_path, data_dir):
+    from busiseg.checkpoint import load_model
+
+    cfg = compose_train(tmp_path, data_dir, ["debug=limit", "model.class_pooling=lesion", "logger=csv",
+                                             "callbacks.image_logger=null", "test_ckpt=last"])
+    train(cfg)
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    weight = ckpt["state_dict"]["net.unet.classification_head.linear.weight"]
+    assert weight.shape == (3, 512 + 512 + 256 + 1) and weight.abs().sum() > 0  # trained away from its zero init
+    net, config = load_model(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert config["model"]["class_pooling"] == "lesion" and net.class_pooling == "lesion"
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]
+    assert "test/accuracy" in metrics and "test/dice" in metrics
+
+
 def test_channels_last_run_matches_default_metrics_keys(tmp_path, data_dir):
     cfg = compose_train(tmp_path, data_dir, ["debug=fdr", "channels_last=true"])
     summary = train(cfg)

@@ -85,3 +85,56 @@ def test_deep_supervision_needs_the_unet_decoder():
     with pytest.raises(ValueError, match="model.deep_supervision needs model.arch=unet"):
         MultiTaskUnet(encoder_name="resnet18", decoder_channels=(32, 16, 16, 8, 8), deep_supervision=1,
                       arch="unetplusplus")
+
+
+def test_lesion_pooled_head_reads_the_mask_and_keeps_the_mask_path():
+    torch.manual_seed(0)
+    kwargs = dict(encoder_name="resnet18", decoder_channels=(32, 16, 16, 8, 8))
+    net = MultiTaskUnet(class_pooling="lesion", **kwargs)
+    assert net.unet.classification_head.__class__.__name__ == "LesionPooledHead"
+    # 512 averaged + 512 and 256 under the mask + the drawn area
+    assert net.unet.classification_head.linear.in_features == 512 + 512 + 256 + 1
+    images = torch.rand(2, 1, 64, 64)
+    mask_logits, class_logits = net(images)
+    assert mask_logits.shape == (2, 1, 64, 64) and torch.all(class_logits == 0)  # zero-initialised, as avg
+    # the mask path is smp's: the same weights give the same mask as the plain head
+    plain = MultiTaskUnet(**kwargs)
+    plain.load_state_dict({k: v for k, v in net.state_dict().items() if "classification_head" not in k}, strict=False)
+    net.eval(), plain.eval()
+    assert torch.allclose(net(images)[0], plain(images)[0])
+    # the class logits depend on the mask: a head with weights gives other logits when the mask changes
+    torch.nn.init.normal_(net.unet.classification_head.linear.weight)
+    head = net.unet.classification_head
+    features = net.unet.encoder((images - 0.5) / 0.25)
+    assert not torch.allclose(head(features, torch.full_like(mask_logits, -10.0)),
+                              head(features, torch.full_like(mask_logits, 10.0)))
+    # the class loss does not reach the mask through the head (the mask is detached there)
+    net.train()
+    mask_logits, class_logits = net(images)
+    grad = torch.autograd.grad(class_logits.sum(), net.unet.segmentation_head[0].weight, allow_unused=True)[0]
+    assert grad is None
+
+
+def test_lesion_pooled_head_under_bf16_autocast():
+    net = MultiTaskUnet(encoder_name="resnet18", decoder_channels=(32, 16, 16, 8, 8), class_pooling="lesion")
+    torch.nn.init.normal_(net.unet.classification_head.linear.weight)
+    images = torch.rand(2, 1, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mask_logits, class_logits = net(images)
+    assert class_logits.shape == (2, 3) and torch.isfinite(class_logits.float()).all()
+    class_logits.float().sum().backward()
+    assert net.unet.classification_head.linear.weight.grad is not None
+
+
+def test_lesion_pooled_head_with_deep_supervision_and_unetplusplus():
+    kwargs = dict(encoder_name="resnet18", decoder_channels=(32, 16, 16, 8, 8), class_pooling="lesion")
+    net = MultiTaskUnet(deep_supervision=2, **kwargs).eval()
+    mask_logits, class_logits, aux = net(torch.rand(2, 1, 64, 64), return_aux=True)
+    assert class_logits.shape == (2, 3) and len(aux) == 2
+    pp = MultiTaskUnet(arch="unetplusplus", **kwargs)
+    assert pp(torch.rand(1, 1, 64, 64))[1].shape == (1, 3)
+
+
+def test_unknown_class_pooling_names_the_key():
+    with pytest.raises(ValueError, match="model.class_pooling must be one of \\['avg', 'lesion'\\], got 'max'"):
+        MultiTaskUnet(encoder_name="resnet18", class_pooling="max")

@@ -49,6 +49,37 @@ def build_unet(encoder_name: str, encoder_weights: str | None, in_channels: int,
         ) from exc
 
 
+# model.class_pooling: what the class head reads from the encoder's features
+CLASS_POOLINGS = ("avg", "lesion")
+
+
+class LesionPooledHead(nn.Module):
+    """Class head that also looks where the network draws the lesion.
+
+    Reads the average of the deepest encoder features over the whole image (as smp's ``avg``
+    head), the averages of the two deepest stages weighted by the predicted mask probability
+    (resized to each stage's grid; the mask is detached, so the class loss does not reshape the
+    mask through this path) and the mean mask probability (the drawn area). The weighted
+    averages are near zero where nothing is drawn.
+    """
+
+    def __init__(self, stage_channels: Sequence[int], num_classes: int, dropout: float):
+        super().__init__()
+        deep, second = int(stage_channels[-1]), int(stage_channels[-2])
+        self.dropout = nn.Dropout(p=dropout) if dropout else nn.Identity()
+        self.linear = nn.Linear(2 * deep + second + 1, num_classes)
+
+    def forward(self, features: Sequence[torch.Tensor], mask_logits: torch.Tensor) -> torch.Tensor:
+        prob = torch.sigmoid(mask_logits.detach().float())
+        pooled = [features[-1].float().mean(dim=(2, 3))]
+        depth = len(features) - 1  # features[0] is the input; stage k is at 1/2**k of it
+        for stage, factor in ((features[-1], 2 ** depth), (features[-2], 2 ** (depth - 1))):
+            w = nn.functional.avg_pool2d(prob, kernel_size=factor)  # a fixed kernel: exports with dynamic H, W
+            pooled.append((stage.float() * w).sum(dim=(2, 3)) / (w.sum(dim=(2, 3)) + 1e-3))
+        pooled.append(prob.mean(dim=(2, 3)))
+        return self.linear(self.dropout(torch.cat(pooled, dim=1)))
+
+
 class MultiTaskUnet(nn.Module):
     """U-Net for the lesion mask plus a classification head on the encoder's deepest features.
 
@@ -64,6 +95,9 @@ class MultiTaskUnet(nn.Module):
     ``forward(images, return_aux=True)`` then also returns their logits, finest first, at their
     own resolution; training adds their losses (``MultiTaskLoss``). The plain ``forward`` (eval,
     predict, ONNX export) is unchanged and never runs the extra heads.
+
+    ``class_pooling="lesion"`` replaces smp's average-pooled class head by
+    :class:`LesionPooledHead`, which also pools the encoder's features under the predicted mask.
     """
 
     def __init__(
@@ -78,6 +112,7 @@ class MultiTaskUnet(nn.Module):
         input_std: float = 0.25,
         deep_supervision: int = 0,
         arch: str = "unet",
+        class_pooling: str = "avg",
     ):
         super().__init__()
         if input_std <= 0:
@@ -89,8 +124,14 @@ class MultiTaskUnet(nn.Module):
         if deep_supervision and arch != "unet":
             raise ValueError(f"model.deep_supervision needs model.arch=unet (its heads read the U-Net decoder's "
                              f"blocks), got model.arch={arch!r} with model.deep_supervision={deep_supervision}")
+        if class_pooling not in CLASS_POOLINGS:
+            raise ValueError(f"model.class_pooling must be one of {list(CLASS_POOLINGS)}, got {class_pooling!r}")
         self.unet = build_unet(encoder_name, encoder_weights, in_channels, decoder_channels, num_classes, head_dropout,
                                arch)
+        self.class_pooling = class_pooling
+        if class_pooling == "lesion":
+            self.unet.classification_head = LesionPooledHead(self.unet.encoder.out_channels, num_classes,
+                                                             head_dropout)
         self.in_channels = in_channels
         self.deep_supervision = deep_supervision
         # aux head k reads decoder block -(k + 2): the block before the last, then the one before it, ...
@@ -108,17 +149,27 @@ class MultiTaskUnet(nn.Module):
         nn.init.zeros_(linears[-1].weight)
         nn.init.zeros_(linears[-1].bias)
 
+    def _unet(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.class_pooling == "avg":
+            return self.unet(x)
+        # smp's forward with the class head reading the mask too (the input-shape check as smp's)
+        if not (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            self.unet.check_input_shape(x)
+        features = self.unet.encoder(x)
+        mask_logits = self.unet.segmentation_head(self.unet.decoder(features))
+        return mask_logits, self.unet.classification_head(features, mask_logits)
+
     def forward(self, images: torch.Tensor, return_aux: bool = False):
         x = (images - self.input_mean) / self.input_std
         if not return_aux or not self.deep_supervision:
-            mask_logits, class_logits = self.unet(x)
+            mask_logits, class_logits = self._unet(x)
             return (mask_logits, class_logits, []) if return_aux else (mask_logits, class_logits)
         features: dict[int, torch.Tensor] = {}
         blocks = [self.unet.decoder.blocks[-(k + 2)] for k in range(self.deep_supervision)]  # as aux_heads
         hooks = [block.register_forward_hook(lambda _m, _i, out, k=k: features.__setitem__(k, out))
                  for k, block in enumerate(blocks)]
         try:
-            mask_logits, class_logits = self.unet(x)
+            mask_logits, class_logits = self._unet(x)
         finally:
             for hook in hooks:
                 hook.remove()
