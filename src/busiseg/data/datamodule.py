@@ -30,19 +30,40 @@ def resolve_num_workers(num_workers: int | str) -> int:
     return int(num_workers)
 
 
+SAMPLERS = ("shuffle", "balanced")
+
+
+def balanced_weights(labels: list[int], power: float) -> list[float]:
+    """Per-sample drawing weights ``count(label) ** -power`` (``data.sampler=balanced``).
+
+    ``power`` 1: every class is drawn equally often on average; 0.5: the square root of the
+    inverse frequency (the rare classes gain, the common one still leads); 0: uniform.
+    """
+    if power < 0:
+        raise ValueError(f"data.balance_power must be >= 0, got {power}")
+    counts = {c: labels.count(c) for c in set(labels)}
+    return [float(counts[c]) ** -power for c in labels]
+
+
 class EpochSampler(Sampler):
     """Shuffles ``n`` positions with a generator seeded by ``(seed, epoch)``; yields ``(position, sample seed)``.
 
     The order and each sample's augmentation seed depend only on the seed and the epoch
     (Lightning calls ``set_epoch``), not on the global RNG, so a run resumed mid-epoch can
     skip the batches already trained on (``skip``) and see exactly the rest.
+
+    With ``weights`` (one per position) an epoch is instead ``n`` positions drawn with
+    replacement in proportion to them (class-balanced sampling), from the same seeded generator.
     """
 
-    def __init__(self, n: int, seed: int, epoch: int = 0, skip: int = 0):
+    def __init__(self, n: int, seed: int, epoch: int = 0, skip: int = 0, weights: list[float] | None = None):
+        if weights is not None and (len(weights) != n or min(weights, default=1.0) < 0 or sum(weights) <= 0):
+            raise ValueError(f"EpochSampler needs {n} non-negative weights with a positive sum")
         self.n = n
         self.seed = int(seed)
         self.epoch = epoch
         self.skip = skip  # samples to leave out at the start of ``epoch`` (once)
+        self.weights = weights
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -54,7 +75,11 @@ class EpochSampler(Sampler):
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.n, generator=generator).tolist()
+        if self.weights is None:
+            order = torch.randperm(self.n, generator=generator).tolist()
+        else:
+            weights = torch.as_tensor(self.weights, dtype=torch.float64)
+            order = torch.multinomial(weights, self.n, replacement=True, generator=generator).tolist()
         seeds = np.random.SeedSequence([self.seed, self.epoch]).generate_state(self.n).tolist()
         start, self.skip = self.skip, 0
         for j in range(start, self.n):
@@ -85,6 +110,10 @@ class BusiDataModule(L.LightningDataModule):
         device_resident: keep the decoded training set on the training device and batch
             it there (needs ``cache: memory``; augmentation then runs on the device:
             ``augment_on_device``).
+        sampler: ``shuffle`` (every training image once per epoch, in a new order) or
+            ``balanced`` (as many draws per epoch, with replacement, each image weighted by
+            ``count(its class) ** -balance_power`` in the training part).
+        balance_power: the exponent of ``balanced`` (1: classes equally often; 0.5: square root).
     """
 
     def __init__(
@@ -106,6 +135,8 @@ class BusiDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         device_resident: bool = False,
         seed: int | None = None,
+        sampler: str = "shuffle",
+        balance_power: float = 1.0,
     ):
         super().__init__()
         if in_channels not in (1, 3):
@@ -130,6 +161,16 @@ class BusiDataModule(L.LightningDataModule):
         if device_resident and cache != "memory":
             raise ValueError(f"data.device_resident needs data.cache=memory, got data.cache={cache}")
         self.device_resident = device_resident
+        if sampler not in SAMPLERS:
+            raise ValueError(f"data.sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        if sampler == "balanced" and device_resident:
+            raise ValueError("data.sampler=balanced is not supported with data.device_resident=true "
+                             "(its batch loader shuffles on the device); use data.device_resident=false")
+        if balance_power < 0:
+            raise ValueError(f"data.balance_power must be >= 0, got {balance_power}")
+        self.sampler = sampler
+        self.balance_power = float(balance_power)
+        self.train_weights: list[float] | None = None  # set by setup() for sampler=balanced
         self._device_loader = None
         self.records: list[Record] = []
         self.split: dict[str, list[str]] = {}
@@ -168,13 +209,22 @@ class BusiDataModule(L.LightningDataModule):
         for p in PARTS:
             counts = summarize([self.records[i] for i in index[p]])
             log.info("%s: %d images (%s)", p, len(index[p]), ", ".join(f"{c} {counts[c]}" for c in CLASS_NAMES))
+        self.train_weights = None
+        if self.sampler == "balanced":
+            labels = [self.records[i].label for i in index["train"]]
+            self.train_weights = balanced_weights(labels, self.balance_power)
+            total = sum(self.train_weights)
+            share = {c: sum(w for w, y in zip(self.train_weights, labels) if y == c) / total for c in set(labels)}
+            log.info("data.sampler=balanced (power %g): expected share of each epoch's draws: %s", self.balance_power,
+                     ", ".join(f"{CLASS_NAMES[c]} {share[c]:.2f}" for c in sorted(share)))
 
     def _loader(self, dataset: BusiDataset, shuffle: bool, batch_size: int) -> DataLoader:
         sampler = None
         if shuffle:
             seed = self.seed if self.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
             epoch, batches_done = self._resume
-            sampler = EpochSampler(len(dataset), seed, epoch=epoch, skip=batches_done * batch_size)
+            weights = self.train_weights if dataset is self.train_dataset else None
+            sampler = EpochSampler(len(dataset), seed, epoch=epoch, skip=batches_done * batch_size, weights=weights)
         else:  # under DDP: each val/test image on exactly one rank (Lightning's default sampler pads)
             sampler = eval_sampler(dataset)
         return DataLoader(
