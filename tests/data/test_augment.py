@@ -21,7 +21,7 @@ def _marked_pair(size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     return image, mask
 
 
-@pytest.mark.parametrize("recipe", ["seed", "standard", "none"])
+@pytest.mark.parametrize("recipe", ["seed", "standard", "strong", "none"])
 def test_recipes_from_config_keep_mask_aligned(recipe: str):
     with initialize_config_dir(config_dir=str(REPO / "conf" / "augment"), version_base="1.3"):
         cfg = compose(config_name=recipe)

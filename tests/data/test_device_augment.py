@@ -66,7 +66,19 @@ def test_affine_matches_albumentations(scale, tx, ty, rot, min_iou):
     assert np.abs(oi[0, 0].numpy() - ref["image"] / 255.0).mean() < 0.02
 
 
-@pytest.mark.parametrize("recipe", [SeedTensorAugment(), StandardTensorAugment(affine_p=1.0)])
+def _strong_from_config():
+    # augment=strong (busi_cpu's): the same tensor recipe as standard at its wider parameters
+    import yaml
+
+    from tests.conftest import REPO
+
+    cfg = yaml.safe_load((REPO / "conf" / "augment" / "strong.yaml").read_text())
+    recipe = from_augment_config(cfg)
+    assert isinstance(recipe, StandardTensorAugment)
+    return recipe
+
+
+@pytest.mark.parametrize("recipe", [SeedTensorAugment(), StandardTensorAugment(affine_p=1.0), _strong_from_config()])
 def test_recipes_keep_masks_aligned_and_binary(recipe):
     image, mask = _pair()
     ti, tm = _t(image, mask)

@@ -69,7 +69,8 @@ def gaussian_blur(images: Tensor, which: Tensor, generator=None) -> Tensor:
         img = F.pad(images[i : i + 1], (k // 2, k // 2, k // 2, k // 2), mode="reflect")
         img = F.conv2d(img, kernel.view(1, 1, 1, k).expand(c, 1, 1, k), groups=c)
         img = F.conv2d(img, kernel.view(1, 1, k, 1).expand(c, 1, k, 1), groups=c)
-        out[i] = img[0]
+        # a kernel summing to 1 in floating point can lift a saturated pixel a rounding step above 1
+        out[i] = img[0].clamp_(0.0, 1.0)
     return out
 
 
