@@ -29,6 +29,7 @@ def test_experiment_presets_compose(tmp_path, data_dir, name, monkeypatch):
     if name == "busi_cpu":  # the measured recipe (docs/results.md)
         assert cfg.trainer.accelerator == "cpu" and cfg.trainer.precision == "auto" and cfg.channels_last
         assert cfg.augment._target_.endswith("standard_recipe") and cfg.data.image_size == 128
+        assert cfg.augment.affine_p == 0.8 and cfg.augment.brightness == 0.35  # augment=strong (e33)
         assert cfg.scheduler._target_.endswith("one_cycle") and cfg.model.encoder_name == "resnet34"
         assert cfg.loss.segmentation.dice_reduction == "lesion_images"  # e19
     if name == "busi_gpu":
