@@ -36,6 +36,7 @@ def test_experiment_presets_compose(tmp_path, data_dir, name, monkeypatch):
         assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
         assert cfg.data.image_size == 256 and cfg.trainer.max_epochs > 30
         assert cfg.loss.segmentation.dice_reduction == "batch"  # as measured (g01), not busi_cpu's
+        assert cfg.augment.affine_p == 0.5 and cfg.augment.brightness == 0.2  # augment=standard, as measured
 
 
 def test_test_ckpt_last_tests_the_final_weights(tmp_path, data_dir):
