@@ -70,3 +70,33 @@ def test_ablation_pairs_arms_fold_by_fold(tmp_path):
     assert "loss=seg_only scheduler=warmup_cosine" in calls[0]
     proc, calls = _run(tmp_path, "ablation.sh", str(out), ARMS="nope", FOLDS="0")
     assert proc.returncode != 0 and "unknown arm: nope" in proc.stderr and calls == []
+
+
+def test_cv_parallel_runs_every_fold_at_once_and_reports_a_failed_one(tmp_path):
+    out, splits = tmp_path / "g", tmp_path / "saved"
+    for f in (0, 1, 2):
+        (splits / str(f)).mkdir(parents=True)
+        (splits / str(f) / "split.json").write_text("{}")
+    proc, calls = _run(tmp_path, "cv_parallel.sh", str(out), "augment=strong", FOLDS="0 1 2", WORKERS="2",
+                       SPLITS=str(splits))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(calls) == [
+        f"-m busiseg.train experiment=busi_gpu split=kfold split.fold={f} split.file={splits}/{f}/split.json "
+        f"data.root={tmp_path} data.num_workers=2 augment=strong callbacks.progress_bar=null "
+        f"hydra.run.dir={out}/{f}" for f in (0, 1, 2)]
+    assert all(f"{out}/{f}: done" in proc.stdout for f in (0, 1, 2))
+    # a fold whose training fails: the others finish, the script names it and exits non-zero
+    fake = tmp_path / "python_fail1"
+    fake.write_text(FAKE_PYTHON.replace('echo "$*" >> "$CALLS"',
+                                        'echo "$*" >> "$CALLS"; [[ "$*" == *split.fold=1* ]] && exit 3'))
+    fake.chmod(0o755)
+    proc, calls = _run(tmp_path, "cv_parallel.sh", str(tmp_path / "h"), FOLDS="0 1 2", PYTHON=str(fake),
+                       EXPERIMENT="busi_cpu")
+    assert proc.returncode == 1 and f"{tmp_path}/h/1: FAILED (exit 3)" in proc.stderr
+    assert len(calls) == 3 and all("experiment=busi_cpu" in c and "split.file" not in c for c in calls)
+    assert (tmp_path / "h" / "0" / "metrics.json").exists() and (tmp_path / "h" / "2" / "metrics.json").exists()
+
+
+def test_cv_parallel_refuses_a_missing_saved_split(tmp_path):
+    proc, calls = _run(tmp_path, "cv_parallel.sh", str(tmp_path / "g"), FOLDS="0", SPLITS=str(tmp_path / "none"))
+    assert proc.returncode == 2 and "split.json" in proc.stderr and calls == []

@@ -35,8 +35,10 @@ def test_experiment_presets_compose(tmp_path, data_dir, name, monkeypatch):
     if name == "busi_gpu":
         assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
         assert cfg.data.image_size == 256 and cfg.trainer.max_epochs > 30
-        assert cfg.loss.segmentation.dice_reduction == "batch"  # as measured (g01), not busi_cpu's
-        assert cfg.augment.affine_p == 0.5 and cfg.augment.brightness == 0.2  # augment=standard, as measured
+        # busi_cpu's augment=strong and per-lesion-image Dice, as measured on the GPU (g02)
+        assert cfg.loss.segmentation.dice_reduction == "lesion_images"
+        assert cfg.augment.affine_p == 0.8 and cfg.augment.brightness == 0.35
+        assert cfg.optimizer.lr == 1.4e-3 and cfg.data.batch_size == 32 and cfg.channels_last
 
 
 def test_test_ckpt_last_tests_the_final_weights(tmp_path, data_dir):
