@@ -18,17 +18,19 @@ FOLDS=${FOLDS:-"0 1 2 3 4"}
 EXPERIMENT=${EXPERIMENT:-busi_gpu}
 PY=${PYTHON:-python}
 : "${BUSI_ROOT:?set BUSI_ROOT to the Dataset_BUSI_with_GT folder (or a resized copy of it)}"
-n_folds=$(wc -w <<<"$FOLDS")
-WORKERS=${WORKERS:-$(( ($(nproc) - 1) / n_folds ))}
+read -r -a folds <<<"$FOLDS"
+WORKERS=${WORKERS:-$(( ($(nproc) - 1) / ${#folds[@]} ))}
+if [[ -n "${SPLITS:-}" ]]; then  # every saved split checked before any fold starts
+  for fold in "${folds[@]}"; do
+    [[ -f "$SPLITS/$fold/split.json" ]] || { echo "no $SPLITS/$fold/split.json" >&2; exit 2; }
+  done
+fi
 mkdir -p "$OUT"
 
 pids=()
-for fold in $FOLDS; do
+for fold in "${folds[@]}"; do
   split=()
-  if [[ -n "${SPLITS:-}" ]]; then
-    split=("split.file=$SPLITS/$fold/split.json")
-    [[ -f "$SPLITS/$fold/split.json" ]] || { echo "no $SPLITS/$fold/split.json" >&2; exit 2; }
-  fi
+  [[ -n "${SPLITS:-}" ]] && split=("split.file=$SPLITS/$fold/split.json")
   echo "== $OUT/$fold: experiment=$EXPERIMENT fold $fold ${split[*]} $* (log: $OUT/$fold.out)"
   $PY -m busiseg.train experiment="$EXPERIMENT" split=kfold split.fold="$fold" "${split[@]}" \
     data.root="$BUSI_ROOT" data.num_workers="$WORKERS" "$@" \
@@ -38,11 +40,10 @@ done
 
 failed=0
 for i in "${!pids[@]}"; do
-  fold=$(cut -d' ' -f$((i + 1)) <<<"$(echo $FOLDS)")
   if wait "${pids[$i]}"; then
-    echo "== $OUT/$fold: done"
+    echo "== $OUT/${folds[$i]}: done"
   else
-    echo "== $OUT/$fold: FAILED (exit $?), see $OUT/$fold.out" >&2
+    echo "== $OUT/${folds[$i]}: FAILED (exit $?), see $OUT/${folds[$i]}.out" >&2
     failed=1
   fi
 done

@@ -97,6 +97,9 @@ def test_cv_parallel_runs_every_fold_at_once_and_reports_a_failed_one(tmp_path):
     assert (tmp_path / "h" / "0" / "metrics.json").exists() and (tmp_path / "h" / "2" / "metrics.json").exists()
 
 
-def test_cv_parallel_refuses_a_missing_saved_split(tmp_path):
-    proc, calls = _run(tmp_path, "cv_parallel.sh", str(tmp_path / "g"), FOLDS="0", SPLITS=str(tmp_path / "none"))
-    assert proc.returncode == 2 and "split.json" in proc.stderr and calls == []
+def test_cv_parallel_refuses_a_missing_saved_split_before_starting_any_fold(tmp_path):
+    splits = tmp_path / "saved"
+    (splits / "0").mkdir(parents=True)
+    (splits / "0" / "split.json").write_text("{}")
+    proc, calls = _run(tmp_path, "cv_parallel.sh", str(tmp_path / "g"), FOLDS="0 1", SPLITS=str(splits))
+    assert proc.returncode == 2 and f"no {splits}/1/split.json" in proc.stderr and calls == []
