@@ -69,9 +69,11 @@ def test_onnx_export_matches_pytorch(tiny_ckpt, tiny_onnx):
         assert np.abs(cls - ref_cls.numpy()).max() <= 1e-4
 
 
-@pytest.mark.parametrize("arch,class_pooling", [("unetplusplus", "avg"), ("unet", "lesion")])
-def test_other_architectures_export_to_onnx_and_match_pytorch(tmp_path, arch, class_pooling):
-    ckpt = make_tiny_checkpoint(tmp_path / "upp.ckpt", arch=arch, class_pooling=class_pooling)
+@pytest.mark.parametrize("arch,class_pooling,attention", [("unetplusplus", "avg", None), ("unet", "lesion", None),
+                                                           ("unet", "avg", "scse")])
+def test_other_architectures_export_to_onnx_and_match_pytorch(tmp_path, arch, class_pooling, attention):
+    ckpt = make_tiny_checkpoint(tmp_path / "upp.ckpt", arch=arch, class_pooling=class_pooling,
+                                decoder_attention=attention)
     write_inputs(tmp_path / "check", CHECK_IMAGES)
     sidecar = run_export(ckpt, "format=onnx", f"output='{tmp_path / 'upp.onnx'}'", f"check_input='{tmp_path / 'check'}'")
     assert sidecar["parity"]["max_abs_diff"] <= 1e-4  # export compares ONNX Runtime with PyTorch itself
@@ -81,6 +83,7 @@ def test_other_architectures_export_to_onnx_and_match_pytorch(tmp_path, arch, cl
     net, _ = load_model(ckpt)
     assert net.unet.__class__.__name__ == {"unet": "Unet", "unetplusplus": "UnetPlusPlus"}[arch]
     assert net.class_pooling == class_pooling
+    assert any(m.__class__.__name__ == "SCSEModule" for m in net.modules()) == (attention == "scse")
     x = torch.rand(2, 1, 96, 64)  # not the size it was exported at: H and W are dynamic
     mask, cls = session.run(None, {"image": x.numpy()})
     with torch.no_grad():

@@ -33,15 +33,19 @@ TINY_MODEL = {
 }
 
 
-def make_tiny_checkpoint(path: Path, image_size: int = 64, arch: str = "unet", class_pooling: str = "avg") -> Path:
+def make_tiny_checkpoint(path: Path, image_size: int = 64, arch: str = "unet", class_pooling: str = "avg",
+                         decoder_attention: str | None = None) -> Path:
     """A busiseg checkpoint without training: random weights, class head made non-uniform."""
     torch.manual_seed(0)
-    net = MultiTaskUnet(encoder_name="resnet18", decoder_channels=(16, 16, 8, 8, 8), arch=arch,
-                        class_pooling=class_pooling)
+    # scse needs 16 decoder channels or more
+    decoder_channels = [16] * 5 if decoder_attention else list(TINY_MODEL["decoder_channels"])
+    net = MultiTaskUnet(encoder_name="resnet18", decoder_channels=decoder_channels, arch=arch,
+                        class_pooling=class_pooling, decoder_attention=decoder_attention)
     head = [m for m in net.unet.classification_head.modules() if isinstance(m, torch.nn.Linear)][-1]
     torch.nn.init.normal_(head.weight, std=0.05)  # the real head starts at zero: every class 1/3
     torch.nn.init.normal_(head.bias, std=0.5)
-    config = {"model": {**TINY_MODEL, "arch": arch, "class_pooling": class_pooling},
+    config = {"model": {**TINY_MODEL, "arch": arch, "class_pooling": class_pooling,
+                        "decoder_channels": decoder_channels, "decoder_attention": decoder_attention},
               "data": {"image_size": image_size, "in_channels": 1}}
     torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
                 "hyper_parameters": {"config": config}}, path)

@@ -76,6 +76,26 @@ def test_unetplusplus_same_outputs_and_a_different_decoder():
         {k for k in net.state_dict() if not k.startswith("unet.decoder.")}
 
 
+def test_scse_decoder_attention_same_outputs_and_extra_decoder_weights():
+    kwargs = dict(encoder_name="resnet18", decoder_channels=(64, 32, 32, 16, 16))
+    plain = MultiTaskUnet(**kwargs)
+    for arch in ("unet", "unetplusplus"):
+        net = MultiTaskUnet(decoder_attention="scse", arch=arch, **kwargs)
+        assert any(m.__class__.__name__ == "SCSEModule" for m in net.unet.decoder.modules())
+        mask_logits, class_logits = net.eval()(torch.rand(2, 1, 64, 64))
+        assert mask_logits.shape == (2, 1, 64, 64) and class_logits.shape == (2, 3)
+    assert not any(m.__class__.__name__ == "SCSEModule" for m in plain.modules())
+    net = MultiTaskUnet(decoder_attention="scse", deep_supervision=2, **kwargs)
+    assert len(net(torch.rand(2, 1, 64, 64), return_aux=True)[2]) == 2
+    # only the decoder gains weights: encoder and heads keep their state_dict keys
+    assert {k for k in plain.state_dict() if not k.startswith("unet.decoder.")} == \
+        {k for k in net.state_dict() if not k.startswith("unet.decoder.") and not k.startswith("aux_heads.")}
+    with pytest.raises(ValueError, match="model.decoder_attention must be null or 'scse', got 'cbam'"):
+        MultiTaskUnet(decoder_attention="cbam", **kwargs)
+    with pytest.raises(ValueError, match="decoder_attention=scse needs model.decoder_channels of at least 16"):
+        MultiTaskUnet(encoder_name="resnet18", decoder_channels=(32, 16, 16, 8, 8), decoder_attention="scse")
+
+
 def test_unknown_arch_names_the_key():
     with pytest.raises(ValueError, match="model.arch must be one of \\['unet', 'unetplusplus'\\], got 'fpn'"):
         MultiTaskUnet(encoder_name="resnet18", arch="fpn")

@@ -22,16 +22,29 @@ ARCHITECTURES: dict[str, type[smp.Unet] | type[smp.UnetPlusPlus]] = {
 }
 
 
+# model.decoder_attention: smp's decoder_attention_type (None, or "scse": spatial and channel
+# squeeze-and-excitation on each decoder block's skip concatenation and output)
+DECODER_ATTENTIONS = (None, "scse")
+
+
 def build_unet(encoder_name: str, encoder_weights: str | None, in_channels: int, decoder_channels: Sequence[int],
-               num_classes: int, head_dropout: float, arch: str = "unet") -> smp.Unet | smp.UnetPlusPlus:
+               num_classes: int, head_dropout: float, arch: str = "unet",
+               decoder_attention: str | None = None) -> smp.Unet | smp.UnetPlusPlus:
     """smp.Unet (or U-Net++) with ``aux_params`` for the class head; a failed weight download is one clear error."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"model.arch must be one of {sorted(ARCHITECTURES)}, got {arch!r}")
+    if decoder_attention not in DECODER_ATTENTIONS:
+        raise ValueError(f"model.decoder_attention must be null or 'scse', got {decoder_attention!r}")
+    if decoder_attention == "scse" and min(decoder_channels) < 16:
+        # smp's squeeze-and-excitation divides the channels by 16: fewer would leave it no channel
+        raise ValueError(f"model.decoder_attention=scse needs model.decoder_channels of at least 16 each, "
+                         f"got {list(decoder_channels)}")
     kwargs = dict(
         encoder_name=encoder_name,
         in_channels=in_channels,
         classes=1,
         decoder_channels=tuple(decoder_channels),
+        decoder_attention_type=decoder_attention,
         aux_params=dict(classes=num_classes, pooling="avg", dropout=head_dropout or None),
     )
     try:
@@ -96,6 +109,10 @@ class MultiTaskUnet(nn.Module):
     own resolution; training adds their losses (``MultiTaskLoss``). The plain ``forward`` (eval,
     predict, ONNX export) is unchanged and never runs the extra heads.
 
+    ``decoder_attention="scse"`` adds smp's spatial and channel squeeze-and-excitation to every
+    decoder block (twice per block: on the upsampled input concatenated with the skip, and on the
+    block's output); ``None`` is smp's plain decoder.
+
     ``class_pooling="lesion"`` replaces smp's average-pooled class head by
     :class:`LesionPooledHead`, which also pools the encoder's features under the predicted mask.
     """
@@ -113,6 +130,7 @@ class MultiTaskUnet(nn.Module):
         deep_supervision: int = 0,
         arch: str = "unet",
         class_pooling: str = "avg",
+        decoder_attention: str | None = None,
     ):
         super().__init__()
         if input_std <= 0:
@@ -127,7 +145,7 @@ class MultiTaskUnet(nn.Module):
         if class_pooling not in CLASS_POOLINGS:
             raise ValueError(f"model.class_pooling must be one of {list(CLASS_POOLINGS)}, got {class_pooling!r}")
         self.unet = build_unet(encoder_name, encoder_weights, in_channels, decoder_channels, num_classes, head_dropout,
-                               arch)
+                               arch, decoder_attention)
         self.class_pooling = class_pooling
         if class_pooling == "lesion":
             self.unet.classification_head = LesionPooledHead(self.unet.encoder.out_channels, num_classes,
