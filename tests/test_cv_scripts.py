@@ -103,3 +103,27 @@ def test_cv_parallel_refuses_a_missing_saved_split_before_starting_any_fold(tmp_
     (splits / "0" / "split.json").write_text("{}")
     proc, calls = _run(tmp_path, "cv_parallel.sh", str(tmp_path / "g"), FOLDS="0 1", SPLITS=str(splits))
     assert proc.returncode == 2 and f"no {splits}/1/split.json" in proc.stderr and calls == []
+
+
+def test_cv_pretrain_pretrains_each_fold_then_fine_tunes_from_its_weights(tmp_path):
+    out = tmp_path / "e42"
+    proc, calls = _run(tmp_path, "cv_pretrain.sh", str(out), "augment=strong", FOLDS="0 3",
+                       PRETRAIN_ARGS="trainer.max_epochs=100 seed=1")
+    assert proc.returncode == 0, proc.stderr
+    assert calls == [
+        f"-m busiseg.{module} experiment=busi_cpu split=kfold split.fold={f} augment=strong{extra} "
+        f"callbacks.progress_bar=null hydra.run.dir={run}"
+        for f in (0, 3)
+        for module, extra, run in (
+            ("pretrain", " trainer.max_epochs=100 seed=1", f"{out}/pretrain/{f}"),
+            ("train", f" init_weights={out}/pretrain/{f}/checkpoints/last.ckpt", f"{out}/{f}"))]
+    # fold 1: pretraining interrupted; done folds are skipped
+    (out / "pretrain" / "1" / "checkpoints").mkdir(parents=True)
+    (out / "pretrain" / "1" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    proc, calls = _run(tmp_path, "cv_pretrain.sh", str(out), "augment=strong", FOLDS="0 1")
+    assert proc.returncode == 0, proc.stderr
+    assert calls == [f"-m busiseg.pretrain resume={out}/pretrain/1",
+                     f"-m busiseg.train experiment=busi_cpu split=kfold split.fold=1 augment=strong "
+                     f"init_weights={out}/pretrain/1/checkpoints/last.ckpt callbacks.progress_bar=null "
+                     f"hydra.run.dir={out}/1"]
+    assert f"{out}/pretrain/0: done" in proc.stdout and f"{out}/0: done" in proc.stdout

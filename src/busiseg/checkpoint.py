@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import hydra
+import lightning as L
 import torch
 
 from busiseg.models.net import MultiTaskUnet
@@ -49,6 +50,75 @@ def load_model(path: str | Path) -> tuple[MultiTaskUnet, dict[str, Any]]:
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit the model in its config ({exc})") from exc
     return net.eval(), config
+
+
+# where a busiseg checkpoint (pretrain or train) lists the images its weights were trained on: names
+# relative to the data root, e.g. "benign/benign (3).png"
+TRAINED_ON_KEY = "busiseg.trained_on"
+
+
+def trained_on(trainer: L.Trainer) -> list[str]:
+    """The names of the images in the training part of the trainer's datamodule ([] if none is known)."""
+    datamodule = getattr(trainer, "datamodule", None)
+    dataset = getattr(datamodule, "train_dataset", None)
+    if dataset is None or not hasattr(datamodule, "records"):
+        return []
+    return sorted(datamodule.records[i].name for i in dataset.indices)
+
+
+class PretrainingOverlap(L.Callback):
+    """Refuses a fit whose validation or test images were among the images its ``init_weights`` were
+    trained on (``busiseg.pretrain`` and ``busiseg.train`` checkpoints store their names): even
+    self-supervised, the network would have seen the pixels it is scored on, and a cross-validation
+    would no longer be leak-free."""
+
+    def __init__(self, path: str, pretrained_on: Sequence[str]):
+        self.path = path
+        self.pretrained_on = set(pretrained_on)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        datamodule = trainer.datamodule
+        for part in ("val", "test"):
+            dataset = getattr(datamodule, f"{part}_dataset", None)
+            if dataset is None:
+                continue
+            names = [datamodule.records[i].name for i in dataset.indices]
+            seen = sorted(n for n in names if n in self.pretrained_on)
+            if seen:
+                raise CheckpointError(
+                    f"init_weights={self.path} was trained on {len(seen)} of this run's {len(names)} {part} "
+                    f"images (e.g. {seen[0]}): pretrain on this run's split (the same split and split.fold, or "
+                    f"split.file=<pretrain run>/split.json) so that its {part} images stay unseen")
+
+
+def _model_differences(stored: dict[str, Any], current: dict[str, Any]) -> str:
+    """``model.KEY=checkpoint's (this run: VALUE)`` for each model key whose value differs."""
+    keys = sorted(k for k in set(stored) | set(current)
+                  if k not in ("_target_", "encoder_weights") and stored.get(k) != current.get(k))
+    return ", ".join(f"model.{k}={stored.get(k)!r} (this run: {current.get(k)!r})" for k in keys)
+
+
+def load_init_weights(net: torch.nn.Module, path: str | Path,
+                      model_cfg: dict[str, Any] | None = None) -> PretrainingOverlap:
+    """Load a busiseg checkpoint's network weights (``busiseg.pretrain`` or ``busiseg.train``) into
+    ``net`` for a new fit (``init_weights=PATH``); the network must be built with the same ``model.*``
+    settings. Returns the callback that checks, once the split is known, that none of the fit's
+    validation or test images were pretrained on."""
+    ckpt = read_checkpoint(path)
+    state = {k.removeprefix("net."): v for k, v in (ckpt.get("state_dict") or {}).items() if k.startswith("net.")}
+    if not state:
+        raise CheckpointError(f"init_weights={path}: no network weights in the checkpoint (state_dict 'net.*')")
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        stored = ((ckpt.get("hyper_parameters") or {}).get("config") or {}).get("model")
+        differences = _model_differences(stored, model_cfg) if stored and model_cfg else ""
+        detail = differences or " ".join(line.strip() for line in str(exc).strip().splitlines()[:3])[:300]
+        raise CheckpointError(
+            f"init_weights={path}: the weights do not fit this run's network; build it with the model.* "
+            f"settings the checkpoint was trained with: {detail}"
+        ) from exc
+    return PretrainingOverlap(str(path), ckpt.get(TRAINED_ON_KEY) or [])
 
 
 class MemberInputError(CheckpointError):

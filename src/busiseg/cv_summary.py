@@ -109,7 +109,8 @@ def _write_csv(path: Path, rows: Iterable[Mapping[str, Any]], columns: Sequence[
 
 
 def find_fold_runs(directory: str | Path) -> list[Path]:
-    """Run dirs under ``directory`` (itself included) with metrics.json and a k-fold split.json."""
+    """Run dirs under ``directory`` (itself included) with metrics.json and a k-fold split.json
+    (``busiseg.pretrain`` runs, which have no test metrics, are left out)."""
     directory = Path(directory)
     runs = []
     for metrics in sorted(directory.rglob("metrics.json")):
@@ -117,6 +118,11 @@ def find_fold_runs(directory: str | Path) -> list[Path]:
         split = run / "split.json"
         if not split.is_file():
             continue
+        try:
+            if json.loads(metrics.read_text()).get("task") == "pretrain":
+                continue
+        except (OSError, json.JSONDecodeError):
+            pass  # reported when the run is read
         try:
             meta = json.loads(split.read_text()).get("meta", {})
         except (OSError, json.JSONDecodeError):

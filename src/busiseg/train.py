@@ -25,6 +25,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E40
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
 from busiseg.atomic import write_json_atomic  # noqa: E402
+from busiseg.checkpoint import CheckpointError, load_init_weights  # noqa: E402
 from busiseg.cli import fail  # noqa: E402
 from busiseg.cv_summary import write_predictions  # noqa: E402
 from busiseg.data.busi import DatasetError, summarize  # noqa: E402
@@ -200,31 +201,24 @@ def _scalars(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
     }
 
 
-def build(cfg: DictConfig) -> tuple[L.LightningDataModule, MultiTaskModule, L.Trainer]:
-    """Instantiate datamodule, module and trainer from the config (no training)."""
-    resolve_precision(cfg)  # train() has done it already; the benchmarks call build() directly
-    output_dir = Path(cfg.paths.output_dir)
+def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
+    """The datamodule of ``cfg.data`` with its augmentation and splitter (its split goes to the run dir)."""
     on_device = bool(cfg.get("augment_on_device", False))
-    datamodule = hydra.utils.instantiate(
+    return hydra.utils.instantiate(
         cfg.data,
         # augment on the CPU per sample, or (augment_on_device) on the training device per batch
         train_transform=None if on_device else hydra.utils.instantiate(cfg.augment),
         splitter=hydra.utils.instantiate(cfg.split),
-        split_out=str(output_dir / "split.json"),
+        split_out=str(Path(cfg.paths.output_dir) / "split.json"),
         _convert_="object",
     )
-    module = MultiTaskModule(
-        net=hydra.utils.instantiate(cfg.model),
-        loss=hydra.utils.instantiate(cfg.loss),
-        optimizer=hydra.utils.instantiate(cfg.optimizer),
-        scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        config=_plain(cfg),
-        channels_last=bool(cfg.get("channels_last", False)),
-        compile=bool(cfg.get("compile", False)),
-        device_augment=from_augment_config(OmegaConf.to_container(cfg.augment)) if on_device else None,
-    )
-    module.nonfinite = str((cfg.get("guard") or {}).get("nonfinite", "stop"))
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[L.Callback]) -> L.Trainer:
+    """The trainer of ``cfg.trainer`` with ``callbacks`` + those of ``cfg.callbacks``, the exact-resume and
+    interrupt guards, and the loggers of ``cfg.logger``."""
+    output_dir = Path(cfg.paths.output_dir)
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c] + callbacks
     # always on: exact resume (epoch position, RNG states) and a checkpoint on SIGTERM/SIGINT
     callbacks += [ResumeState(), GracefulInterrupt(output_dir / "checkpoints")]
     purge_step = _resumed_step(cfg.get("ckpt_path"))
@@ -237,9 +231,32 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, MultiTaskModule, L.Tr
             loggers.append(hydra.utils.instantiate(c, purge_step=purge_step))
         else:
             loggers.append(hydra.utils.instantiate(c))
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                      plugins=[AtomicCheckpointIO()])
-    return datamodule, module, trainer
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                   plugins=[AtomicCheckpointIO()])
+
+
+def build(cfg: DictConfig) -> tuple[L.LightningDataModule, MultiTaskModule, L.Trainer]:
+    """Instantiate datamodule, module and trainer from the config (no training)."""
+    resolve_precision(cfg)  # train() has done it already; the benchmarks call build() directly
+    on_device = bool(cfg.get("augment_on_device", False))
+    datamodule = build_datamodule(cfg)
+    net = hydra.utils.instantiate(cfg.model)
+    extra_callbacks: list[L.Callback] = []
+    if cfg.get("init_weights") and not cfg.get("ckpt_path"):
+        # a new fit from pretrained network weights (resume and ckpt_path bring their own weights)
+        extra_callbacks.append(load_init_weights(net, str(cfg.init_weights), _plain(cfg)["model"]))
+    module = MultiTaskModule(
+        net=net,
+        loss=hydra.utils.instantiate(cfg.loss),
+        optimizer=hydra.utils.instantiate(cfg.optimizer),
+        scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        config=_plain(cfg),
+        channels_last=bool(cfg.get("channels_last", False)),
+        compile=bool(cfg.get("compile", False)),
+        device_augment=from_augment_config(OmegaConf.to_container(cfg.augment)) if on_device else None,
+    )
+    module.nonfinite = str((cfg.get("guard") or {}).get("nonfinite", "stop"))
+    return datamodule, module, build_trainer(cfg, extra_callbacks)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -336,7 +353,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def main(cfg: DictConfig) -> float | None:
     try:
         summary = train(cfg)
-    except (DatasetError, ConfigError, EncoderWeightsUnavailable) as exc:
+    except (DatasetError, ConfigError, CheckpointError, EncoderWeightsUnavailable) as exc:
         fail(log, exc, 2)
     except NonFiniteLossError as exc:
         fail(log, exc, 1)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
+from busiseg.checkpoint import TRAINED_ON_KEY, trained_on
 from busiseg.data.labels import NUM_CLASSES
 from busiseg.models.guards import check_loss
 from busiseg.models.losses import MultiTaskLoss
@@ -149,6 +150,10 @@ class MultiTaskModule(L.LightningModule):
         self._log_epoch_metrics("test")
         self.test_confusion_result = self.test_confusion.compute().cpu()
         self.test_confusion.reset()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the training images, so that init_weights=<this checkpoint> can refuse a split that scores them
+        checkpoint[TRAINED_ON_KEY] = trained_on(self.trainer)
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(params=self.parameters())
