@@ -133,7 +133,7 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     summary = {
         "task": "pretrain",  # busiseg.cv_summary leaves such runs out
         "metrics": {**_scalars(trainer.callback_metrics, "val/"), **_scalars(trainer.callback_metrics, "train/")},
-        "weights": str(weights),
+        "weights": str(weights) if weights.is_file() else None,  # none under fast_dev_run
         "epochs_trained": trainer.current_epoch,
         "fit_seconds": round(time.perf_counter() - started, 2),
         "images_per_split": {
@@ -144,8 +144,9 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         write_json(output_dir / "metrics.json", summary)
         log.info("restoration loss: %s", {k: round(v, 5) for k, v in summary["metrics"].items()})
-        log.info("fine-tune from it with the same data and split: python -m busiseg.train <same overrides> "
-                 "init_weights=%s", weights)
+        if summary["weights"]:
+            log.info("fine-tune from it with the same data and split: python -m busiseg.train <same overrides> "
+                     "init_weights=%s", weights)
     return summary
 
 
