@@ -29,14 +29,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from hydra.errors import InstantiationException  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
-from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from busiseg.cli import fail  # noqa: E402
 from busiseg.data.busi import DatasetError, summarize  # noqa: E402
 from busiseg.data.corruptions import RestorationCorruption  # noqa: E402
 from busiseg.data.splits import PARTS  # noqa: E402
-from busiseg.models.guards import GracefulInterrupt, NonFiniteLossError, TrainingInterrupted  # noqa: E402
+from busiseg.models.guards import NonFiniteLossError, TrainingInterrupted, fit_or_raise_interrupted  # noqa: E402
 from busiseg.models.net import EncoderWeightsUnavailable  # noqa: E402
 from busiseg.models.reporting import save_png  # noqa: E402
 from busiseg.models.restoration import RestorationModule  # noqa: E402
@@ -121,14 +120,7 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         record_run(output_dir, _plain(cfg), resumed=resumed)
     started = time.perf_counter()
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
-    except SIGTERMException as exc:
-        guard = next(c for c in trainer.callbacks if isinstance(c, GracefulInterrupt))
-        signum = guard.signum or 15
-        raise TrainingInterrupted(
-            f"interrupted by signal {signum} at step {trainer.global_step}: saved {guard.saved}; continue with "
-            f"python -m busiseg.pretrain resume={output_dir}", signum) from exc
+    fit_or_raise_interrupted(trainer, module, datamodule, cfg.get("ckpt_path"), output_dir, "busiseg.pretrain")
     weights = output_dir / "checkpoints" / "last.ckpt"
     summary = {
         "task": "pretrain",  # busiseg.cv_summary leaves such runs out

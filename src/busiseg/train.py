@@ -21,7 +21,6 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from hydra.errors import InstantiationException  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
-from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
 from busiseg.atomic import write_json_atomic  # noqa: E402
@@ -34,7 +33,7 @@ from busiseg.data.labels import CLASS_NAMES  # noqa: E402
 from busiseg.data.splits import PARTS  # noqa: E402
 from busiseg.distributed import adopt_parent_run, end_ddp_job, share_run_dir  # noqa: E402
 from busiseg.models.guards import (NONFINITE_ACTIONS, AtomicCheckpointIO, GracefulInterrupt,  # noqa: E402
-                                   NonFiniteLossError, ResumeState, TrainingInterrupted)
+                                   NonFiniteLossError, ResumeState, TrainingInterrupted, fit_or_raise_interrupted)
 from busiseg.models.module import MultiTaskModule  # noqa: E402
 from busiseg.run_info import CONFIG_NAME, cpu_has_bf16, record_run  # noqa: E402
 from busiseg.models.net import EncoderWeightsUnavailable  # noqa: E402
@@ -282,14 +281,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     started = time.perf_counter()
     if cfg.get("train", True):
-        try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
-        except SIGTERMException as exc:
-            guard = next(c for c in trainer.callbacks if isinstance(c, GracefulInterrupt))
-            signum = guard.signum or 15
-            raise TrainingInterrupted(
-                f"interrupted by signal {signum} at step {trainer.global_step}: saved {guard.saved}; continue with "
-                f"python -m busiseg.train resume={output_dir}", signum) from exc
+        fit_or_raise_interrupted(trainer, module, datamodule, cfg.get("ckpt_path"), output_dir, "busiseg.train")
     fit_seconds = time.perf_counter() - started
     fit_metrics = dict(trainer.callback_metrics)
 

@@ -201,6 +201,20 @@ class GracefulInterrupt(L.Callback):
             log.warning("interrupted at step %d: saved %s", trainer.global_step, self.path)
 
 
+def fit_or_raise_interrupted(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule,
+                             ckpt_path: str | None, output_dir: Path, entry: str) -> None:
+    """``trainer.fit``; a SIGTERM/SIGINT becomes :class:`TrainingInterrupted` naming the checkpoint saved
+    and the command that continues the run (``python -m <entry> resume=<output_dir>``)."""
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SIGTERMException as exc:
+        guard = next(c for c in trainer.callbacks if isinstance(c, GracefulInterrupt))
+        signum = guard.signum or 15
+        raise TrainingInterrupted(
+            f"interrupted by signal {signum} at step {trainer.global_step}: saved {guard.saved}; continue with "
+            f"python -m {entry} resume={output_dir}", signum) from exc
+
+
 def check_loss(module: L.LightningModule, loss: torch.Tensor, batch: dict[str, torch.Tensor], action: str) -> bool:
     """True if the loss is finite; else stop (raise NonFiniteLossError) or skip (warn, return False)."""
     if bool(torch.isfinite(loss.detach()).all()):

@@ -19,7 +19,27 @@ STAGES = ("train", "val", "test")
 LOSS_KEYS = ("loss", "seg_loss", "cls_loss")
 
 
-class MultiTaskModule(L.LightningModule):
+class ScheduledModule(L.LightningModule):
+    """What busiseg's LightningModules share: the optimizer and per-step scheduler built from the
+    half-built factories in ``self.optimizer_factory`` / ``self.scheduler_factory``, and the names of
+    the training images in every checkpoint (``busiseg.trained_on``)."""
+
+    optimizer_factory: Callable[..., torch.optim.Optimizer]
+    scheduler_factory: Callable[..., Any] | None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the training images, so that init_weights=<this checkpoint> can refuse a split that scores them
+        checkpoint[TRAINED_ON_KEY] = trained_on(self.trainer)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(params=self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer, total_steps=self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class MultiTaskModule(ScheduledModule):
     """Wraps the network, the loss and one set of metrics per stage.
 
     Args:
@@ -151,13 +171,3 @@ class MultiTaskModule(L.LightningModule):
         self.test_confusion_result = self.test_confusion.compute().cpu()
         self.test_confusion.reset()
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # the training images, so that init_weights=<this checkpoint> can refuse a split that scores them
-        checkpoint[TRAINED_ON_KEY] = trained_on(self.trainer)
-
-    def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(params=self.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer=optimizer, total_steps=self.trainer.estimated_stepping_batches)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

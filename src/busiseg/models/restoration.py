@@ -12,14 +12,13 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import lightning as L
 import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from busiseg.checkpoint import TRAINED_ON_KEY, trained_on
 from busiseg.data.corruptions import RestorationCorruption
 from busiseg.models.guards import check_loss
+from busiseg.models.module import ScheduledModule
 
 
 def restoration_target(images: torch.Tensor) -> torch.Tensor:
@@ -27,7 +26,7 @@ def restoration_target(images: torch.Tensor) -> torch.Tensor:
     return images.float().mean(dim=1, keepdim=True)
 
 
-class RestorationModule(L.LightningModule):
+class RestorationModule(ScheduledModule):
     """Corrupt each batch (:class:`RestorationCorruption`), restore it, MSE against the original.
 
     Logs ``train/restore_loss`` and ``val/restore_loss`` (the validation images corrupted with a
@@ -95,13 +94,3 @@ class RestorationModule(L.LightningModule):
         self.log("val/restore_loss", self.val_loss.compute(), sync_dist=True)
         self.val_loss.reset()
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # the pretraining images, so that init_weights=<this checkpoint> can refuse a split that scores them
-        checkpoint[TRAINED_ON_KEY] = trained_on(self.trainer)
-
-    def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(params=self.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer=optimizer, total_steps=self.trainer.estimated_stepping_batches)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
