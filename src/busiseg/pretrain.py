@@ -41,7 +41,7 @@ from busiseg.models.reporting import save_png  # noqa: E402
 from busiseg.models.restoration import RestorationModule  # noqa: E402
 from busiseg.run_info import record_run  # noqa: E402
 from busiseg.train import (CONFIG_DIR, ConfigError, _plain, _scalars, build_datamodule, build_trainer,  # noqa: E402
-                           check_config, resolve_precision, resume_config, write_json)
+                           prepare_run, resolve_precision, write_json)
 
 log = logging.getLogger("busiseg.pretrain")
 
@@ -99,17 +99,9 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, RestorationModule, L.
 
 def pretrain(cfg: DictConfig) -> dict[str, Any]:
     """Fit the restoration task; write metrics.json; return it."""
-    resumed = bool(cfg.get("resume"))
-    if resumed:
-        cfg = resume_config(cfg)
-    resolve_precision(cfg)
-    check_config(cfg)
     if cfg.get("init_weights"):
         raise ConfigError("init_weights is a busiseg.train option; busiseg.pretrain starts from model.encoder_weights")
-    if cfg.get("seed") is not None:
-        L.seed_everything(cfg.seed, workers=True)
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    cfg, resumed, output_dir = prepare_run(cfg)
     try:
         datamodule, module, trainer = build(cfg)
     except (InstantiationException, ValueError) as exc:

@@ -258,8 +258,10 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, MultiTaskModule, L.Tr
     return datamodule, module, build_trainer(cfg, extra_callbacks)
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit, test the best checkpoint, write metrics.json; return the metrics."""
+def prepare_run(cfg: DictConfig) -> tuple[DictConfig, bool, Path]:
+    """What every fitting entry point does first: the stored config for ``resume=RUN_DIR``, the
+    precision resolved, the config checked, the seed set, the run dir made.
+    Returns ``(config, resumed, run dir)``."""
     resumed = bool(cfg.get("resume"))
     if resumed:
         cfg = resume_config(cfg)
@@ -269,6 +271,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    return cfg, resumed, output_dir
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit, test the best checkpoint, write metrics.json; return the metrics."""
+    cfg, resumed, output_dir = prepare_run(cfg)
     share_run_dir(output_dir)  # for the DDP ranks Lightning may start
     try:
         datamodule, module, trainer = build(cfg)
