@@ -168,6 +168,9 @@ def test_bad_config_values_named(tmp_path, data_dir):
     cfg = compose_train(tmp_path, data_dir, ["data=busi", "data.root=null"], fast=False)
     with pytest.raises(ConfigError, match="data.root"):
         train(cfg)
+    cfg = compose_train(tmp_path, data_dir, ["mix=cutmix", "mix.p=2"])
+    with pytest.raises(ConfigError, match=r"mix\.p must be in \[0, 1\], got 2"):
+        train(cfg)
 
 
 def test_cpu_bf16_warns_only_without_native_bfloat16(tmp_path, data_dir, monkeypatch, caplog):
@@ -285,6 +288,30 @@ def test_disk_cache_run(tmp_path, data_dir):
     cfg = compose_train(tmp_path, data_dir, ["debug=fdr", "data.cache=disk", f"data.cache_dir={tmp_path / 'cache'}"])
     train(cfg)
     assert len(list((tmp_path / "cache").glob("*/done.json"))) == 1
+
+
+@pytest.mark.parametrize("kind", ["mixup", "cutmix"])
+def test_mixed_batches_reach_the_loss_and_only_in_training(tmp_path, data_dir, kind):
+    from busiseg.train import build
+
+    cfg = compose_train(tmp_path, data_dir, ["debug=fdr", f"mix={kind}", "mix.p=1"])
+    _, module, _ = build(cfg)
+    assert module.batch_mix.kind == kind and module.batch_mix.seed == cfg.seed
+    seen = []
+    loss_forward = module.loss.forward
+
+    def spy(mask_logits, class_logits, masks, labels, **kwargs):
+        seen.append((module.trainer.training, labels.dim(), bool(((masks > 0) & (masks < 1)).any())))
+        return loss_forward(mask_logits, class_logits, masks, labels, **kwargs)
+
+    module.loss.forward = spy
+    datamodule, _, trainer = build(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    trainer.test(module, datamodule=datamodule)
+    train_calls = [s for s in seen if s[0]]
+    assert train_calls and all(dim == 2 for _, dim, _ in train_calls)  # class probabilities in training
+    assert all(dim == 1 for training, dim, _ in seen if not training)  # never mixed at validation/test
+    assert any(soft for *_, soft in train_calls) == (kind == "mixup")  # Mixup blends masks, CutMix pastes them
 
 
 def test_augment_on_device_run(tmp_path, data_dir):

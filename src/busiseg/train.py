@@ -29,6 +29,7 @@ from busiseg.cli import fail  # noqa: E402
 from busiseg.cv_summary import write_predictions  # noqa: E402
 from busiseg.data.busi import DatasetError, summarize  # noqa: E402
 from busiseg.data.device_augment import from_augment_config  # noqa: E402
+from busiseg.data.mixing import BatchMix  # noqa: E402
 from busiseg.data.labels import CLASS_NAMES  # noqa: E402
 from busiseg.data.splits import PARTS  # noqa: E402
 from busiseg.distributed import adopt_parent_run, end_ddp_job, share_run_dir  # noqa: E402
@@ -234,6 +235,13 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback]) -> L.Trainer:
                                    plugins=[AtomicCheckpointIO()])
 
 
+def build_batch_mix(cfg: DictConfig) -> BatchMix | None:
+    """The ``mix`` group's Mixup/CutMix of training batches, seeded by the run's seed; None for mix=none."""
+    if not cfg.get("mix"):
+        return None
+    return hydra.utils.instantiate(cfg.mix, seed=int(cfg.get("seed") or 0))
+
+
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, MultiTaskModule, L.Trainer]:
     """Instantiate datamodule, module and trainer from the config (no training)."""
     resolve_precision(cfg)  # train() has done it already; the benchmarks call build() directly
@@ -253,6 +261,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, MultiTaskModule, L.Tr
         channels_last=bool(cfg.get("channels_last", False)),
         compile=bool(cfg.get("compile", False)),
         device_augment=from_augment_config(OmegaConf.to_container(cfg.augment)) if on_device else None,
+        batch_mix=build_batch_mix(cfg),
     )
     module.nonfinite = str((cfg.get("guard") or {}).get("nonfinite", "stop"))
     return datamodule, module, build_trainer(cfg, extra_callbacks)

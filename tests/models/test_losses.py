@@ -199,6 +199,24 @@ def test_ce_classification_loss_equals_cross_entropy():
     )
 
 
+@pytest.mark.parametrize("kind", ["mse", "ce"])
+@pytest.mark.parametrize("weights", [None, [0.5, 1.0, 2.0]])
+def test_class_probability_targets(kind, weights):
+    torch.manual_seed(1)
+    logits = torch.randn(5, NUM_CLASSES)
+    labels = torch.tensor([0, 1, 2, 2, 1])
+    loss = ClassificationLoss(kind=kind, class_weights=weights)
+    # one-hot probabilities (an unmixed sample of a mixed batch) give exactly the class-index loss
+    assert_close(loss(logits, F.one_hot(labels, NUM_CLASSES).float()), loss(logits, labels))
+    # a 50/50 target is the mean of the two one-hot losses when the weights are equal
+    half = 0.5 * F.one_hot(labels, NUM_CLASSES).float() + 0.5 * F.one_hot(labels.roll(1), NUM_CLASSES).float()
+    if weights is None:
+        assert_close(loss(logits, half), 0.5 * loss(logits, labels) + 0.5 * loss(logits, labels.roll(1))
+                     if kind == "ce" else F.mse_loss(logits.softmax(1), half))
+    with pytest.raises(ValueError, match="class targets of shape"):
+        loss(logits, torch.rand(5, 2))
+
+
 def test_classification_loss_unknown_kind_names_allowed_values():
     with pytest.raises(ValueError) as err:
         ClassificationLoss(kind="focal")

@@ -5,7 +5,8 @@ Tensor conventions (the whole package uses them):
 * ``mask_logits``: float ``(B, 1, H, W)``, raw logits of the lesion mask;
 * ``masks``: float ``(B, 1, H, W)`` with values in ``{0, 1}`` (``(B, H, W)`` is accepted too);
 * ``class_logits``: float ``(B, C)`` raw logits, ``C = NUM_CLASSES = 3``;
-* ``labels``: long ``(B,)`` with values in ``0 .. C - 1`` (see :mod:`busiseg.data.labels`).
+* ``labels``: long ``(B,)`` with values in ``0 .. C - 1`` (see :mod:`busiseg.data.labels`), or float ``(B, C)``
+  class probabilities for mixed batches (:mod:`busiseg.data.mixing`); masks are then soft too.
 
 Every constructor takes plain values (floats, str, lists) or modules, so that Hydra can build the whole loss
 from a nested config through ``_target_``. For example::
@@ -187,6 +188,10 @@ class ClassificationLoss(nn.Module):
     the cross-entropy; for ``"mse"`` each sample's loss (mean over classes) is weighted by the weight of its
     true class and the batch is reduced as ``sum(w_i * l_i) / sum(w_i)``, the same convention as weighted CE.
     With no weights, both are plain means.
+
+    ``labels`` are class indices ``(B,)`` or class probabilities ``(B, C)`` (Mixup/CutMix targets,
+    :mod:`busiseg.data.mixing`); with probabilities a sample's weight is ``sum_c p_c * class_weights[c]``, so
+    one-hot probabilities give exactly the class-index loss.
     """
 
     def __init__(
@@ -225,16 +230,29 @@ class ClassificationLoss(nn.Module):
             raise ValueError(
                 f"class_logits must have shape (B, {self.num_classes}), got {tuple(class_logits.shape)}"
             )
-        labels = labels.long().view(-1)
         logits = class_logits.float()
+        if labels.dim() == 2:  # class probabilities (mixed batches, busiseg.data.mixing)
+            if labels.shape != logits.shape:
+                raise ValueError(f"class targets of shape {tuple(labels.shape)} do not match class_logits "
+                                 f"of shape {tuple(logits.shape)}")
+            target = labels.float()
+        else:
+            target = F.one_hot(labels.long().view(-1), num_classes=self.num_classes).float()
         if self.kind == "ce":
-            return F.cross_entropy(logits, labels, weight=self.class_weights)
+            if labels.dim() == 2:
+                # F.cross_entropy with probabilities averages the weighted losses over the batch size;
+                # normalise by the weights as the class-index form does
+                per_sample = -(target * logits.log_softmax(dim=1))
+                if self.class_weights is None:
+                    return per_sample.sum(dim=1).mean()
+                w = target @ self.class_weights
+                return (per_sample * self.class_weights).sum() / w.sum().clamp_min(1e-12)
+            return F.cross_entropy(logits, labels.long().view(-1), weight=self.class_weights)
         probs = logits.softmax(dim=1)
-        one_hot = F.one_hot(labels, num_classes=self.num_classes).to(probs.dtype)
-        per_sample = ((probs - one_hot) ** 2).mean(dim=1)
+        per_sample = ((probs - target) ** 2).mean(dim=1)
         if self.class_weights is None:
             return per_sample.mean()
-        w = self.class_weights[labels]
+        w = target @ self.class_weights
         return (w * per_sample).sum() / w.sum().clamp_min(1e-12)
 
     def extra_repr(self) -> str:

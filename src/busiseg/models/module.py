@@ -56,13 +56,18 @@ class MultiTaskModule(ScheduledModule):
             checkpoints stay interchangeable); pays off on long GPU runs.
         device_augment: a ``busiseg.data.device_augment`` recipe applied to training
             batches after they reach the device (``augment_on_device=true``).
+        batch_mix: a ``busiseg.data.mixing.BatchMix`` (config group ``mix``) applied to training batches
+            on the device, after ``device_augment``; it adds the mixed class targets as ``label_probs``
+            (``label`` stays the first image's class index).
     """
 
     def __init__(self, net: nn.Module, loss: MultiTaskLoss, optimizer: Callable[..., torch.optim.Optimizer],
                  scheduler: Callable[..., Any] | None = None, config: dict | None = None,
-                 channels_last: bool = False, compile: bool = False, device_augment: nn.Module | None = None):
+                 channels_last: bool = False, compile: bool = False, device_augment: nn.Module | None = None,
+                 batch_mix: nn.Module | None = None):
         super().__init__()
         self.device_augment = device_augment
+        self.batch_mix = batch_mix
         self.channels_last = channels_last
         self.compile_net = compile
         self.save_hyperparameters({"config": config or {}})
@@ -91,9 +96,15 @@ class MultiTaskModule(ScheduledModule):
             self._compiled = True
 
     def on_after_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict[str, torch.Tensor]:
-        if self.device_augment is not None and self.trainer is not None and self.trainer.training:
+        if self.trainer is None or not self.trainer.training:
+            return batch
+        if self.device_augment is not None:
             batch = dict(batch)
             batch["image"], batch["mask"] = self.device_augment(batch["image"], batch["mask"])
+        if self.batch_mix is not None:
+            batch = dict(batch)
+            batch["image"], batch["mask"], batch["label_probs"] = self.batch_mix(
+                batch["image"], batch["mask"], batch["label"], step=self.trainer.global_step)
         return batch
 
     def forward(self, images: torch.Tensor, return_aux: bool = False) -> tuple:
@@ -108,13 +119,17 @@ class MultiTaskModule(ScheduledModule):
             mask_logits, class_logits, aux_logits = self(batch["image"], return_aux=True)
         else:
             (mask_logits, class_logits), aux_logits = self(batch["image"]), ()
-        losses = self.loss(mask_logits, class_logits, batch["mask"], batch["label"], aux_mask_logits=aux_logits)
+        targets = batch.get("label_probs", batch["label"])  # class probabilities in mixed batches
+        losses = self.loss(mask_logits, class_logits, batch["mask"], targets, aux_mask_logits=aux_logits)
         if stage == "train" and not check_loss(self, losses["loss"], batch, self.nonfinite):
             return None  # skipped: no metrics, no logging, no optimizer step
         mask_probs = torch.sigmoid(mask_logits.detach().float())
         class_probs = torch.softmax(class_logits.detach().float(), dim=1)
-        self.seg_metrics[f"{stage}_"].update(mask_probs, batch["mask"].int())
-        self.cls_metrics[f"{stage}_"].update(class_probs, batch["label"])
+        # a Mixup mask is soft: the metrics see it thresholded at 0.5 (binary masks unchanged)
+        self.seg_metrics[f"{stage}_"].update(mask_probs, (batch["mask"] >= 0.5).int())
+        # in a mixed batch the training metrics score the class with the larger share
+        labels = batch["label_probs"].argmax(dim=1) if "label_probs" in batch else batch["label"]
+        self.cls_metrics[f"{stage}_"].update(class_probs, labels)
         if stage == "test":
             self.test_confusion.update(class_probs, batch["label"])
         batch_size = batch["image"].shape[0]
