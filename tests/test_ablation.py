@@ -60,3 +60,6 @@ def test_against_the_classifier_only_arm_only_accuracy_is_paired(tmp_path, capsy
     out = capsys.readouterr().out
     assert "| mse | accuracy |" in out
     assert "| mse | dice_per_image_lesion |" not in out  # cls_only's decoder is untrained: no Dice pairing
+    acc_row = next(line for line in out.splitlines() if line.startswith("| mse | accuracy |"))
+    assert acc_row.endswith("| +0.040 +- 0.032 | 4/5 |")  # a difference carries its sign, like the folds'
+    assert "| +0.000 | +0.020 | +0.040 | +0.060 | +0.080 |" in acc_row

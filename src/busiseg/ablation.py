@@ -99,10 +99,12 @@ def _diff(a: Any, b: Any) -> float | None:
     return float(a) - float(b)
 
 
-def _pm(mean: Any, std: Any) -> str:
+def _pm(mean: Any, std: Any, signed: bool = False) -> str:
+    """``mean +- std`` to 3 decimals; ``signed`` writes the sign of a difference (+0.020, like the folds')."""
     if mean is None or not math.isfinite(mean):
         return "-"
-    return f"{mean:.3f} +- {std:.3f}" if std is not None and math.isfinite(std) else f"{mean:.3f}"
+    text = f"{mean:+.3f}" if signed else f"{mean:.3f}"
+    return f"{text} +- {std:.3f}" if std is not None and math.isfinite(std) else text
 
 
 def render_markdown(result: Mapping[str, Any]) -> str:
@@ -131,7 +133,7 @@ def render_markdown(result: Mapping[str, Any]) -> str:
             cells = [f"{p['per_fold'][f]:+.3f}" if p["per_fold"].get(f) is not None else "-" for f in folds]
             n = sum(1 for v in p["per_fold"].values() if v is not None)
             lines.append(f"| {name} | {p['metric'].removeprefix('test/')} | " + " | ".join(cells)
-                         + f" | {_pm(p['mean'], p['std'])} | {p['folds_better']}/{n} |")
+                         + f" | {_pm(p['mean'], p['std'], signed=True)} | {p['folds_better']}/{n} |")
     return "\n".join(lines) + "\n"
 
 
