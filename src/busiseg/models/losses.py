@@ -238,18 +238,10 @@ class ClassificationLoss(nn.Module):
             target = labels.float()
         else:
             target = F.one_hot(labels.long().view(-1), num_classes=self.num_classes).float()
-        if self.kind == "ce":
-            if labels.dim() == 2:
-                # F.cross_entropy with probabilities averages the weighted losses over the batch size;
-                # normalise by the weights as the class-index form does
-                per_sample = -(target * logits.log_softmax(dim=1))
-                if self.class_weights is None:
-                    return per_sample.sum(dim=1).mean()
-                w = target @ self.class_weights
-                return (per_sample * self.class_weights).sum() / w.sum().clamp_min(1e-12)
-            return F.cross_entropy(logits, labels.long().view(-1), weight=self.class_weights)
-        probs = logits.softmax(dim=1)
-        per_sample = ((probs - target) ** 2).mean(dim=1)
+        if self.kind == "ce":  # for class indices: F.cross_entropy(logits, labels, weight=class_weights)
+            per_sample = -(target * logits.log_softmax(dim=1)).sum(dim=1)
+        else:
+            per_sample = ((logits.softmax(dim=1) - target) ** 2).mean(dim=1)
         if self.class_weights is None:
             return per_sample.mean()
         w = target @ self.class_weights
