@@ -75,7 +75,7 @@ def test_pretrain_writes_weights_curves_and_the_images_it_saw(pretrained):
     assert find_fold_runs(pretrained.parent) == []
 
 
-def test_init_weights_loads_the_pretrained_network_and_trains_on_the_same_fold(pretrained, tmp_path, data_dir):
+def test_init_weights_loads_the_pretrained_network_and_trains_on_the_same_fold(pretrained, tmp_path, data_dir, caplog):
     weights = pretrained / "checkpoints" / "last.ckpt"
     cfg = _compose("train", tmp_path, data_dir, "ft", [*KFOLD, "split.fold=0", f"init_weights={weights}"])
     _, module, _ = build(cfg)
@@ -83,7 +83,10 @@ def test_init_weights_loads_the_pretrained_network_and_trains_on_the_same_fold(p
     state = module.net.state_dict()
     for key, value in ckpt["state_dict"].items():
         assert torch.equal(state[key.removeprefix("net.")], value), key
-    summary = train(_compose("train", tmp_path, data_dir, "ft", [*KFOLD, "split.fold=0", f"init_weights={weights}"]))
+    with caplog.at_level("INFO", logger="busiseg.checkpoint"):
+        summary = train(_compose("train", tmp_path, data_dir, "ft", [*KFOLD, "split.fold=0", f"init_weights={weights}"]))
+    n = len(ckpt[TRAINED_ON_KEY])
+    assert f"network weights loaded; none of this run's validation or test images is among the {n} images" in caplog.text
     assert summary["metrics"]["test/dice"] >= 0
     # its own checkpoint lists its training images too (a later init_weights from it is checked the same way)
     ft = torch.load(tmp_path / "ft" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
@@ -114,3 +117,5 @@ def test_pretrain_config_errors_name_the_key(tmp_path, data_dir):
         pretrain(_compose("pretrain", tmp_path, data_dir, "bad2", ["+pretrain.corruption.nope=1"]))
     with pytest.raises(ConfigError, match="init_weights is a busiseg.train option"):
         pretrain(_compose("pretrain", tmp_path, data_dir, "bad3", ["init_weights=x.ckpt"]))
+    with pytest.raises(ConfigError, match="mix is a busiseg.train option"):
+        pretrain(_compose("pretrain", tmp_path, data_dir, "bad4", ["mix=mixup"]))

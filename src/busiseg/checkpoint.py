@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import pickle
 from pathlib import Path
 from typing import Any, Sequence
@@ -11,6 +12,8 @@ import lightning as L
 import torch
 
 from busiseg.models.net import MultiTaskUnet
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -89,6 +92,9 @@ class PretrainingOverlap(L.Callback):
                     f"init_weights={self.path} was trained on {len(seen)} of this run's {len(names)} {part} "
                     f"images (e.g. {seen[0]}): pretrain on this run's split (the same split and split.fold, or "
                     f"split.file=<pretrain run>/split.json) so that its {part} images stay unseen")
+        if trainer.is_global_zero:
+            log.info("init_weights=%s: network weights loaded; none of this run's validation or test images is "
+                     "among the %d images they were trained on", self.path, len(self.pretrained_on))
 
 
 def _model_differences(stored: dict[str, Any], current: dict[str, Any]) -> str:

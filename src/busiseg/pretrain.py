@@ -101,6 +101,9 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     """Fit the restoration task; write metrics.json; return it."""
     if cfg.get("init_weights"):
         raise ConfigError("init_weights is a busiseg.train option; busiseg.pretrain starts from model.encoder_weights")
+    if cfg.get("mix"):
+        raise ConfigError("mix is a busiseg.train option (Mixup/CutMix of labelled batches); busiseg.pretrain "
+                          "corrupts images with pretrain.corruption.*: drop the mix override")
     cfg, resumed, output_dir = prepare_run(cfg)
     try:
         datamodule, module, trainer = build(cfg)
