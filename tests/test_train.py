@@ -295,7 +295,7 @@ def test_mixed_batches_reach_the_loss_and_only_in_training(tmp_path, data_dir, k
     from busiseg.train import build
 
     cfg = compose_train(tmp_path, data_dir, ["debug=fdr", f"mix={kind}", "mix.p=1"])
-    _, module, _ = build(cfg)
+    datamodule, module, trainer = build(cfg)
     assert module.batch_mix.kind == kind and module.batch_mix.seed == cfg.seed
     seen = []
     loss_forward = module.loss.forward
@@ -305,7 +305,6 @@ def test_mixed_batches_reach_the_loss_and_only_in_training(tmp_path, data_dir, k
         return loss_forward(mask_logits, class_logits, masks, labels, **kwargs)
 
     module.loss.forward = spy
-    datamodule, _, trainer = build(cfg)
     trainer.fit(module, datamodule=datamodule)
     trainer.test(module, datamodule=datamodule)
     train_calls = [s for s in seen if s[0]]

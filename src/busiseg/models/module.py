@@ -98,11 +98,10 @@ class MultiTaskModule(ScheduledModule):
     def on_after_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict[str, torch.Tensor]:
         if self.trainer is None or not self.trainer.training:
             return batch
+        batch = dict(batch)
         if self.device_augment is not None:
-            batch = dict(batch)
             batch["image"], batch["mask"] = self.device_augment(batch["image"], batch["mask"])
         if self.batch_mix is not None:
-            batch = dict(batch)
             batch["image"], batch["mask"], batch["label_probs"] = self.batch_mix(
                 batch["image"], batch["mask"], batch["label"], step=self.trainer.global_step)
         return batch
