@@ -1,0 +1,261 @@
+"""Probe: does a second classifier on the lesion crop, at the image's original resolution, tell benign from
+malignant better than the multi-task network's class head at 128 px? (docs/results.md, e46 and e47)
+
+    BUSI_ROOT=/path/to/Dataset_BUSI_with_GT python scripts/probe_lesion_crops.py logs/recipe/e33_strong_aug \
+        [--folds 0 1 2 3 4] [--seed 0] [--out per_image.csv]
+
+SWEEP is a k-fold sweep (``scripts/cv.sh``): SWEEP/F/split.json and SWEEP/F/checkpoints/last.ckpt per fold.
+For each fold, a ResNet-18 (torchvision, 1 channel, from scratch) is trained on the training part's lesion
+images only, on square crops around the ground-truth lesion box (side 1.2-3.0x the box, centre shifted up to
+20 %, flips, brightness/contrast), benign vs malignant. On the held-out part, the sweep's network gives the
+class and the mask (bf16 autocast, as the sweep's own test ran on this CPU); the crop classifier reads square
+crops around the largest component of that predicted mask (margins 1.5, 2.0, 2.5, each mirrored, averaged).
+Printed per fold and as mean +- std over folds with the paired difference against the network alone:
+
+- ``stage1``: the network's own class;
+- ``crop``: the crop classifier's class wherever the network calls a lesion and drew a mask;
+- ``average``: there, benign vs malignant by the mean of the crop classifier's and the network's
+  (renormalised) probabilities;
+- ``hierarchical``: P(normal) from the network, P(type | lesion) that mean, on every image with a drawn mask;
+- ``oracle_box``: ``crop`` on the ground-truth box instead of the predicted one (a diagnostic, never a result).
+
+Test images' ground truth is used only for ``oracle_box`` and the scores."""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from busiseg.checkpoint import load_model
+from busiseg.data.busi import load_record, scan_busi
+from busiseg.inference import predict_probs, prepare_image, restore_size
+
+
+def crop(image: np.ndarray, box: tuple[float, float, float], size: int) -> np.ndarray:
+    """Square crop centred at (cy, cx) with side s (pixels), zero outside the image, resized to size."""
+    cy, cx, s = box
+    half = s / 2
+    src = np.float32([[cx - half, cy - half], [cx + half, cy - half], [cx - half, cy + half]])
+    dst = np.float32([[0, 0], [size, 0], [0, size]])
+    m = cv2.getAffineTransform(src, dst)
+    return cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_AREA if s > size else cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def lesion_box(mask: np.ndarray) -> tuple[float, float, float] | None:
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        return None
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    return (y0 + y1) / 2, (x0 + x1) / 2, float(max(y1 - y0, x1 - x0, 8))
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    if n <= 1:
+        return mask
+    k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    return labels == k
+
+
+def make_net() -> torch.nn.Module:
+    net = torchvision.models.resnet18(num_classes=2)
+    net.conv1 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+    return net
+
+
+def train_classifier(images, boxes, labels, size, epochs, seed, margin=(1.3, 2.0), jitter=0.1):
+    g = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    net = make_net().to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.05)
+    batch = 32
+    steps = epochs * math.ceil(len(images) / batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.2)
+    labels = np.asarray(labels)
+    net.train()
+    for epoch in range(epochs):
+        order = g.permutation(len(images))
+        total = 0.0
+        for i in range(0, len(order), batch):
+            idx = order[i:i + batch]
+            xs = []
+            for j in idx:
+                cy, cx, s = boxes[j]
+                m = g.uniform(*margin)
+                side = s * m
+                cy += g.uniform(-jitter, jitter) * side
+                cx += g.uniform(-jitter, jitter) * side
+                x = crop(images[j], (cy, cx, side), size).astype(np.float32) / 255.0
+                if g.random() < 0.5:
+                    x = x[:, ::-1]
+                if g.random() < 0.8:
+                    x = np.clip((x - x.mean()) * g.uniform(0.7, 1.3) + x.mean() + g.uniform(-0.2, 0.2), 0, 1)
+                xs.append(np.ascontiguousarray(x))
+            xb = (torch.from_numpy(np.stack(xs))[:, None] - 0.5) / 0.25
+            xb = xb.contiguous(memory_format=torch.channels_last)
+            yb = torch.from_numpy(labels[idx]).long()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = net(xb)
+            loss = F.cross_entropy(logits.float(), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(idx)
+        if epoch % 10 == 9 or epoch == epochs - 1:
+            print(f"  epoch {epoch + 1}: loss {total / len(images):.3f}", flush=True)
+    return net.eval()
+
+
+@torch.inference_mode()
+def classify(net, images, boxes, size, margins=(1.6,)) -> np.ndarray:
+    p = 0
+    for margin in margins:
+        xs = [crop(im, (b[0], b[1], b[2] * margin), size).astype(np.float32) / 255.0 for im, b in zip(images, boxes)]
+        xb = (torch.from_numpy(np.stack(xs))[:, None] - 0.5) / 0.25
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            p = p + torch.softmax(net(xb).float(), 1) + torch.softmax(net(torch.flip(xb, [-1])).float(), 1)
+    return (p / (2 * len(margins))).numpy()
+
+
+NAMES = ("normal", "benign", "malignant")
+
+
+def scores(truth: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    out = {"accuracy": float((pred == truth).mean())}
+    f1 = []
+    for c, name in enumerate(NAMES):
+        tp = float(((pred == c) & (truth == c)).sum())
+        recall = tp / max(1, (truth == c).sum())
+        precision = tp / max(1, (pred == c).sum())
+        out[f"recall_{name}"] = recall
+        f1.append(0.0 if tp == 0 else 2 * precision * recall / (precision + recall))
+    out["f1_macro"] = float(np.mean(f1))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("sweep", type=Path, help="k-fold sweep dir: SWEEP/F/split.json and SWEEP/F/checkpoints/last.ckpt")
+    ap.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--size", type=int, default=128, help="crop side fed to the classifier (px)")
+    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=0, help="the classifier of fold F uses seed + F")
+    ap.add_argument("--train-margin", type=float, nargs=2, default=(1.2, 3.0),
+                    help="training crop side = lesion box side x U(lo, hi)")
+    ap.add_argument("--jitter", type=float, default=0.2, help="training crop centre shift, share of the side")
+    ap.add_argument("--test-margins", type=float, nargs="+", default=[1.5, 2.0, 2.5],
+                    help="held-out crops at these margins (each also mirrored), probabilities averaged")
+    ap.add_argument("--out", type=Path, help="write per-image predictions (CSV) here")
+    args = ap.parse_args()
+    root = os.environ.get("BUSI_ROOT")
+    if not root:
+        print("error: set BUSI_ROOT to the Dataset_BUSI_with_GT folder", file=sys.stderr)
+        return 2
+    for fold in args.folds:
+        for need in ("split.json", "checkpoints/last.ckpt"):
+            if not (args.sweep / str(fold) / need).is_file():
+                print(f"error: {args.sweep / str(fold) / need} not found", file=sys.stderr)
+                return 2
+    torch.set_num_threads(os.cpu_count() or 1)
+    records = {r.name: r for r in scan_busi(root)}
+    t0 = time.time()
+    decoded = {name: load_record(r) for name, r in records.items()}
+    print(f"decoded {len(decoded)} images at their original size in {time.time() - t0:.0f} s", flush=True)
+    ways = ("stage1", "crop", "average", "hierarchical", "oracle_box")
+    per_fold: dict[str, list[dict[str, float]]] = {w: [] for w in ways}
+    rows = []
+    for fold in args.folds:
+        run = args.sweep / str(fold)
+        split = json.loads((run / "split.json").read_text())
+        train = [n for n in split["train"] if records[n].label > 0]
+        held = split["val"]
+        t0 = time.time()
+        net = train_classifier([decoded[n][0] for n in train], [lesion_box(decoded[n][1]) for n in train],
+                               [records[n].label - 1 for n in train], args.size, args.epochs, args.seed + fold,
+                               tuple(args.train_margin), args.jitter)
+        fit = time.time() - t0
+        unet, cfg = load_model(run / "checkpoints" / "last.ckpt")
+        image_size = cfg["data"]["image_size"]
+        truth = np.array([records[n].label for n in held])
+        x = torch.stack([prepare_image(decoded[n][0], image_size) for n in held])
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # as the sweep's own test ran (bf16 on this CPU)
+            mask_p, class_p = predict_probs(unet, x)
+        class_p = class_p.numpy()
+        stage1 = class_p.argmax(1)
+        boxes, gt_boxes = [], []
+        for i, n in enumerate(held):
+            m = restore_size(mask_p[i, 0].numpy(), decoded[n][1].shape) >= 0.5
+            boxes.append(lesion_box(largest_component(m)))
+            gt_boxes.append(lesion_box(decoded[n][1]))
+        # the crop classifier decides benign vs malignant where stage 1 sees a lesion and drew a mask
+        use = [i for i in range(len(held)) if stage1[i] > 0 and boxes[i] is not None]
+        drawn = [i for i in range(len(held)) if boxes[i] is not None]
+        p2_all = np.full((len(held), 2), np.nan)
+        if drawn:
+            p2_all[drawn] = classify(net, [decoded[held[i]][0] for i in drawn], [boxes[i] for i in drawn],
+                                     args.size, args.test_margins)
+        crop_pred, avg_pred, hier, oracle = stage1.copy(), stage1.copy(), stage1.copy(), stage1.copy()
+        for i in use:
+            crop_pred[i] = 1 + int(p2_all[i].argmax())
+            s1 = class_p[i, 1:] / class_p[i, 1:].sum()
+            avg_pred[i] = 1 + int(((s1 + p2_all[i]) / 2).argmax())
+        # hierarchical: P(normal) from stage 1, P(type | lesion) the mean of stage 1's and the crop classifier's,
+        # for every image with a drawn mask (so a lesion probability can overturn a narrow "normal")
+        for i in range(len(held)):
+            if boxes[i] is not None:
+                s1 = class_p[i, 1:] / class_p[i, 1:].sum()
+                q = np.concatenate([[class_p[i, 0]], class_p[i, 1:].sum() * (s1 + p2_all[i]) / 2])
+                hier[i] = int(q.argmax())
+        # diagnostic only: the same classifier on the ground-truth box (what perfect localisation would give)
+        lesion_gt = [i for i in range(len(held)) if gt_boxes[i] is not None and stage1[i] > 0]
+        if lesion_gt:
+            pg = classify(net, [decoded[held[i]][0] for i in lesion_gt], [gt_boxes[i] for i in lesion_gt],
+                          args.size, args.test_margins)
+            for k, i in enumerate(lesion_gt):
+                oracle[i] = 1 + int(pg[k].argmax())
+        preds = dict(zip(ways, (stage1, crop_pred, avg_pred, hier, oracle)))
+        for w in ways:
+            per_fold[w].append(scores(truth, preds[w]))
+        print(f"fold {fold}: crop classifier trained in {fit:.0f} s on {len(train)} lesion images; accuracy "
+              + ", ".join(f"{w} {per_fold[w][-1]['accuracy']:.3f}" for w in ways), flush=True)
+        for i, n in enumerate(held):
+            rows.append({"fold": fold, "image": n, "true_class": NAMES[truth[i]],
+                         **{w: NAMES[preds[w][i]] for w in ways},
+                         "crop_prob_malignant": "" if np.isnan(p2_all[i, 1]) else f"{p2_all[i, 1]:.6f}"})
+    print(f"\n{len(args.folds)} folds, mean +- std over folds; paired = minus stage1, fold by fold")
+    print("| way | accuracy | paired | folds better | macro F1 | recall normal / benign / malignant |")
+    print("|---|---|---|---|---|---|")
+    base = np.array([s["accuracy"] for s in per_fold["stage1"]])
+    for w in ways:
+        acc = np.array([s["accuracy"] for s in per_fold[w]])
+        d = acc - base
+        f1 = np.array([s["f1_macro"] for s in per_fold[w]])
+        rec = " / ".join(f"{np.mean([s[f'recall_{c}'] for s in per_fold[w]]):.3f}" for c in NAMES)
+        print(f"| {w} | {acc.mean():.3f} +- {acc.std(ddof=1) if len(acc) > 1 else 0:.3f} | "
+              f"{d.mean():+.3f} +- {d.std(ddof=1) if len(d) > 1 else 0:.3f} ({', '.join(f'{v:+.3f}' for v in d)}) | "
+              f"{int((d > 0).sum())}/{len(d)} | {f1.mean():.3f} | {rec} |")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with args.out.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"per-image predictions: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
