@@ -8,8 +8,10 @@ SWEEP is a k-fold sweep (``scripts/cv.sh``): SWEEP/F/split.json and SWEEP/F/chec
 For each fold, a ResNet-18 (torchvision, 1 channel, from scratch) is trained on the training part's lesion
 images only, on square crops around the ground-truth lesion box (side 1.2-3.0x the box, centre shifted up to
 20 %, flips, brightness/contrast), benign vs malignant. On the held-out part, the sweep's network gives the
-class and the mask (bf16 autocast, as the sweep's own test ran on this CPU); the crop classifier reads square
-crops around the largest component of that predicted mask (margins 1.5, 2.0, 2.5, each mirrored, averaged).
+class and the mask (at its trainer.precision, as its own test step ran); the crop classifier (bf16 where the
+CPU has it natively) reads square crops around the largest component of that predicted mask (margins 1.5, 2.0,
+2.5, each mirrored, averaged). Crops are cut at the image's own scale and area-averaged when shrunk
+(``busiseg.data.crops``).
 Printed per fold and as mean +- std over folds with the paired difference against the network alone:
 
 - ``stage1``: the network's own class;
@@ -31,7 +33,6 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -39,43 +40,24 @@ import torchvision
 
 from busiseg.checkpoint import load_model
 from busiseg.data.busi import load_record, scan_busi
-from busiseg.inference import predict_probs, prepare_image, restore_size
+from busiseg.data.crops import lesion_box, square_crop
+from busiseg.evaluation.runner import autocast_dtype, run_precision
+from busiseg.inference import InferenceOptions, postprocess_mask, predict_probs, prepare_image, restore_size
+from busiseg.run_info import cpu_has_bf16
 
-
-def crop(image: np.ndarray, box: tuple[float, float, float], size: int) -> np.ndarray:
-    """Square crop centred at (cy, cx) with side s (pixels), zero outside the image, resized to size."""
-    cy, cx, s = box
-    half = s / 2
-    src = np.float32([[cx - half, cy - half], [cx + half, cy - half], [cx - half, cy + half]])
-    dst = np.float32([[0, 0], [size, 0], [0, size]])
-    m = cv2.getAffineTransform(src, dst)
-    return cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_AREA if s > size else cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-
-
-def lesion_box(mask: np.ndarray) -> tuple[float, float, float] | None:
-    ys, xs = np.nonzero(mask)
-    if len(ys) == 0:
-        return None
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    return (y0 + y1) / 2, (x0 + x1) / 2, float(max(y1 - y0, x1 - x0, 8))
-
-
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    if n <= 1:
-        return mask
-    k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    return labels == k
+# the crop classifier in bf16 where the CPU has it natively (emulated bf16 is many times slower: docs/performance.md)
+CROP_DTYPE = torch.bfloat16 if cpu_has_bf16() else None
 
 
 def make_net() -> torch.nn.Module:
+    """ResNet-18 from scratch, one input channel, two classes (benign, malignant)."""
     net = torchvision.models.resnet18(num_classes=2)
     net.conv1 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
     return net
 
 
-def train_classifier(images, boxes, labels, size, epochs, seed, margin=(1.3, 2.0), jitter=0.1):
+def train_classifier(images, boxes, labels, size, epochs, seed, margin=(1.2, 3.0), jitter=0.2):
+    """Train on random square crops (side = box side x U(margin), centre moved by up to jitter x side)."""
     g = np.random.default_rng(seed)
     torch.manual_seed(seed)
     net = make_net().to(memory_format=torch.channels_last)
@@ -92,12 +74,8 @@ def train_classifier(images, boxes, labels, size, epochs, seed, margin=(1.3, 2.0
             idx = order[i:i + batch]
             xs = []
             for j in idx:
-                cy, cx, s = boxes[j]
-                m = g.uniform(*margin)
-                side = s * m
-                cy += g.uniform(-jitter, jitter) * side
-                cx += g.uniform(-jitter, jitter) * side
-                x = crop(images[j], (cy, cx, side), size).astype(np.float32) / 255.0
+                shift = (g.uniform(-jitter, jitter), g.uniform(-jitter, jitter))
+                x = square_crop(images[j], boxes[j], g.uniform(*margin), size, shift).astype(np.float32) / 255.0
                 if g.random() < 0.5:
                     x = x[:, ::-1]
                 if g.random() < 0.8:
@@ -106,7 +84,7 @@ def train_classifier(images, boxes, labels, size, epochs, seed, margin=(1.3, 2.0
             xb = (torch.from_numpy(np.stack(xs))[:, None] - 0.5) / 0.25
             xb = xb.contiguous(memory_format=torch.channels_last)
             yb = torch.from_numpy(labels[idx]).long()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=CROP_DTYPE, enabled=CROP_DTYPE is not None):
                 logits = net(xb)
             loss = F.cross_entropy(logits.float(), yb)
             opt.zero_grad(set_to_none=True)
@@ -120,12 +98,13 @@ def train_classifier(images, boxes, labels, size, epochs, seed, margin=(1.3, 2.0
 
 
 @torch.inference_mode()
-def classify(net, images, boxes, size, margins=(1.6,)) -> np.ndarray:
+def classify(net, images, boxes, size, margins=(1.5, 2.0, 2.5)) -> np.ndarray:
+    """(N, 2) benign/malignant probabilities, averaged over the margins and their mirror images."""
     p = 0
     for margin in margins:
-        xs = [crop(im, (b[0], b[1], b[2] * margin), size).astype(np.float32) / 255.0 for im, b in zip(images, boxes)]
+        xs = [square_crop(im, b, margin, size).astype(np.float32) / 255.0 for im, b in zip(images, boxes)]
         xb = (torch.from_numpy(np.stack(xs))[:, None] - 0.5) / 0.25
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=CROP_DTYPE, enabled=CROP_DTYPE is not None):
             p = p + torch.softmax(net(xb).float(), 1) + torch.softmax(net(torch.flip(xb, [-1])).float(), 1)
     return (p / (2 * len(margins))).numpy()
 
@@ -191,14 +170,16 @@ def main() -> int:
         image_size = cfg["data"]["image_size"]
         truth = np.array([records[n].label for n in held])
         x = torch.stack([prepare_image(decoded[n][0], image_size) for n in held])
-        with torch.autocast("cpu", dtype=torch.bfloat16):  # as the sweep's own test ran (bf16 on this CPU)
+        dtype = autocast_dtype(run_precision(cfg))  # as the sweep's own test step ran
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
             mask_p, class_p = predict_probs(unet, x)
         class_p = class_p.numpy()
         stage1 = class_p.argmax(1)
         boxes, gt_boxes = [], []
+        largest = InferenceOptions(keep_largest=True)
         for i, n in enumerate(held):
-            m = restore_size(mask_p[i, 0].numpy(), decoded[n][1].shape) >= 0.5
-            boxes.append(lesion_box(largest_component(m)))
+            prob = restore_size(mask_p[i, 0].numpy(), decoded[n][1].shape)
+            boxes.append(lesion_box(postprocess_mask(prob, None, largest)))
             gt_boxes.append(lesion_box(decoded[n][1]))
         # the crop classifier decides benign vs malignant where stage 1 sees a lesion and drew a mask
         use = [i for i in range(len(held)) if stage1[i] > 0 and boxes[i] is not None]

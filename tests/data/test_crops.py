@@ -1,0 +1,57 @@
+import cv2
+import numpy as np
+import pytest
+
+from busiseg.data.crops import lesion_box, square_crop
+
+
+def _image(h=100, w=120, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w)).astype(np.uint8)
+
+
+def test_lesion_box_is_the_centre_and_longer_side_of_the_mask():
+    mask = np.zeros((100, 120), bool)
+    mask[20:40, 30:46] = True  # 20 rows, 16 columns
+    assert lesion_box(mask) == (30.0, 38.0, 20.0)
+
+
+def test_lesion_box_of_an_empty_mask_is_none_and_a_speck_gets_the_minimum_side():
+    assert lesion_box(np.zeros((10, 10), bool)) is None
+    speck = np.zeros((50, 50), bool)
+    speck[10, 20] = True
+    assert lesion_box(speck, min_side=8) == (10.5, 20.5, 8.0)
+
+
+def test_crop_at_scale_one_is_the_pixels_of_the_square():
+    image = _image()
+    box = (30.0, 38.0, 20.0)  # rows 20-40, columns 28-48
+    assert np.array_equal(square_crop(image, box, margin=1.0, size=20), image[20:40, 28:48])
+
+
+def test_margin_widens_the_square_and_shift_moves_it():
+    image = _image()
+    wide = square_crop(image, (50.0, 60.0, 10.0), margin=3.0, size=30)  # 30 px square: rows 35-65, cols 45-75
+    assert np.array_equal(wide, image[35:65, 45:75])
+    moved = square_crop(image, (50.0, 60.0, 10.0), margin=3.0, size=30, shift=(0.1, -0.2))  # +3 rows, -6 columns
+    assert np.array_equal(moved, image[38:68, 39:69])
+
+
+def test_outside_the_image_is_zero():
+    image = _image()
+    crop = square_crop(image, (5.0, 5.0, 20.0), margin=1.0, size=20)  # rows and columns -5..15
+    assert crop[:5].max() == 0 and crop[:, :5].max() == 0
+    assert np.array_equal(crop[5:, 5:], image[:15, :15])
+
+
+def test_shrinking_averages_areas_instead_of_sampling_pixels():
+    image = _image(400, 400)
+    crop = square_crop(image, (200.0, 200.0, 400.0), margin=1.0, size=100)
+    assert crop.shape == (100, 100) and crop.dtype == np.uint8
+    assert np.array_equal(crop, cv2.resize(image, (100, 100), interpolation=cv2.INTER_AREA))
+    assert crop.std() < 0.5 * image.std()  # noise averaged out, not aliased through
+
+
+@pytest.mark.parametrize("margin,size", [(0.0, 32), (-1.0, 32), (1.0, 0)])
+def test_bad_margin_or_size_is_refused(margin, size):
+    with pytest.raises(ValueError, match="margin"):
+        square_crop(_image(), (50.0, 50.0, 10.0), margin=margin, size=size)
