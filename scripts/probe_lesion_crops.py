@@ -41,6 +41,8 @@ import torchvision
 from busiseg.checkpoint import load_model
 from busiseg.data.busi import load_record, scan_busi
 from busiseg.data.crops import lesion_box, square_crop
+from busiseg.data.labels import CLASS_NAMES
+from busiseg.evaluation.metrics_table import classification_summary
 from busiseg.evaluation.runner import autocast_dtype, run_precision
 from busiseg.inference import InferenceOptions, postprocess_mask, predict_probs, prepare_image, restore_size
 from busiseg.run_info import cpu_has_bf16
@@ -109,20 +111,14 @@ def classify(net, images, boxes, size, margins=(1.5, 2.0, 2.5)) -> np.ndarray:
     return (p / (2 * len(margins))).numpy()
 
 
-NAMES = ("normal", "benign", "malignant")
+NAMES = CLASS_NAMES  # label 0 is normal; labels 1, 2 are the crop classifier's classes 0, 1
 
 
 def scores(truth: np.ndarray, pred: np.ndarray) -> dict[str, float]:
-    out = {"accuracy": float((pred == truth).mean())}
-    f1 = []
-    for c, name in enumerate(NAMES):
-        tp = float(((pred == c) & (truth == c)).sum())
-        recall = tp / max(1, (truth == c).sum())
-        precision = tp / max(1, (pred == c).sum())
-        out[f"recall_{name}"] = recall
-        f1.append(0.0 if tp == 0 else 2 * precision * recall / (precision + recall))
-    out["f1_macro"] = float(np.mean(f1))
-    return out
+    """Accuracy, per-class recall and macro F1 of hard class decisions (the project's classification summary)."""
+    summary = classification_summary(np.eye(len(NAMES))[pred], truth, NAMES)
+    return {"accuracy": summary["accuracy"], "f1_macro": summary["macro"]["f1"],
+            **{f"recall_{c}": summary["per_class"][c]["recall"] for c in NAMES}}
 
 
 def main() -> int:
