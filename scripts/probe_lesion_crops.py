@@ -1,10 +1,11 @@
 """Probe: does a second classifier on the lesion crop, at the image's original resolution, tell benign from
-malignant better than the multi-task network's class head at 128 px? (docs/results.md, e46 and e47)
+malignant better than the multi-task network's class head at 128 px? (docs/results.md, e46-e48)
 
-    BUSI_ROOT=/path/to/Dataset_BUSI_with_GT python scripts/probe_lesion_crops.py logs/recipe/e33_strong_aug \
+    BUSI_ROOT=/path/to/Dataset_BUSI_with_GT python scripts/probe_lesion_crops.py SWEEP [SWEEP ...] \
         [--folds 0 1 2 3 4] [--seed 0] [--out per_image.csv]
 
-SWEEP is a k-fold sweep (``scripts/cv.sh``): SWEEP/F/split.json and SWEEP/F/checkpoints/last.ckpt per fold.
+Each SWEEP is a k-fold sweep (``scripts/cv.sh``): SWEEP/F/split.json and SWEEP/F/checkpoints/last.ckpt per fold;
+several sweeps on the same folds share each fold's crop classifier (trained once).
 For each fold, a ResNet-18 (torchvision, 1 channel, from scratch) is trained on the training part's lesion
 images only, on square crops around the ground-truth lesion box (side 1.2-3.0x the box, centre shifted up to
 20 %, flips, brightness/contrast), benign vs malignant. On the held-out part, the sweep's network gives the
@@ -121,9 +122,71 @@ def scores(truth: np.ndarray, pred: np.ndarray) -> dict[str, float]:
             **{f"recall_{c}": summary["per_class"][c]["recall"] for c in NAMES}}
 
 
+WAYS = ("stage1", "crop", "average", "hierarchical", "oracle_box")
+
+
+def two_stage(net, run: Path, held: list[str], decoded, records, args) -> tuple[np.ndarray, dict, np.ndarray]:
+    """The sweep run's own class and mask on the held-out images, and the crop classifier's ways of combining them:
+    (true labels, way -> predicted labels, crop classifier's (N, 2) probabilities, NaN where no mask was drawn)."""
+    unet, cfg = load_model(run / "checkpoints" / "last.ckpt")
+    image_size = cfg["data"]["image_size"]
+    truth = np.array([records[n].label for n in held])
+    x = torch.stack([prepare_image(decoded[n][0], image_size) for n in held])
+    dtype = autocast_dtype(run_precision(cfg))  # as the sweep's own test step ran
+    with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        mask_p, class_p = predict_probs(unet, x)
+    class_p = class_p.numpy()
+    stage1 = class_p.argmax(1)
+    largest = InferenceOptions(keep_largest=True)
+    boxes = [lesion_box(postprocess_mask(restore_size(mask_p[i, 0].numpy(), decoded[n][1].shape), None, largest))
+             for i, n in enumerate(held)]
+    gt_boxes = [lesion_box(decoded[n][1]) for n in held]
+    drawn = [i for i in range(len(held)) if boxes[i] is not None]
+    p2 = np.full((len(held), 2), np.nan)
+    if drawn:
+        p2[drawn] = classify(net, [decoded[held[i]][0] for i in drawn], [boxes[i] for i in drawn], args.size,
+                             args.test_margins)
+    crop_pred, avg_pred, hier, oracle = stage1.copy(), stage1.copy(), stage1.copy(), stage1.copy()
+    for i in drawn:
+        s1 = class_p[i, 1:] / class_p[i, 1:].sum()  # the network's benign/malignant call, given a lesion
+        mean = (s1 + p2[i]) / 2
+        if stage1[i] > 0:  # the crop classifier decides benign vs malignant where stage 1 sees a lesion
+            crop_pred[i] = 1 + int(p2[i].argmax())
+            avg_pred[i] = 1 + int(mean.argmax())
+        # hierarchical: P(normal) from stage 1, P(type | lesion) the mean, on every image with a drawn mask
+        # (so a lesion probability can overturn a narrow "normal")
+        hier[i] = int(np.concatenate([[class_p[i, 0]], class_p[i, 1:].sum() * mean]).argmax())
+    # diagnostic only: the same classifier on the ground-truth box (what perfect localisation would give)
+    lesion_gt = [i for i in range(len(held)) if gt_boxes[i] is not None and stage1[i] > 0]
+    if lesion_gt:
+        pg = classify(net, [decoded[held[i]][0] for i in lesion_gt], [gt_boxes[i] for i in lesion_gt], args.size,
+                      args.test_margins)
+        for k, i in enumerate(lesion_gt):
+            oracle[i] = 1 + int(pg[k].argmax())
+    return truth, dict(zip(WAYS, (stage1, crop_pred, avg_pred, hier, oracle))), p2
+
+
+def print_table(sweep: Path, per_fold: dict[str, list[dict[str, float]]]) -> None:
+    folds = len(per_fold["stage1"])
+    print(f"\n{sweep}: {folds} folds, mean +- std over folds; paired = minus stage1, fold by fold")
+    print("| way | accuracy | paired | folds better | macro F1 | recall normal / benign / malignant |")
+    print("|---|---|---|---|---|---|")
+    base = np.array([s["accuracy"] for s in per_fold["stage1"]])
+    for w in WAYS:
+        acc = np.array([s["accuracy"] for s in per_fold[w]])
+        d = acc - base
+        f1 = np.array([s["f1_macro"] for s in per_fold[w]])
+        rec = " / ".join(f"{np.mean([s[f'recall_{c}'] for s in per_fold[w]]):.3f}" for c in NAMES)
+        print(f"| {w} | {acc.mean():.3f} +- {acc.std(ddof=1) if len(acc) > 1 else 0:.3f} | "
+              f"{d.mean():+.3f} +- {d.std(ddof=1) if len(d) > 1 else 0:.3f} ({', '.join(f'{v:+.3f}' for v in d)}) | "
+              f"{int((d > 0).sum())}/{len(d)} | {f1.mean():.3f} | {rec} |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("sweep", type=Path, help="k-fold sweep dir: SWEEP/F/split.json and SWEEP/F/checkpoints/last.ckpt")
+    ap.add_argument("sweeps", type=Path, nargs="+",
+                    help="k-fold sweep dirs (SWEEP/F/split.json, SWEEP/F/checkpoints/last.ckpt) on the same folds: "
+                         "each fold's crop classifier is trained once and put on top of every sweep's network")
     ap.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--size", type=int, default=128, help="crop side fed to the classifier (px)")
     ap.add_argument("--epochs", type=int, default=40)
@@ -133,97 +196,53 @@ def main() -> int:
     ap.add_argument("--jitter", type=float, default=0.2, help="training crop centre shift, share of the side")
     ap.add_argument("--test-margins", type=float, nargs="+", default=[1.5, 2.0, 2.5],
                     help="held-out crops at these margins (each also mirrored), probabilities averaged")
-    ap.add_argument("--out", type=Path, help="write per-image predictions (CSV) here")
+    ap.add_argument("--out", type=Path, help="write per-image predictions (CSV, one row per sweep and image) here")
     args = ap.parse_args()
     root = os.environ.get("BUSI_ROOT")
     if not root:
         print("error: set BUSI_ROOT to the Dataset_BUSI_with_GT folder", file=sys.stderr)
         return 2
+    splits: dict[int, dict] = {}
     for fold in args.folds:
-        for need in ("split.json", "checkpoints/last.ckpt"):
-            if not (args.sweep / str(fold) / need).is_file():
-                print(f"error: {args.sweep / str(fold) / need} not found", file=sys.stderr)
+        for sweep in args.sweeps:
+            for need in ("split.json", "checkpoints/last.ckpt"):
+                if not (sweep / str(fold) / need).is_file():
+                    print(f"error: {sweep / str(fold) / need} not found", file=sys.stderr)
+                    return 2
+            split = json.loads((sweep / str(fold) / "split.json").read_text())
+            first = splits.setdefault(fold, split)
+            if (split["train"], split["val"]) != (first["train"], first["val"]):
+                print(f"error: {sweep / str(fold) / 'split.json'} holds other images than "
+                      f"{args.sweeps[0] / str(fold) / 'split.json'}: the sweeps must share their folds", file=sys.stderr)
                 return 2
     torch.set_num_threads(os.cpu_count() or 1)
     records = {r.name: r for r in scan_busi(root)}
     t0 = time.time()
     decoded = {name: load_record(r) for name, r in records.items()}
     print(f"decoded {len(decoded)} images at their original size in {time.time() - t0:.0f} s", flush=True)
-    ways = ("stage1", "crop", "average", "hierarchical", "oracle_box")
-    per_fold: dict[str, list[dict[str, float]]] = {w: [] for w in ways}
+    per_fold = {sweep: {w: [] for w in WAYS} for sweep in args.sweeps}
     rows = []
     for fold in args.folds:
-        run = args.sweep / str(fold)
-        split = json.loads((run / "split.json").read_text())
-        train = [n for n in split["train"] if records[n].label > 0]
-        held = split["val"]
+        train = [n for n in splits[fold]["train"] if records[n].label > 0]
+        held = splits[fold]["val"]
         t0 = time.time()
         net = train_classifier([decoded[n][0] for n in train], [lesion_box(decoded[n][1]) for n in train],
                                [records[n].label - 1 for n in train], args.size, args.epochs, args.seed + fold,
                                tuple(args.train_margin), args.jitter)
-        fit = time.time() - t0
-        unet, cfg = load_model(run / "checkpoints" / "last.ckpt")
-        image_size = cfg["data"]["image_size"]
-        truth = np.array([records[n].label for n in held])
-        x = torch.stack([prepare_image(decoded[n][0], image_size) for n in held])
-        dtype = autocast_dtype(run_precision(cfg))  # as the sweep's own test step ran
-        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-            mask_p, class_p = predict_probs(unet, x)
-        class_p = class_p.numpy()
-        stage1 = class_p.argmax(1)
-        boxes, gt_boxes = [], []
-        largest = InferenceOptions(keep_largest=True)
-        for i, n in enumerate(held):
-            prob = restore_size(mask_p[i, 0].numpy(), decoded[n][1].shape)
-            boxes.append(lesion_box(postprocess_mask(prob, None, largest)))
-            gt_boxes.append(lesion_box(decoded[n][1]))
-        # the crop classifier decides benign vs malignant where stage 1 sees a lesion and drew a mask
-        use = [i for i in range(len(held)) if stage1[i] > 0 and boxes[i] is not None]
-        drawn = [i for i in range(len(held)) if boxes[i] is not None]
-        p2_all = np.full((len(held), 2), np.nan)
-        if drawn:
-            p2_all[drawn] = classify(net, [decoded[held[i]][0] for i in drawn], [boxes[i] for i in drawn],
-                                     args.size, args.test_margins)
-        crop_pred, avg_pred, hier, oracle = stage1.copy(), stage1.copy(), stage1.copy(), stage1.copy()
-        for i in use:
-            crop_pred[i] = 1 + int(p2_all[i].argmax())
-            s1 = class_p[i, 1:] / class_p[i, 1:].sum()
-            avg_pred[i] = 1 + int(((s1 + p2_all[i]) / 2).argmax())
-        # hierarchical: P(normal) from stage 1, P(type | lesion) the mean of stage 1's and the crop classifier's,
-        # for every image with a drawn mask (so a lesion probability can overturn a narrow "normal")
-        for i in range(len(held)):
-            if boxes[i] is not None:
-                s1 = class_p[i, 1:] / class_p[i, 1:].sum()
-                q = np.concatenate([[class_p[i, 0]], class_p[i, 1:].sum() * (s1 + p2_all[i]) / 2])
-                hier[i] = int(q.argmax())
-        # diagnostic only: the same classifier on the ground-truth box (what perfect localisation would give)
-        lesion_gt = [i for i in range(len(held)) if gt_boxes[i] is not None and stage1[i] > 0]
-        if lesion_gt:
-            pg = classify(net, [decoded[held[i]][0] for i in lesion_gt], [gt_boxes[i] for i in lesion_gt],
-                          args.size, args.test_margins)
-            for k, i in enumerate(lesion_gt):
-                oracle[i] = 1 + int(pg[k].argmax())
-        preds = dict(zip(ways, (stage1, crop_pred, avg_pred, hier, oracle)))
-        for w in ways:
-            per_fold[w].append(scores(truth, preds[w]))
-        print(f"fold {fold}: crop classifier trained in {fit:.0f} s on {len(train)} lesion images; accuracy "
-              + ", ".join(f"{w} {per_fold[w][-1]['accuracy']:.3f}" for w in ways), flush=True)
-        for i, n in enumerate(held):
-            rows.append({"fold": fold, "image": n, "true_class": NAMES[truth[i]],
-                         **{w: NAMES[preds[w][i]] for w in ways},
-                         "crop_prob_malignant": "" if np.isnan(p2_all[i, 1]) else f"{p2_all[i, 1]:.6f}"})
-    print(f"\n{len(args.folds)} folds, mean +- std over folds; paired = minus stage1, fold by fold")
-    print("| way | accuracy | paired | folds better | macro F1 | recall normal / benign / malignant |")
-    print("|---|---|---|---|---|---|")
-    base = np.array([s["accuracy"] for s in per_fold["stage1"]])
-    for w in ways:
-        acc = np.array([s["accuracy"] for s in per_fold[w]])
-        d = acc - base
-        f1 = np.array([s["f1_macro"] for s in per_fold[w]])
-        rec = " / ".join(f"{np.mean([s[f'recall_{c}'] for s in per_fold[w]]):.3f}" for c in NAMES)
-        print(f"| {w} | {acc.mean():.3f} +- {acc.std(ddof=1) if len(acc) > 1 else 0:.3f} | "
-              f"{d.mean():+.3f} +- {d.std(ddof=1) if len(d) > 1 else 0:.3f} ({', '.join(f'{v:+.3f}' for v in d)}) | "
-              f"{int((d > 0).sum())}/{len(d)} | {f1.mean():.3f} | {rec} |")
+        print(f"fold {fold}: crop classifier trained in {time.time() - t0:.0f} s on {len(train)} lesion images",
+              flush=True)
+        for sweep in args.sweeps:
+            truth, preds, p2 = two_stage(net, sweep / str(fold), held, decoded, records, args)
+            for w in WAYS:
+                per_fold[sweep][w].append(scores(truth, preds[w]))
+            print(f"  {sweep}: accuracy " + ", ".join(f"{w} {per_fold[sweep][w][-1]['accuracy']:.3f}" for w in WAYS),
+                  flush=True)
+            for i, n in enumerate(held):
+                rows.append({"sweep": str(sweep), "fold": fold, "image": n, "true_class": NAMES[truth[i]],
+                             **{w: NAMES[preds[w][i]] for w in WAYS},
+                             "crop_prob_malignant": "" if np.isnan(p2[i, 1]) else f"{p2[i, 1]:.6f}"})
+    for sweep in args.sweeps:
+        print_table(sweep, per_fold[sweep])
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with args.out.open("w", newline="") as fh:
