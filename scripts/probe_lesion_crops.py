@@ -1,12 +1,14 @@
 """Probe: does a second classifier on the lesion crop, at the image's original resolution, tell benign from
-malignant better than the multi-task network's class head at 128 px? (docs/results.md, e46-e48)
+malignant better than the multi-task network's class head at 128 px? (docs/results.md, e46-e48; the
+framework's stage is ``python -m busiseg.crop_stage``, docs/two_stage.md: this probe also scores the
+other ways of combining the two, and the ground-truth box)
 
     BUSI_ROOT=/path/to/Dataset_BUSI_with_GT python scripts/probe_lesion_crops.py SWEEP [SWEEP ...] \
         [--folds 0 1 2 3 4] [--seed 0] [--out per_image.csv]
 
 Each SWEEP is a k-fold sweep (``scripts/cv.sh``): SWEEP/F/split.json and SWEEP/F/checkpoints/last.ckpt per fold;
 several sweeps on the same folds share each fold's crop classifier (trained once).
-For each fold, a ResNet-18 (torchvision, 1 channel, from scratch) is trained on the training part's lesion
+For each fold, the crop classifier (``busiseg.models.crop_classifier``: a ResNet-18, 1 channel, from scratch) is trained on the training part's lesion
 images only, on square crops around the ground-truth lesion box (side 1.2-3.0x the box, centre shifted up to
 20 %, flips, brightness/contrast), benign vs malignant. On the held-out part, the sweep's network gives the
 class and the mask (at its trainer.precision, as its own test step ran); the crop classifier (bf16 where the
@@ -19,7 +21,8 @@ Printed per fold and as mean +- std over folds with the paired difference agains
 - ``crop``: the crop classifier's class wherever the network calls a lesion and drew a mask;
 - ``average``: there, benign vs malignant by the mean of the crop classifier's and the network's
   (renormalised) probabilities;
-- ``hierarchical``: P(normal) from the network, P(type | lesion) that mean, on every image with a drawn mask;
+- ``hierarchical``: P(normal) from the network, P(type | lesion) that mean, on every image with a drawn mask
+  (the framework's rule, ``busiseg.crop_stage``);
 - ``oracle_box``: ``crop`` on the ground-truth box instead of the predicted one (a diagnostic, never a result).
 
 Test images' ground truth is used only for ``oracle_box`` and the scores."""
@@ -28,7 +31,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import sys
 import time
@@ -36,80 +38,37 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-import torchvision
 
 from busiseg.checkpoint import load_model
 from busiseg.data.busi import load_record, scan_busi
-from busiseg.data.crops import lesion_box, square_crop
+from busiseg.data.crops import lesion_box
 from busiseg.data.labels import CLASS_NAMES
 from busiseg.evaluation.metrics_table import classification_summary
 from busiseg.evaluation.runner import autocast_dtype, run_precision
 from busiseg.inference import InferenceOptions, postprocess_mask, predict_probs, prepare_image, restore_size
+from busiseg.models.crop_classifier import CropClassifier, CropSettings, combine_class_probs, train_crop_classifier
 from busiseg.run_info import cpu_has_bf16
 
 # the crop classifier in bf16 where the CPU has it natively (emulated bf16 is many times slower: docs/performance.md)
 CROP_DTYPE = torch.bfloat16 if cpu_has_bf16() else None
 
 
-def make_net() -> torch.nn.Module:
-    """ResNet-18 from scratch, one input channel, two classes (benign, malignant)."""
-    net = torchvision.models.resnet18(num_classes=2)
-    net.conv1 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+def train_classifier(images, boxes, labels, args, seed) -> CropClassifier:
+    """The framework's crop classifier (busiseg.models.crop_classifier), printing the loss every 10 epochs."""
+    settings = CropSettings(size=args.size, epochs=args.epochs, train_margin=tuple(args.train_margin),
+                            jitter=args.jitter, test_margins=tuple(args.test_margins), seed=seed)
+
+    def report(epoch: int, loss: float) -> None:
+        if epoch % 10 == 9 or epoch == settings.epochs - 1:
+            print(f"  epoch {epoch + 1}: loss {loss:.3f}", flush=True)
+
+    net, _ = train_crop_classifier(images, boxes, labels, settings, autocast=CROP_DTYPE, on_epoch=report)
     return net
 
 
-def train_classifier(images, boxes, labels, size, epochs, seed, margin=(1.2, 3.0), jitter=0.2):
-    """Train on random square crops (side = box side x U(margin), centre moved by up to jitter x side)."""
-    g = np.random.default_rng(seed)
-    torch.manual_seed(seed)
-    net = make_net().to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.05)
-    batch = 32
-    steps = epochs * math.ceil(len(images) / batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.2)
-    labels = np.asarray(labels)
-    net.train()
-    for epoch in range(epochs):
-        order = g.permutation(len(images))
-        total = 0.0
-        for i in range(0, len(order), batch):
-            idx = order[i:i + batch]
-            xs = []
-            for j in idx:
-                shift = (g.uniform(-jitter, jitter), g.uniform(-jitter, jitter))
-                x = square_crop(images[j], boxes[j], g.uniform(*margin), size, shift).astype(np.float32) / 255.0
-                if g.random() < 0.5:
-                    x = x[:, ::-1]
-                if g.random() < 0.8:
-                    x = np.clip((x - x.mean()) * g.uniform(0.7, 1.3) + x.mean() + g.uniform(-0.2, 0.2), 0, 1)
-                xs.append(np.ascontiguousarray(x))
-            xb = (torch.from_numpy(np.stack(xs))[:, None] - 0.5) / 0.25
-            xb = xb.contiguous(memory_format=torch.channels_last)
-            yb = torch.from_numpy(labels[idx]).long()
-            with torch.autocast("cpu", dtype=CROP_DTYPE, enabled=CROP_DTYPE is not None):
-                logits = net(xb)
-            loss = F.cross_entropy(logits.float(), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(idx)
-        if epoch % 10 == 9 or epoch == epochs - 1:
-            print(f"  epoch {epoch + 1}: loss {total / len(images):.3f}", flush=True)
-    return net.eval()
-
-
-@torch.inference_mode()
-def classify(net, images, boxes, size, margins=(1.5, 2.0, 2.5)) -> np.ndarray:
-    """(N, 2) benign/malignant probabilities, averaged over the margins and their mirror images."""
-    p = 0
-    for margin in margins:
-        xs = [square_crop(im, b, margin, size).astype(np.float32) / 255.0 for im, b in zip(images, boxes)]
-        xb = (torch.from_numpy(np.stack(xs))[:, None] - 0.5) / 0.25
-        with torch.autocast("cpu", dtype=CROP_DTYPE, enabled=CROP_DTYPE is not None):
-            p = p + torch.softmax(net(xb).float(), 1) + torch.softmax(net(torch.flip(xb, [-1])).float(), 1)
-    return (p / (2 * len(margins))).numpy()
+def classify(net: CropClassifier, images, boxes) -> np.ndarray:
+    """(N, 2) benign/malignant probabilities, averaged over the test margins and their mirror images."""
+    return net.lesion_probs(images, boxes, autocast=CROP_DTYPE)
 
 
 NAMES = CLASS_NAMES  # label 0 is normal; labels 1, 2 are the crop classifier's classes 0, 1
@@ -144,23 +103,21 @@ def two_stage(net, run: Path, held: list[str], decoded, records, args) -> tuple[
     drawn = [i for i in range(len(held)) if boxes[i] is not None]
     p2 = np.full((len(held), 2), np.nan)
     if drawn:
-        p2[drawn] = classify(net, [decoded[held[i]][0] for i in drawn], [boxes[i] for i in drawn], args.size,
-                             args.test_margins)
-    crop_pred, avg_pred, hier, oracle = stage1.copy(), stage1.copy(), stage1.copy(), stage1.copy()
+        p2[drawn] = classify(net, [decoded[held[i]][0] for i in drawn], [boxes[i] for i in drawn])
+    crop_pred, avg_pred, oracle = stage1.copy(), stage1.copy(), stage1.copy()
     for i in drawn:
         s1 = class_p[i, 1:] / class_p[i, 1:].sum()  # the network's benign/malignant call, given a lesion
         mean = (s1 + p2[i]) / 2
         if stage1[i] > 0:  # the crop classifier decides benign vs malignant where stage 1 sees a lesion
             crop_pred[i] = 1 + int(p2[i].argmax())
             avg_pred[i] = 1 + int(mean.argmax())
-        # hierarchical: P(normal) from stage 1, P(type | lesion) the mean, on every image with a drawn mask
-        # (so a lesion probability can overturn a narrow "normal")
-        hier[i] = int(np.concatenate([[class_p[i, 0]], class_p[i, 1:].sum() * mean]).argmax())
+    # hierarchical: the framework's rule (busiseg.crop_stage): P(normal) from stage 1, P(type | lesion) the mean,
+    # on every image with a drawn mask (so a lesion probability can overturn a narrow "normal")
+    hier = combine_class_probs(class_p, p2).argmax(1)
     # diagnostic only: the same classifier on the ground-truth box (what perfect localisation would give)
     lesion_gt = [i for i in range(len(held)) if gt_boxes[i] is not None and stage1[i] > 0]
     if lesion_gt:
-        pg = classify(net, [decoded[held[i]][0] for i in lesion_gt], [gt_boxes[i] for i in lesion_gt], args.size,
-                      args.test_margins)
+        pg = classify(net, [decoded[held[i]][0] for i in lesion_gt], [gt_boxes[i] for i in lesion_gt])
         for k, i in enumerate(lesion_gt):
             oracle[i] = 1 + int(pg[k].argmax())
     return truth, dict(zip(WAYS, (stage1, crop_pred, avg_pred, hier, oracle))), p2
@@ -227,8 +184,7 @@ def main() -> int:
         held = splits[fold]["val"]
         t0 = time.time()
         net = train_classifier([decoded[n][0] for n in train], [lesion_box(decoded[n][1]) for n in train],
-                               [records[n].label - 1 for n in train], args.size, args.epochs, args.seed + fold,
-                               tuple(args.train_margin), args.jitter)
+                               [records[n].label - 1 for n in train], args, args.seed + fold)
         print(f"fold {fold}: crop classifier trained in {time.time() - t0:.0f} s on {len(train)} lesion images",
               flush=True)
         for sweep in args.sweeps:

@@ -48,6 +48,12 @@ from busiseg.evaluation.runner import (  # noqa: E402
     run_precision,
 )
 from busiseg.inference import InferenceOptions  # noqa: E402
+from busiseg.models.crop_classifier import (  # noqa: E402
+    CropClassifier,
+    CropClassifierError,
+    check_not_trained_on,
+    load_crop_classifier,
+)
 from busiseg.models.reporting import save_png  # noqa: E402
 from busiseg.atomic import write_text_atomic  # noqa: E402
 from busiseg.cli import fail  # noqa: E402
@@ -131,7 +137,7 @@ def check_against_training(inputs: EvalInputs, results: EvalResults) -> dict[str
 
 
 def build_metrics(inputs: EvalInputs, options: InferenceOptions, results: EvalResults,
-                  ece_bins: int = ECE_BINS) -> dict[str, Any]:
+                  ece_bins: int = ECE_BINS, crop_classifier: Path | None = None) -> dict[str, Any]:
     """The content of metrics.json (schema in docs/evaluation.md)."""
     final = results.final
     true_area = results.scores[(final, "original")].true_area
@@ -140,6 +146,8 @@ def build_metrics(inputs: EvalInputs, options: InferenceOptions, results: EvalRe
         "schema": SCHEMA,
         "checkpoint": str(inputs.ckpt_path),
         "ensemble": [str(p) for p in inputs.ckpt_paths] if inputs.is_ensemble else None,
+        # the crop stage (busiseg.models.crop_classifier): class probabilities are the two-stage ones
+        "crop_classifier": str(crop_classifier) if crop_classifier else None,
         "training_run_dir": str(inputs.run_dir),
         "data_root": str(inputs.data_root.resolve()),
         "part": inputs.part,
@@ -164,7 +172,8 @@ def build_metrics(inputs: EvalInputs, options: InferenceOptions, results: EvalRe
             "segmentation": {s: segmentation_summary(results.scores[(p, s)], results.labels) for s in SIZES},
         }
     payload["raw"]["as_training"] = results.as_training
-    check = check_against_training(inputs, results)
+    # with the crop stage the classes are no longer the training test step's: nothing to reproduce
+    check = None if crop_classifier else check_against_training(inputs, results)
     if check is not None:
         payload["training_check"] = check
     return _finite(payload)
@@ -291,6 +300,7 @@ def write_report(path: Path, cfg: DictConfig, inputs: EvalInputs, metrics: dict[
                    f"{inputs.part if inputs.part != 'all' else 'every image'}"
                    + (f" of {metrics['split_file']}" if metrics["split_file"] else "")),
         ("network input", f"{S}×{S}, {metrics['in_channels']} channel(s)"),
+        ("crop stage", metrics.get("crop_classifier") or "none (the network's classes)"),
         ("inference options", opts + ("" if final != "raw" else " (all off: raw only)")),
     ]
     notes = (
@@ -328,6 +338,22 @@ def write_report(path: Path, cfg: DictConfig, inputs: EvalInputs, metrics: dict[
     write_text_atomic(path, page)
 
 
+def load_crop_stage(cfg: DictConfig, inputs: EvalInputs) -> tuple[CropClassifier | None, Path | None]:
+    """``crop_classifier=FILE``: the crop stage, refused when it was trained on an evaluated image."""
+    value = cfg.get("crop_classifier")
+    if value in (None, ""):
+        return None, None
+    path = Path(str(value)).expanduser()
+    try:
+        model = load_crop_classifier(path)
+        if inputs.part != "train":
+            check_not_trained_on(model, [r.name for r in inputs.records], path)
+    except CropClassifierError as exc:
+        raise EvalError(str(exc)) from exc
+    log.info("crop stage: %s (trained on %d lesion images)", path, len(model.trained_on))
+    return model, path
+
+
 # --------------------------------------------------------------------------- entry
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the evaluation the config describes and write every output; returns metrics.json's content."""
@@ -342,12 +368,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     log.info("evaluating %s on %d images (%s) of %s, part %s", inputs.ckpt_path, len(inputs.records),
              ", ".join(f"{c} {n}" for c, n in counts.items()), inputs.data_root, inputs.part)
     precision = eval_precision(cfg, inputs.train_config)
+    crop_model, crop_path = load_crop_stage(cfg, inputs)
     results = run_network(inputs.net, inputs.records, inputs.image_size, inputs.in_channels, inputs.batch_size,
                           options, progress=bool(cfg.get("progress", True)),
                           channels_last=bool(inputs.train_config.get("channels_last", False)),
-                          autocast=autocast_dtype(precision))
+                          autocast=autocast_dtype(precision), crop_classifier=crop_model)
     ece_bins = int(cfg.get("ece_bins") or ECE_BINS)
-    metrics = build_metrics(inputs, options, results, ece_bins)
+    metrics = build_metrics(inputs, options, results, ece_bins, crop_path)
     metrics["precision"] = precision
     write_json(output_dir / "metrics.json", metrics)
     write_per_image_csv(output_dir / "per_image.csv", results)

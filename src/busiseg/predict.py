@@ -29,6 +29,7 @@ from busiseg.checkpoint import CheckpointError, load_ensemble, load_model  # noq
 from busiseg.cli import fail  # noqa: E402
 from busiseg.data.labels import CLASS_NAMES  # noqa: E402
 from busiseg.inference import Ensemble, InferenceOptions, postprocess_mask, predict_probs, prepare_image, restore_size  # noqa: E402
+from busiseg.models.crop_classifier import CropClassifier, CropClassifierError, load_crop_classifier  # noqa: E402
 from busiseg.onnx_predictor import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, InputError, PredictionSummary, find_images, predict_files  # noqa: E402
 
 log = logging.getLogger("busiseg.predict")
@@ -44,23 +45,26 @@ class TorchPredictor:
     """A checkpoint's network: uint8 images -> (bool mask at the image's size, class probabilities)."""
 
     def __init__(self, net: torch.nn.Module, image_size: int, in_channels: int, options: InferenceOptions,
-                 device: str | torch.device = "cpu", class_names: tuple[str, ...] = CLASS_NAMES):
+                 device: str | torch.device = "cpu", class_names: tuple[str, ...] = CLASS_NAMES,
+                 crop_classifier: CropClassifier | None = None):
         self.net = net.to(device).eval()
         self.image_size = image_size
         self.in_channels = in_channels
         self.options = options
         self.device = torch.device(device)
         self.class_names = class_names
+        # the crop stage: class probabilities from the network and the lesion-crop classifier
+        self.crop_classifier = crop_classifier.to(device) if crop_classifier is not None else None
 
     def __call__(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         batch = torch.stack([prepare_image(im, self.image_size) for im in images]).to(self.device)
         mask_probs, class_probs = predict_probs(self.net, batch, self.options)
         mask_probs, class_probs = mask_probs.cpu().numpy(), class_probs.cpu().numpy()
-        results = []
-        for i, image in enumerate(images):
-            prob = restore_size(mask_probs[i, 0], image.shape[:2])
-            results.append((postprocess_mask(prob, class_probs[i], self.options), class_probs[i]))
-        return results
+        full = [restore_size(mask_probs[i, 0], image.shape[:2]) for i, image in enumerate(images)]
+        if self.crop_classifier is not None:
+            class_probs, _ = self.crop_classifier.refine(images, full, class_probs, self.options.threshold)
+            class_probs = class_probs.astype(np.float32)
+        return [(postprocess_mask(full[i], class_probs[i], self.options), class_probs[i]) for i in range(len(images))]
 
 
 def _required(cfg: DictConfig, key: str) -> Any:
@@ -132,6 +136,12 @@ def predict(cfg: DictConfig) -> PredictionSummary:
         raise InputError(f"input {input_path}: no images found ({', '.join(IMAGE_SUFFIXES)}; hidden files and "
                          f"mask files are skipped)")
     predictor = load_predictor(ckpt_path, options, _device(str(cfg.get("device", "auto"))))
+    if cfg.get("crop_classifier") not in (None, ""):
+        try:
+            predictor.crop_classifier = load_crop_classifier(str(cfg.crop_classifier)).to(predictor.device)
+        except CropClassifierError as exc:
+            raise ConfigError(str(exc)) from exc
+        log.info("crop stage: %s", cfg.crop_classifier)
     members = len(predictor.net.members) if isinstance(predictor.net, Ensemble) else 1
     log.info("%d image(s) from %s, %s %s, image size %d", len(images), input_path,
              f"ensemble of {members} checkpoints" if members > 1 else "checkpoint", ckpt_path, predictor.image_size)

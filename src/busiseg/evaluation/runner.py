@@ -31,6 +31,7 @@ from busiseg.data.dataset import resize_pair
 from busiseg.data.splits import PARTS, load_split
 from busiseg.evaluation.metrics_table import MaskScore, MaskScores, score_mask
 from busiseg.inference import InferenceOptions, postprocess_mask, predict_probs, restore_size
+from busiseg.models.crop_classifier import CropClassifier
 from busiseg.models.metrics import SEG_THRESHOLD, classification_metrics, segmentation_metrics
 
 log = logging.getLogger(__name__)
@@ -275,13 +276,16 @@ def autocast_dtype(precision: Any) -> torch.dtype | None:
 
 def run_network(net: torch.nn.Module, records: list[Record], image_size: int, in_channels: int, batch_size: int,
                 options: InferenceOptions, progress: bool = True, channels_last: bool = False,
-                autocast: torch.dtype | None = None) -> EvalResults:
+                autocast: torch.dtype | None = None, crop_classifier: CropClassifier | None = None) -> EvalResults:
     """Run the network over the records in batches of ``batch_size`` (the training run's
     eval batch size by default, so the test step's batches are reproduced exactly) and
     score every view. ``channels_last``: NHWC memory format, as a run trained with
     ``channels_last=true`` tested (same kernels, same rounding). ``autocast``: each forward
     pass under ``torch.autocast`` with this dtype, as a run trained with ``bf16-mixed``
-    tested (None: full precision)."""
+    tested (None: full precision). ``crop_classifier``: the crop stage
+    (:class:`busiseg.models.crop_classifier.CropClassifier`) turns each view's class probabilities
+    into the two-stage ones (from the crop around that view's largest predicted component, at the
+    original size) before anything is scored; the masks are the network's."""
     pipelines = PIPELINES if inference_active(options) else PIPELINES[:1]
     seg_metrics = segmentation_metrics("")
     cls_metrics = classification_metrics("")
@@ -312,6 +316,13 @@ def run_network(net: torch.nn.Module, records: list[Record], image_size: int, in
                 if "postprocessed" in pipelines:
                     tta = options.tta_flip or any(s != 1.0 for s in options.tta_scales)
                     out["postprocessed"] = predict_probs(net, images, options) if tta else out["raw"]
+            if crop_classifier is not None:
+                for p in pipelines:
+                    full = [restore_size(out[p][0][i, 0].numpy(), d[1].shape) for i, d in enumerate(decoded)]
+                    threshold = SEG_THRESHOLD if p == "raw" else options.threshold
+                    combined, _ = crop_classifier.refine([d[0] for d in decoded], full, out[p][1].numpy(), threshold,
+                                                         autocast)
+                    out[p] = (out[p][0], torch.from_numpy(combined).float())
             seg_metrics.update(out["raw"][0], true_s.int())
             cls_metrics.update(out["raw"][1], labels)
 

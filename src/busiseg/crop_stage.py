@@ -1,0 +1,306 @@
+"""The crop stage (``busiseg.models.crop_classifier``): train it for a run, or cross-validate it on a sweep.
+
+    python -m busiseg.crop_stage train RUN [--out FILE] [settings]
+    python -m busiseg.crop_stage cv OUT SWEEP [--folds 0 1 2] [settings]
+
+``train`` trains the benign-or-malignant crop classifier on the lesion images of RUN's training part
+(RUN/split.json, images from the run's data root, ground-truth lesion boxes) and writes
+``RUN/crop_classifier.pt``; ``python -m busiseg.eval ckpt_path=RUN/checkpoints/last.ckpt
+crop_classifier=RUN/crop_classifier.pt`` and ``busiseg.predict ... crop_classifier=...`` then use it.
+
+``cv`` does that for every fold of a k-fold sweep (``scripts/cv.sh``) and evaluates each fold's test part
+twice by the same code (``busiseg.evaluation.runner``, at the run's ``trainer.precision``, no TTA): the
+network alone (``OUT/network/F``) and with the crop stage (``OUT/two_stage/F``, its crop classifier
+beside: ``crop_classifier.pt``, seeded ``--seed`` + fold, reused when its settings and images match). Both are sweep-like
+folders (``split.json``, ``metrics.json``, ``predictions.csv``) that ``busiseg.cv_summary`` and
+``busiseg.ablation`` read; ``OUT/crop_cv.md`` / ``.json`` hold the table with per-fold paired
+differences against the network alone. The two-stage arm's ``fit_seconds`` is the network's plus the
+crop classifier's. The sweep itself is only read. docs/two_stage.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from busiseg.ablation import AblationError, compare, render_markdown  # noqa: E402
+from busiseg.atomic import write_json_atomic, write_text_atomic  # noqa: E402
+from busiseg.checkpoint import CheckpointError, read_checkpoint  # noqa: E402
+from busiseg.cv_summary import CVSummaryError  # noqa: E402
+from busiseg.data.busi import DatasetError, Record, load_record, scan_busi  # noqa: E402
+from busiseg.data.crops import lesion_box  # noqa: E402
+from busiseg.data.splits import load_split  # noqa: E402
+from busiseg.ensemble_cv import EnsembleCVError, _fit_seconds, _write_run, fold_runs  # noqa: E402
+from busiseg.evaluation.runner import EvalError, autocast_dtype, resolve_inputs, run_network, run_precision  # noqa: E402
+from busiseg.inference import InferenceOptions  # noqa: E402
+from busiseg.models.crop_classifier import (  # noqa: E402
+    CropClassifier,
+    CropClassifierError,
+    CropSettings,
+    check_not_trained_on,
+    load_crop_classifier,
+    read_crop_file,
+    save_crop_classifier,
+    to_grey,
+    train_crop_classifier,
+)
+from busiseg.run_info import cpu_has_bf16  # noqa: E402
+
+log = logging.getLogger("busiseg.crop_stage")
+
+FILE_NAME = "crop_classifier.pt"
+NETWORK, TWO_STAGE = "network", "two_stage"
+
+
+def training_precision(device: torch.device, requested: str = "auto") -> torch.dtype | None:
+    """bf16 autocast where the device runs it natively (``auto``), else full precision."""
+    if requested == "32":
+        return None
+    if requested == "bf16-mixed":
+        return torch.bfloat16
+    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
+    return torch.bfloat16 if native else None
+
+
+def run_data_root(run: Path, checkpoint: str = "last.ckpt") -> Path:
+    """The data root RUN was trained on, from its checkpoint's stored config (the synthetic phantom is
+    written again when it is gone, as eval does)."""
+    ckpt = run / "checkpoints" / checkpoint
+    config = (read_checkpoint(ckpt).get("hyper_parameters") or {}).get("config") or {}
+    data = config.get("data") or {}
+    if not data.get("root"):
+        raise CropClassifierError(f"{ckpt}: the checkpoint's config has no data.root; pass --data-root DIR")
+    root = Path(str(data["root"])).expanduser()
+    if data.get("synthetic") and not root.exists():
+        from busiseg.data.synthetic import ensure_phantom
+
+        ensure_phantom(root, **dict(data["synthetic"]))
+    return root
+
+
+def training_lesions(root: Path, split_file: Path) -> list[Record]:
+    """The benign and malignant images of the split's training part."""
+    try:
+        names = load_split(split_file)["train"]
+    except ValueError as exc:
+        raise CropClassifierError(str(exc)) from exc
+    by_name = {r.name: r for r in scan_busi(root)}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise CropClassifierError(f"{split_file}: {len(missing)} training image(s) are not in {root}, e.g. "
+                                  f"{missing[0]} (is --data-root the folder the run used?)")
+    return [by_name[n] for n in names if by_name[n].label > 0]
+
+
+def train_for_split(root: Path, split_file: Path, settings: CropSettings, device: str = "auto",
+                    precision: str = "auto", progress: bool = True) -> tuple[CropClassifier, dict[str, Any], np.ndarray]:
+    """Train the crop classifier on the lesion images of ``split_file``'s training part under ``root``;
+    returns it, what to store beside its weights (time, loss per epoch, where the images came from) and
+    :func:`crop_figure`."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    records = training_lesions(root, split_file)
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    dtype = training_precision(dev, precision)
+    started = time.perf_counter()
+    images, boxes = [], []
+    for r in records:
+        image, mask = load_record(r)
+        box = lesion_box(mask)
+        if box is None:
+            raise CropClassifierError(f"{r.masks[0] if r.masks else r.image}: a {r.class_name} image with an empty "
+                                      "mask cannot train the crop classifier")
+        images.append(image)
+        boxes.append(box)
+    log.info("crop classifier: %d lesion images of %s (%s), %d epochs on %s%s", len(records), split_file, root,
+             settings.epochs, dev, ", bf16" if dtype is not None else "")
+    columns = (TextColumn("[bold]crop classifier"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+               TimeRemainingColumn())
+    with Progress(*columns, disable=not progress, transient=True) as bar:
+        task = bar.add_task("train", total=settings.epochs, loss="-")
+        model, history = train_crop_classifier(
+            images, boxes, [r.label - 1 for r in records], settings, [r.name for r in records], dev, dtype,
+            on_epoch=lambda epoch, loss: bar.update(task, advance=1, loss=f"{loss:.3f}"))
+    info = {"fit_seconds": round(time.perf_counter() - started, 2), "loss_per_epoch": [round(v, 5) for v in history],
+            "data_root": str(root), "split_file": str(split_file), "device": str(dev),
+            "precision": "bf16-mixed" if dtype is not None else "32"}
+    log.info("crop classifier trained in %.0f s, last epoch's loss %.3f", info["fit_seconds"], history[-1])
+    figure = crop_figure(history, images, boxes, [r.label - 1 for r in records], settings,
+                         f"crop classifier: {len(records)} lesion images of {split_file}, {info['fit_seconds']:.0f} s")
+    return model.cpu(), info, figure
+
+
+def crop_figure(history: Sequence[float], images: Sequence[np.ndarray], boxes: Sequence[Any], labels: Sequence[int],
+                settings: CropSettings, title: str, per_class: int = 4) -> np.ndarray:
+    """RGB picture: the training loss per epoch, and what the classifier reads (the first ``per_class`` benign
+    and malignant training crops at the middle test margin, as fed to the network)."""
+    from matplotlib.figure import Figure
+
+    from busiseg.data.crops import square_crop
+    from busiseg.evaluation.figures import _render
+
+    picks = [i for k in (0, 1) for i in [j for j, lab in enumerate(labels) if lab == k][:per_class]]
+    margin = sorted(settings.test_margins)[len(settings.test_margins) // 2]
+    fig = Figure(figsize=(4.2 + 1.6 * per_class, 4.0), dpi=100, facecolor="white", layout="constrained")
+    grid = fig.add_gridspec(2, per_class + 2)
+    ax = fig.add_subplot(grid[:, :2])
+    ax.plot(range(1, len(history) + 1), history, lw=1.8)
+    ax.set(xlabel="epoch", ylabel="cross-entropy", title="training loss")
+    ax.grid(alpha=0.3)
+    for n, i in enumerate(picks):
+        a = fig.add_subplot(grid[n // per_class, 2 + n % per_class])
+        crop = square_crop(to_grey(images[i]), boxes[i], margin, settings.size)
+        a.imshow(crop, cmap="gray", vmin=0, vmax=255)
+        a.set_title(("benign", "malignant")[labels[i]], fontsize=9, color=("#55a868", "#c44e52")[labels[i]])
+        a.axis("off")
+    fig.suptitle(title, fontsize=10)
+    return _render(fig)
+
+
+def save_with_figure(model: CropClassifier, path: Path, figure: np.ndarray, **info: Any) -> Path:
+    """The crop-classifier file, and beside it ``<stem>.png`` (:func:`crop_figure`)."""
+    from busiseg.models.reporting import save_png
+
+    path = save_crop_classifier(model, path, **info)
+    save_png(figure, path.with_suffix(".png"))
+    return path
+
+
+def _reusable(path: Path, settings: CropSettings, trained_on: list[str]) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        stored = read_crop_file(path)
+        return CropSettings(**stored["settings"]) == settings and sorted(stored.get("trained_on") or []) == trained_on
+    except (CropClassifierError, KeyError, TypeError):
+        return False
+
+
+def crop_cv(out: Path, sweep: Path, settings: CropSettings, folds: Sequence[int] | None = None,
+            checkpoint: str = "last.ckpt", progress: bool = True) -> dict[str, Any]:
+    """Per fold of ``sweep``: train (or reuse) the crop classifier, evaluate network and two-stage; compare."""
+    runs = fold_runs(sweep)
+    wanted = sorted(runs) if folds is None else list(folds)
+    absent = [f for f in wanted if f not in runs]
+    if absent:
+        raise CropClassifierError(f"{sweep}: no run for fold(s) {absent} (folds found: {sorted(runs)})")
+    precisions = set()
+    for fold in wanted:
+        run = runs[fold]
+        ckpt = run / "checkpoints" / checkpoint
+        inputs = resolve_inputs({"ckpt_path": str(ckpt), "part": "test", "data": {}})
+        split_file = run / "split.json"
+        crop_file = out / TWO_STAGE / str(fold) / FILE_NAME
+        lesions = sorted(r.name for r in training_lesions(inputs.data_root, split_file))
+        fold_settings = dataclasses.replace(settings, seed=settings.seed + fold)  # as scripts/probe_lesion_crops.py
+        if _reusable(crop_file, fold_settings, lesions):
+            log.info("fold %d: reusing %s", fold, crop_file)
+            model = load_crop_classifier(crop_file)
+            crop_seconds = float(read_crop_file(crop_file).get("fit_seconds") or 0.0)
+        else:
+            log.info("fold %d: training the crop classifier", fold)
+            model, info, figure = train_for_split(inputs.data_root, split_file, fold_settings, progress=progress)
+            save_with_figure(model, crop_file, figure, run=str(run), **info)
+            crop_seconds = info["fit_seconds"]
+        check_not_trained_on(model, [r.name for r in inputs.records], crop_file)
+        precision = run_precision(inputs.train_config)
+        precisions.add(precision)
+        kwargs = dict(progress=progress, channels_last=bool(inputs.train_config.get("channels_last", False)),
+                      autocast=autocast_dtype(precision))
+        args = (inputs.records, inputs.image_size, inputs.in_channels, inputs.batch_size, InferenceOptions())
+        fit = _fit_seconds(run)
+        _write_run(out / NETWORK / str(fold), split_file, run_network(inputs.net, *args, **kwargs), fit, [str(ckpt)])
+        results = run_network(inputs.net, *args, crop_classifier=model, **kwargs)
+        _write_run(out / TWO_STAGE / str(fold), split_file, results, None if fit is None else fit + crop_seconds,
+                   [str(ckpt), str(crop_file)])
+        acc = {arm: json.loads((out / arm / str(fold) / "metrics.json").read_text())["metrics"]["test/accuracy"]
+               for arm in (NETWORK, TWO_STAGE)}
+        log.info("fold %d: accuracy network %.3f, two-stage %.3f", fold, acc[NETWORK], acc[TWO_STAGE])
+    try:
+        result = compare({NETWORK: out / NETWORK, TWO_STAGE: out / TWO_STAGE}, NETWORK)
+    except AblationError as exc:
+        raise CropClassifierError(str(exc)) from exc
+    result.update(sweep=str(sweep), checkpoint=checkpoint, precision="/".join(sorted(precisions)),
+                  crop_settings={k: list(v) if isinstance(v, tuple) else v for k, v in vars(settings).items()})
+    write_json_atomic(out / "crop_cv.json", result)
+    text = (f"`{sweep}` alone (`{NETWORK}`) and with the crop stage (`{TWO_STAGE}`), every arm evaluated here by the "
+            f"same code ({checkpoint}, precision {result['precision']}, no TTA).\n\n" + render_markdown(result))
+    write_text_atomic(out / "crop_cv.md", text)
+    return result
+
+
+def _settings(args: argparse.Namespace) -> CropSettings:
+    return CropSettings(size=args.size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                        weight_decay=args.weight_decay, train_margin=tuple(args.train_margin), jitter=args.jitter,
+                        test_margins=tuple(args.test_margins), seed=args.seed)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m busiseg.crop_stage", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train the crop classifier on a run's training part")
+    train.add_argument("run", type=Path, help="a training run dir (split.json, checkpoints/)")
+    train.add_argument("--out", type=Path, help=f"output file (default RUN/{FILE_NAME})")
+    train.add_argument("--data-root", type=Path, help="the images (default: the run's data.root)")
+    train.add_argument("--device", default="auto", help="auto (CUDA when visible), cpu, cuda[:N]")
+    cv = sub.add_parser("cv", help="cross-validate the crop stage on a k-fold sweep")
+    cv.add_argument("out", type=Path, help="output folder")
+    cv.add_argument("sweep", type=Path, help="k-fold sweep dir (one run per fold)")
+    cv.add_argument("--folds", type=int, nargs="+", help="only these folds (default: every fold found)")
+    for p in (train, cv):
+        defaults = CropSettings()
+        p.add_argument("--checkpoint", default="last.ckpt", help="file name in the run's checkpoints/ (its config "
+                       "names the data root; cv evaluates it)")
+        p.add_argument("--size", type=int, default=defaults.size, help="crop side fed to the classifier (px)")
+        p.add_argument("--epochs", type=int, default=defaults.epochs)
+        p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+        p.add_argument("--lr", type=float, default=defaults.lr)
+        p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+        p.add_argument("--train-margin", type=float, nargs=2, default=defaults.train_margin,
+                       help="training crop side = lesion box side x U(lo, hi)")
+        p.add_argument("--jitter", type=float, default=defaults.jitter, help="training crop centre shift (share of side)")
+        p.add_argument("--test-margins", type=float, nargs="+", default=defaults.test_margins,
+                       help="crops at these margins (each also mirrored), probabilities averaged")
+        p.add_argument("--seed", type=int, default=defaults.seed)
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        settings = _settings(args)
+        if args.command == "train":
+            split_file = args.run / "split.json"
+            if not split_file.is_file():
+                raise CropClassifierError(f"{split_file}: not found (RUN is a training run dir: split.json, "
+                                          "checkpoints/)")
+            root = args.data_root or run_data_root(args.run, args.checkpoint)
+            model, info, figure = train_for_split(root, split_file, settings, args.device,
+                                                  progress=not args.no_progress)
+            path = save_with_figure(model, args.out or args.run / FILE_NAME, figure, run=str(args.run), **info)
+            print(f"crop classifier: {path} ({len(model.trained_on)} lesion images, {info['fit_seconds']:.0f} s); "
+                  f"use it with: python -m busiseg.eval ckpt_path={args.run / 'checkpoints' / args.checkpoint} "
+                  f"crop_classifier={path}")
+        else:
+            crop_cv(args.out, args.sweep, settings, args.folds, args.checkpoint, progress=not args.no_progress)
+            print((args.out / "crop_cv.md").read_text(), end="")
+    except (CropClassifierError, EnsembleCVError, EvalError, CVSummaryError, CheckpointError, DatasetError) as exc:
+        print(f"busiseg: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

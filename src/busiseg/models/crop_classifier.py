@@ -1,0 +1,280 @@
+"""The crop stage: a benign-or-malignant classifier on the lesion crop, at the scan's own resolution.
+
+The multi-task network sees the whole scan at ``data.image_size`` (128 px for ``busi_cpu``), where a
+small lesion is a few dozen pixels. This second network (a torchvision ResNet-18, one channel, from
+scratch) reads square crops around the lesion, cut at the scan's own scale and area-averaged when
+shrunk (:mod:`busiseg.data.crops`), and tells benign from malignant. It is trained on the ground-truth
+lesion boxes of a run's training images (:func:`train_crop_classifier`); at inference it reads the crop
+around the largest component of the network's own predicted mask (:meth:`CropClassifier.refine`), and
+the two opinions are joined by :func:`combine_class_probs`:
+
+    P(normal) = the network's;  P(benign), P(malignant) = P(lesion) x mean(network's P(type | lesion), crop's)
+
+on every image with a drawn mask (the others keep the network's probabilities). Measured in
+docs/results.md (e46-e49); entry points: ``python -m busiseg.crop_stage train|cv`` and the
+``crop_classifier=`` key of eval and predict (docs/two_stage.md).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from busiseg.atomic import write_bytes_atomic
+from busiseg.data.crops import Box, lesion_box, square_crop
+from busiseg.inference import InferenceOptions, postprocess_mask
+
+FORMAT = "busiseg.crop_classifier/1"
+# the crop classifier's two outputs are the multi-task labels 1 and 2
+LESION_CLASSES = ("benign", "malignant")
+
+
+class CropClassifierError(ValueError):
+    """A crop-classifier file or setting that cannot be used; the message names it."""
+
+
+@dataclass
+class CropSettings:
+    """How the crop classifier is trained and read (the e46 probe's values, docs/results.md).
+
+    size: crop side fed to the network (px). epochs, batch_size, lr, weight_decay: AdamW with a
+    one-cycle schedule (20 % warm-up). train_margin: a training crop's side is the lesion box's side
+    times U(lo, hi); jitter: its centre moves by up to this share of the side (each axis); flips and
+    brightness/contrast too. test_margins: at inference, one crop per margin, each also mirrored,
+    probabilities averaged. seed: the training's random seed.
+    """
+
+    size: int = 128
+    epochs: int = 40
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    train_margin: tuple[float, float] = (1.2, 3.0)
+    jitter: float = 0.2
+    test_margins: tuple[float, ...] = (1.5, 2.0, 2.5)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.train_margin = tuple(float(v) for v in self.train_margin)  # type: ignore[assignment]
+        self.test_margins = tuple(float(v) for v in self.test_margins)
+        problems = []
+        if self.size < 16:
+            problems.append(f"size={self.size} (at least 16 px)")
+        if self.epochs < 1 or self.batch_size < 1:
+            problems.append(f"epochs={self.epochs}, batch_size={self.batch_size} (at least 1)")
+        if len(self.train_margin) != 2 or not 0 < self.train_margin[0] <= self.train_margin[1]:
+            problems.append(f"train_margin={list(self.train_margin)} (two values, 0 < lo <= hi)")
+        if not self.test_margins or min(self.test_margins) <= 0:
+            problems.append(f"test_margins={list(self.test_margins)} (one or more positive values)")
+        if not 0 <= self.jitter < 0.5:
+            problems.append(f"jitter={self.jitter} (0 <= jitter < 0.5)")
+        if self.lr <= 0 or self.weight_decay < 0:
+            problems.append(f"lr={self.lr}, weight_decay={self.weight_decay}")
+        if problems:
+            raise CropClassifierError("crop classifier settings out of range: " + "; ".join(problems))
+
+
+def make_net() -> torch.nn.Module:
+    """ResNet-18 from scratch, one input channel, two classes (benign, malignant)."""
+    net = torchvision.models.resnet18(num_classes=len(LESION_CLASSES))
+    net.conv1 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+    return net
+
+
+def to_grey(image: np.ndarray) -> np.ndarray:
+    """uint8 HxW or HxWx3 -> HxW (the crop classifier reads one channel)."""
+    return image if image.ndim == 2 else cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
+
+
+def _batch(crops: Sequence[np.ndarray]) -> torch.Tensor:
+    """Crops in [0, 1] (float32) -> a normalised (N, 1, S, S) batch."""
+    return (torch.from_numpy(np.stack([np.ascontiguousarray(c, dtype=np.float32) for c in crops]))[:, None] - 0.5) / 0.25
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+class CropClassifier(torch.nn.Module):
+    """The trained network with the settings it reads crops by, and the images it was trained on."""
+
+    def __init__(self, settings: CropSettings | None = None, trained_on: Sequence[str] = ()) -> None:
+        super().__init__()
+        self.settings = settings or CropSettings()
+        self.trained_on = list(trained_on)
+        self.net = make_net()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    @torch.inference_mode()
+    def lesion_probs(self, images: Sequence[np.ndarray], boxes: Sequence[Box], autocast: torch.dtype | None = None,
+                     batch_size: int = 64) -> np.ndarray:
+        """(N, 2) benign/malignant probabilities of the crops around ``boxes`` (one per image), averaged over
+        ``settings.test_margins`` and their mirror images. ``autocast``: forward passes under that dtype."""
+        self.eval()
+        device = next(self.parameters()).device
+        out = np.zeros((len(images), len(LESION_CLASSES)))
+        margins = self.settings.test_margins
+        for start in range(0, len(images), batch_size):
+            chunk = range(start, min(start + batch_size, len(images)))
+            total = 0
+            for margin in margins:
+                x = _batch([square_crop(to_grey(images[i]), boxes[i], margin, self.settings.size).astype(np.float32) / 255.0
+                            for i in chunk])
+                x = x.to(device)
+                with _autocast(device, autocast):
+                    total = total + torch.softmax(self(x).float(), 1) + torch.softmax(self(torch.flip(x, [-1])).float(), 1)
+            out[start:start + len(chunk)] = (total / (2 * len(margins))).cpu().numpy()
+        return out
+
+    def refine(self, images: Sequence[np.ndarray], mask_probs: Sequence[np.ndarray], class_probs: np.ndarray,
+               threshold: float = 0.5, autocast: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The two-stage class probabilities of a batch: ``images`` uint8 at their own size, ``mask_probs`` the
+        network's mask probabilities at that size, ``class_probs`` its (N, 3) class probabilities. Returns
+        (the combined (N, 3) probabilities, the crop classifier's (N, 2), NaN where no mask is drawn)."""
+        options = InferenceOptions(threshold=threshold, keep_largest=True)
+        boxes = [lesion_box(postprocess_mask(np.asarray(p), None, options)) for p in mask_probs]
+        drawn = [i for i, b in enumerate(boxes) if b is not None]
+        crop = np.full((len(images), len(LESION_CLASSES)), np.nan)
+        if drawn:
+            crop[drawn] = self.lesion_probs([images[i] for i in drawn], [boxes[i] for i in drawn], autocast)
+        return combine_class_probs(class_probs, crop), crop
+
+
+def combine_class_probs(class_probs: np.ndarray, crop_probs: np.ndarray) -> np.ndarray:
+    """(N, 3) normal/benign/malignant probabilities: P(normal) the network's; P(benign) and P(malignant)
+    the network's P(lesion) split by the mean of its P(type | lesion) and the crop classifier's (N, 2)
+    probabilities. Rows where ``crop_probs`` is NaN (no mask drawn) keep the network's. Rows sum to 1."""
+    class_probs = np.asarray(class_probs, dtype=np.float64)
+    crop_probs = np.asarray(crop_probs, dtype=np.float64)
+    if class_probs.ndim != 2 or class_probs.shape[1] != 3 or crop_probs.shape != (len(class_probs), 2):
+        raise ValueError(f"combine_class_probs needs (N, 3) and (N, 2), got {class_probs.shape} and {crop_probs.shape}")
+    out = class_probs.copy()
+    lesion = class_probs[:, 1:].sum(1)
+    given_lesion = np.divide(class_probs[:, 1:], lesion[:, None], out=np.full_like(class_probs[:, 1:], 0.5),
+                             where=lesion[:, None] > 0)
+    rows = ~np.isnan(crop_probs).any(1)
+    out[rows, 1:] = lesion[rows, None] * (given_lesion[rows] + crop_probs[rows]) / 2
+    return out
+
+
+def check_not_trained_on(model: CropClassifier, names: Sequence[str], source: str | Path) -> None:
+    """Refuse to score images the crop classifier was trained on (names are class/file)."""
+    seen = sorted(set(names) & set(model.trained_on))
+    if seen:
+        raise CropClassifierError(f"{source}: the crop classifier was trained on {len(seen)} of the {len(names)} "
+                                  f"images evaluated (e.g. {seen[0]}); train it on the run's own training part "
+                                  "(python -m busiseg.crop_stage train RUN)")
+
+
+# --------------------------------------------------------------------------- training
+def train_crop_classifier(images: Sequence[np.ndarray], boxes: Sequence[Box], labels: Sequence[int],
+                          settings: CropSettings, names: Sequence[str] = (), device: str | torch.device = "cpu",
+                          autocast: torch.dtype | None = None,
+                          on_epoch: Callable[[int, float], None] | None = None) -> tuple[CropClassifier, list[float]]:
+    """Train on random square crops around ``boxes`` (ground-truth lesion boxes at the images' own size);
+    ``labels`` 0 = benign, 1 = malignant; ``names`` are recorded as the images it was trained on. Returns the
+    network (eval mode) and the mean training loss of each epoch; ``on_epoch(epoch, loss)`` after each."""
+    if not len(images) == len(boxes) == len(labels):
+        raise ValueError(f"{len(images)} images, {len(boxes)} boxes and {len(labels)} labels")
+    labels = np.asarray(labels, dtype=np.int64)
+    present = sorted(set(labels.tolist()))
+    if present != [0, 1]:
+        raise CropClassifierError(f"the crop classifier needs benign and malignant training lesions; got labels "
+                                  f"{[LESION_CLASSES[k] for k in present if k in (0, 1)] or present}")
+    if any(b is None for b in boxes):
+        raise CropClassifierError("every training image needs a lesion (a non-empty mask)")
+    s = settings
+    g = np.random.default_rng(s.seed)
+    torch.manual_seed(s.seed)
+    device = torch.device(device)
+    model = CropClassifier(s, names).to(device).to(memory_format=torch.channels_last)
+    greys = [to_grey(im) for im in images]
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    steps = s.epochs * math.ceil(len(greys) / s.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.lr, total_steps=steps, pct_start=0.2)
+    history = []
+    model.train()
+    for epoch in range(s.epochs):
+        order = g.permutation(len(greys))
+        total = 0.0
+        for i in range(0, len(order), s.batch_size):
+            idx = order[i:i + s.batch_size]
+            crops = []
+            for j in idx:
+                shift = (g.uniform(-s.jitter, s.jitter), g.uniform(-s.jitter, s.jitter))
+                x = square_crop(greys[j], boxes[j], g.uniform(*s.train_margin), s.size, shift).astype(np.float32) / 255.0
+                if g.random() < 0.5:
+                    x = x[:, ::-1]
+                if g.random() < 0.8:  # brightness/contrast around the crop's mean
+                    x = np.clip((x - x.mean()) * g.uniform(0.7, 1.3) + x.mean() + g.uniform(-0.2, 0.2), 0, 1)
+                crops.append(x)
+            xb = _batch(crops).to(device).contiguous(memory_format=torch.channels_last)
+            yb = torch.from_numpy(labels[idx]).to(device)
+            with _autocast(device, autocast):
+                logits = model(xb)
+            loss = F.cross_entropy(logits.float(), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(idx)
+        history.append(total / len(greys))
+        if on_epoch is not None:
+            on_epoch(epoch, history[-1])
+    return model.eval(), history
+
+
+# --------------------------------------------------------------------------- file
+def save_crop_classifier(model: CropClassifier, path: str | Path, **extra: Any) -> Path:
+    """Write the weights, settings, training image names and ``extra`` (plain values) to ``path``, atomically;
+    the file loads with ``torch.load(weights_only=True)``."""
+    import io
+
+    state = {"format": FORMAT, "state_dict": {k: v.detach().cpu() for k, v in model.net.state_dict().items()},
+             "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(model.settings).items()},
+             "trained_on": list(model.trained_on), **extra}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, buffer.getvalue())
+    return path
+
+
+def read_crop_file(path: str | Path) -> dict[str, Any]:
+    """The stored dictionary of a crop-classifier file (no pickled objects run); errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CropClassifierError(f"{path}: crop classifier not found (python -m busiseg.crop_stage train RUN "
+                                  "writes RUN/crop_classifier.pt)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same one-line error
+        raise CropClassifierError(f"{path}: not a readable crop-classifier file ({exc.__class__.__name__})") from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CropClassifierError(f"{path}: not a busiseg crop classifier (expected format {FORMAT!r}; a network "
+                                  "checkpoint goes to ckpt_path=)")
+    return state
+
+
+def load_crop_classifier(path: str | Path) -> CropClassifier:
+    """The crop classifier stored at ``path`` (eval mode, CPU)."""
+    state = read_crop_file(path)
+    try:
+        settings = CropSettings(**state["settings"])
+        model = CropClassifier(settings, state.get("trained_on") or [])
+        model.net.load_state_dict(state["state_dict"])
+    except (KeyError, TypeError, RuntimeError) as exc:
+        raise CropClassifierError(f"{path}: damaged crop-classifier file ({exc.__class__.__name__}: {exc})") from exc
+    return model.eval()

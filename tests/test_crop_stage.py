@@ -1,0 +1,150 @@
+"""The crop stage end to end on a tiny phantom run: train it for a run, evaluate and predict with it,
+cross-validate it on a sweep; and its refusals."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from busiseg.crop_stage import FILE_NAME, crop_cv, main
+from busiseg.data.labels import CLASS_NAMES
+from busiseg.evaluation.runner import EvalError
+from busiseg.models.crop_classifier import (
+    CropClassifierError,
+    CropSettings,
+    load_crop_classifier,
+    save_crop_classifier,
+)
+from busiseg.predict import ConfigError
+from tests.test_eval import _as_fold, _copy_run, run_eval, trained_run  # noqa: F401 - the fixture
+from tests.test_predict import read_rows, run_predict, write_inputs
+
+FAST = ["--size", "32", "--epochs", "2", "--batch-size", "8", "--no-progress"]
+FAST_SETTINGS = CropSettings(size=32, epochs=2, batch_size=8)
+
+
+def _probs(csv_path: Path, key: str = "file") -> dict[str, np.ndarray]:
+    with open(csv_path, newline="") as fh:
+        return {r[key]: np.array([float(r[f"prob_{c}"]) for c in CLASS_NAMES]) for r in csv.DictReader(fh)
+                if r.get("part", "test") == "test"}
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        out.update(_leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def test_train_for_a_run_then_eval_and_predict(trained_run, tmp_path):  # noqa: F811
+    ckpt, _ = trained_run
+    ckpt = _copy_run(ckpt, tmp_path / "run")  # the stage is written beside the run
+    run = ckpt.parent.parent
+    assert main(["train", str(run), "--checkpoint", ckpt.name, *FAST]) == 0
+    crop_file = run / FILE_NAME
+    with Image.open(run / "crop_classifier.png") as im:  # loss curve and the crops it reads
+        assert im.width >= 600 and im.height >= 300
+    model = load_crop_classifier(crop_file)
+    split = json.loads((run / "split.json").read_text())
+    assert sorted(model.trained_on) == sorted(n for n in split["train"] if not n.startswith("normal/"))
+    assert model.settings == FAST_SETTINGS
+
+    plain, plain_out = run_eval(tmp_path / "plain", [f"ckpt_path={ckpt}"])
+    staged, staged_out = run_eval(tmp_path / "staged", [f"ckpt_path={ckpt}", f"crop_classifier={crop_file}"])
+    assert plain["crop_classifier"] is None and staged["crop_classifier"] == str(crop_file)
+    assert "training_check" in plain and "training_check" not in staged  # other classes: nothing to reproduce
+    # the masks are the network's: every segmentation figure the same (HD95 to float rounding: its distance
+    # transforms are not bit-reproducible from one call to the next)
+    before_seg, after_seg = _leaves(plain["raw"]["segmentation"]), _leaves(staged["raw"]["segmentation"])
+    assert before_seg.keys() == after_seg.keys()
+    for key, value in before_seg.items():
+        assert after_seg[key] == (pytest.approx(value, rel=1e-6) if isinstance(value, float) else value), key
+    before, after = _probs(plain_out / "per_image.csv"), _probs(staged_out / "per_image.csv")
+    assert before.keys() == after.keys() and before
+    changed = 0
+    for name, p in before.items():
+        np.testing.assert_allclose(after[name].sum(), 1.0, atol=1e-5)
+        assert after[name][0] == pytest.approx(p[0], abs=1e-6)  # P(normal) is the network's
+        changed += not np.allclose(after[name], p, atol=1e-6)
+    assert changed > 0
+    assert "crop stage" in (staged_out / "report.html").read_text()
+
+    # a crop classifier that saw a test image is refused, naming the file
+    leaky = tmp_path / "leaky.pt"
+    model.trained_on.append(split["test"][0])
+    save_crop_classifier(model, leaky)
+    with pytest.raises(EvalError, match=r"leaky.pt: the crop classifier was trained on 1 of"):
+        run_eval(tmp_path / "leak", [f"ckpt_path={ckpt}", f"crop_classifier={leaky}"])
+
+    # predict: the same class rule on new images; P(normal) untouched, masks untouched
+    write_inputs(tmp_path / "in", {"a.png": ("L", (120, 90)), "b.png": ("RGB", (64, 80)), "c.png": ("L", (200, 150))})
+    assert run_predict(ckpt, tmp_path / "in", tmp_path / "p0", "overlays=false").exit_code == 0
+    assert run_predict(ckpt, tmp_path / "in", tmp_path / "p1", "overlays=false",
+                       f"crop_classifier={crop_file}").exit_code == 0
+    rows0, rows1 = read_rows(tmp_path / "p0"), read_rows(tmp_path / "p1")
+    assert rows0.keys() == rows1.keys()
+    for file in rows0:
+        p0 = np.array([float(rows0[file][f"prob_{c}"]) for c in CLASS_NAMES])
+        p1 = np.array([float(rows1[file][f"prob_{c}"]) for c in CLASS_NAMES])
+        assert p1[0] == pytest.approx(p0[0], abs=1e-4) and p1.sum() == pytest.approx(1.0, abs=1e-4)
+        assert rows0[file]["lesion_area_px"] == rows1[file]["lesion_area_px"]
+    with pytest.raises(ConfigError, match=r"nope.pt: crop classifier not found"):
+        run_predict(ckpt, tmp_path / "in", tmp_path / "p2", f"crop_classifier={tmp_path / 'nope.pt'}")
+
+
+def test_crop_cv_on_a_sweep(trained_run, tmp_path, caplog):  # noqa: F811
+    ckpt, run_metrics = trained_run
+    sweep = tmp_path / "sweep"
+    _as_fold(ckpt, sweep)
+    out = tmp_path / "cv"
+    result = crop_cv(out, sweep, FAST_SETTINGS, progress=False)
+    assert set(result["arms"]) == {"network", "two_stage"} and result["reference"] == "network"
+    network = json.loads((out / "network" / "0" / "metrics.json").read_text())
+    two = json.loads((out / "two_stage" / "0" / "metrics.json").read_text())
+    for key in ("dice", "dice_per_image", "accuracy"):  # the network arm reproduces the run's test step
+        assert network["metrics"][f"test/{key}"] == pytest.approx(run_metrics["metrics"][f"test/{key}"], abs=1e-5)
+    assert two["metrics"]["test/dice"] == network["metrics"]["test/dice"]
+    crop_file = out / "two_stage" / "0" / FILE_NAME
+    assert crop_file.with_suffix(".png").is_file()
+    stored = load_crop_classifier(crop_file)
+    fit = json.loads((sweep / "0" / "metrics.json").read_text())["fit_seconds"]
+    crop_seconds = torch.load(crop_file, weights_only=True)["fit_seconds"]
+    assert two["fit_seconds"] == pytest.approx(fit + crop_seconds)
+    assert two["checkpoints"] == [str(sweep / "0" / "checkpoints" / "last.ckpt"), str(crop_file)]
+    # the two-stage probabilities are the combination rule applied to the network's
+    p_net = _probs(out / "network" / "0" / "predictions.csv", "image")
+    p_two = _probs(out / "two_stage" / "0" / "predictions.csv", "image")
+    assert p_net.keys() == p_two.keys()
+    for name in p_net:
+        assert p_two[name][0] == pytest.approx(p_net[name][0], abs=1e-6)
+    assert "Paired per-fold difference against `network`" in (out / "crop_cv.md").read_text()
+    assert not set(stored.trained_on) & set(p_net)
+
+    mtime = crop_file.stat().st_mtime_ns
+    with caplog.at_level("INFO", logger="busiseg.crop_stage"):
+        again = crop_cv(out, sweep, FAST_SETTINGS, progress=False)
+    assert "reusing" in caplog.text and crop_file.stat().st_mtime_ns == mtime
+    assert again["arms"]["two_stage"]["mean"] == result["arms"]["two_stage"]["mean"]
+    crop_cv(out, sweep, CropSettings(size=32, epochs=2, batch_size=8, seed=1), progress=False)
+    assert crop_file.stat().st_mtime_ns != mtime  # other settings: trained again
+    with pytest.raises(CropClassifierError, match=r"no run for fold\(s\) \[3\]"):
+        crop_cv(out, sweep, FAST_SETTINGS, folds=[3], progress=False)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "busiseg.crop_stage", "train", str(tmp_path / "nope")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"busiseg: error: {tmp_path / 'nope' / 'split.json'}: not found (RUN is a training " \
+                                  "run dir: split.json, checkpoints/)"
+    proc = subprocess.run([sys.executable, "-m", "busiseg.crop_stage", "cv", str(tmp_path / "o"), str(tmp_path),
+                           "--size", "8"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "size=8 (at least 16 px)" in proc.stderr and "Traceback" not in proc.stderr
