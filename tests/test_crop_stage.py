@@ -148,3 +148,8 @@ def test_cli_errors_are_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "busiseg.crop_stage", "cv", str(tmp_path / "o"), str(tmp_path),
                            "--size", "8"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "size=8 (at least 16 px)" in proc.stderr and "Traceback" not in proc.stderr
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "split.json").write_text("{}")
+    proc = subprocess.run([sys.executable, "-m", "busiseg.crop_stage", "train", str(tmp_path / "run"),
+                           "--data-root", str(tmp_path), "--device", "gpu"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--device must be auto, cpu or cuda[:N], got 'gpu'" in proc.stderr

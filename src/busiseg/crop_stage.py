@@ -111,6 +111,10 @@ def train_for_split(root: Path, split_file: Path, settings: CropSettings, device
     :func:`crop_figure`."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    if device != "auto" and device != "cpu" and not device.startswith("cuda"):
+        raise CropClassifierError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CropClassifierError(f"--device {device} but no CUDA device is visible; use --device cpu or auto")
     records = training_lesions(root, split_file)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
