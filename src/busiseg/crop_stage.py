@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -183,14 +182,16 @@ def save_with_figure(model: CropClassifier, path: Path, figure: np.ndarray, **in
     return path
 
 
-def _reusable(path: Path, settings: CropSettings, trained_on: list[str]) -> bool:
+def _reusable(path: Path, settings: CropSettings, trained_on: list[str]) -> dict[str, Any] | None:
+    """The stored crop classifier at ``path`` when it was trained with these settings on these images."""
     if not path.is_file():
-        return False
+        return None
     try:
         stored = read_crop_file(path)
-        return CropSettings(**stored["settings"]) == settings and sorted(stored.get("trained_on") or []) == trained_on
+        same = CropSettings(**stored["settings"]) == settings and sorted(stored.get("trained_on") or []) == trained_on
     except (CropClassifierError, KeyError, TypeError):
-        return False
+        return None
+    return stored if same else None
 
 
 def crop_cv(out: Path, sweep: Path, settings: CropSettings, folds: Sequence[int] | None = None,
@@ -210,10 +211,11 @@ def crop_cv(out: Path, sweep: Path, settings: CropSettings, folds: Sequence[int]
         crop_file = out / TWO_STAGE / str(fold) / FILE_NAME
         lesions = sorted(r.name for r in training_lesions(inputs.data_root, split_file))
         fold_settings = dataclasses.replace(settings, seed=settings.seed + fold)  # as scripts/probe_lesion_crops.py
-        if _reusable(crop_file, fold_settings, lesions):
+        stored = _reusable(crop_file, fold_settings, lesions)
+        if stored is not None:
             log.info("fold %d: reusing %s", fold, crop_file)
-            model = load_crop_classifier(crop_file)
-            crop_seconds = float(read_crop_file(crop_file).get("fit_seconds") or 0.0)
+            model = load_crop_classifier(crop_file, stored)
+            crop_seconds = float(stored.get("fit_seconds") or 0.0)
         else:
             log.info("fold %d: training the crop classifier", fold)
             model, info, figure = train_for_split(inputs.data_root, split_file, fold_settings, progress=progress)
@@ -226,13 +228,13 @@ def crop_cv(out: Path, sweep: Path, settings: CropSettings, folds: Sequence[int]
                       autocast=autocast_dtype(precision))
         args = (inputs.records, inputs.image_size, inputs.in_channels, inputs.batch_size, InferenceOptions())
         fit = _fit_seconds(run)
-        _write_run(out / NETWORK / str(fold), split_file, run_network(inputs.net, *args, **kwargs), fit, [str(ckpt)])
-        results = run_network(inputs.net, *args, crop_classifier=model, **kwargs)
-        _write_run(out / TWO_STAGE / str(fold), split_file, results, None if fit is None else fit + crop_seconds,
+        alone = run_network(inputs.net, *args, **kwargs)
+        _write_run(out / NETWORK / str(fold), split_file, alone, fit, [str(ckpt)])
+        staged = run_network(inputs.net, *args, crop_classifier=model, **kwargs)
+        _write_run(out / TWO_STAGE / str(fold), split_file, staged, None if fit is None else fit + crop_seconds,
                    [str(ckpt), str(crop_file)])
-        acc = {arm: json.loads((out / arm / str(fold) / "metrics.json").read_text())["metrics"]["test/accuracy"]
-               for arm in (NETWORK, TWO_STAGE)}
-        log.info("fold %d: accuracy network %.3f, two-stage %.3f", fold, acc[NETWORK], acc[TWO_STAGE])
+        log.info("fold %d: accuracy network %.3f, two-stage %.3f", fold, alone.as_training["accuracy"],
+                 staged.as_training["accuracy"])
     try:
         result = compare({NETWORK: out / NETWORK, TWO_STAGE: out / TWO_STAGE}, NETWORK)
     except AblationError as exc:

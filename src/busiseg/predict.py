@@ -97,10 +97,18 @@ def _skip_masks(value: Any) -> bool | str:
 
 
 def load_predictor(ckpt_path: str | Path | Sequence[str | Path], options: InferenceOptions,
-                   device: str = "cpu") -> TorchPredictor:
+                   device: str = "cpu", crop_classifier: str | Path | None = None) -> TorchPredictor:
     """The checkpoint's network with its training image size and channels. A list of checkpoints is
     one ensemble (:class:`busiseg.inference.Ensemble`: mask and class probabilities averaged); its
-    members must have been trained at the same ``data.image_size`` and ``data.in_channels``."""
+    members must have been trained at the same ``data.image_size`` and ``data.in_channels``.
+    ``crop_classifier``: a crop-stage file (``busiseg.crop_stage train``), or None."""
+    crop = None
+    if crop_classifier not in (None, ""):
+        try:
+            crop = load_crop_classifier(str(crop_classifier))
+        except CropClassifierError as exc:
+            raise ConfigError(str(exc)) from exc
+        log.info("crop stage: %s", crop_classifier)
     paths = [str(p) for p in ckpt_path] if isinstance(ckpt_path, (list, tuple, ListConfig)) else [str(ckpt_path)]
     if not paths:
         raise ConfigError("ckpt_path is an empty list: pass ckpt_path=CKPT or ckpt_path=[A.ckpt,B.ckpt]")
@@ -111,7 +119,7 @@ def load_predictor(ckpt_path: str | Path | Sequence[str | Path], options: Infere
     in_channels = _data_setting(config, "in_channels", paths[0])
     if len(paths) > 1:
         net = load_ensemble(net, paths, image_size, in_channels)
-    return TorchPredictor(net, image_size, in_channels, options, device)
+    return TorchPredictor(net, image_size, in_channels, options, device, crop_classifier=crop)
 
 
 def predict(cfg: DictConfig) -> PredictionSummary:
@@ -135,13 +143,7 @@ def predict(cfg: DictConfig) -> PredictionSummary:
     if not images:
         raise InputError(f"input {input_path}: no images found ({', '.join(IMAGE_SUFFIXES)}; hidden files and "
                          f"mask files are skipped)")
-    predictor = load_predictor(ckpt_path, options, _device(str(cfg.get("device", "auto"))))
-    if cfg.get("crop_classifier") not in (None, ""):
-        try:
-            predictor.crop_classifier = load_crop_classifier(str(cfg.crop_classifier)).to(predictor.device)
-        except CropClassifierError as exc:
-            raise ConfigError(str(exc)) from exc
-        log.info("crop stage: %s", cfg.crop_classifier)
+    predictor = load_predictor(ckpt_path, options, _device(str(cfg.get("device", "auto"))), cfg.get("crop_classifier"))
     members = len(predictor.net.members) if isinstance(predictor.net, Ensemble) else 1
     log.info("%d image(s) from %s, %s %s, image size %d", len(images), input_path,
              f"ensemble of {members} checkpoints" if members > 1 else "checkpoint", ckpt_path, predictor.image_size)

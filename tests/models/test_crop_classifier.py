@@ -66,7 +66,7 @@ def _scans(n: int, seed: int):
 SMALL = CropSettings(size=32, epochs=12, batch_size=8, lr=3e-3)
 
 
-def test_training_learns_is_seeded_and_records_its_images():
+def test_training_learns_is_seeded_and_records_its_images(tmp_path):
     images, boxes, labels = _scans(24, seed=0)
     names = [f"x/{i}.png" for i in range(24)]
     losses = []
@@ -79,6 +79,9 @@ def test_training_learns_is_seeded_and_records_its_images():
     probs = model.lesion_probs(test_images, test_boxes)
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-6)
     assert (probs.argmax(1) == np.array(test_labels)).mean() >= 0.9
+    # evaluating right after training rounds exactly as the network read back from its file
+    loaded = load_crop_classifier(save_crop_classifier(model, tmp_path / "c.pt"))
+    np.testing.assert_array_equal(loaded.lesion_probs(test_images, test_boxes), probs)
     again, _ = train_crop_classifier(images, boxes, labels, SMALL, names)
     for a, b in zip(model.state_dict().values(), again.state_dict().values()):
         torch.testing.assert_close(a, b)

@@ -316,12 +316,16 @@ def run_network(net: torch.nn.Module, records: list[Record], image_size: int, in
                 if "postprocessed" in pipelines:
                     tta = options.tta_flip or any(s != 1.0 for s in options.tta_scales)
                     out["postprocessed"] = predict_probs(net, images, options) if tta else out["raw"]
+            # mask probabilities at each image's own size, once per view (the same maps when no TTA)
+            full: dict[str, list[np.ndarray]] = {}
+            for p in pipelines:
+                full[p] = full["raw"] if p != "raw" and out[p][0] is out["raw"][0] else [
+                    restore_size(out[p][0][i, 0].numpy(), d[1].shape) for i, d in enumerate(decoded)]
             if crop_classifier is not None:
                 for p in pipelines:
-                    full = [restore_size(out[p][0][i, 0].numpy(), d[1].shape) for i, d in enumerate(decoded)]
                     threshold = SEG_THRESHOLD if p == "raw" else options.threshold
-                    combined, _ = crop_classifier.refine([d[0] for d in decoded], full, out[p][1].numpy(), threshold,
-                                                         autocast)
+                    combined, _ = crop_classifier.refine([d[0] for d in decoded], full[p], out[p][1].numpy(),
+                                                         threshold, autocast)
                     out[p] = (out[p][0], torch.from_numpy(combined).float())
             seg_metrics.update(out["raw"][0], true_s.int())
             cls_metrics.update(out["raw"][1], labels)
@@ -333,12 +337,11 @@ def run_network(net: torch.nn.Module, records: list[Record], image_size: int, in
                 for p in pipelines:
                     mask_prob = out[p][0][i, 0].numpy()
                     class_prob = out[p][1][i].numpy()
-                    full = restore_size(mask_prob, mask.shape)
                     if p == "raw":  # the training step's rule: probability > 0.5
-                        pred_s, pred_o = mask_prob > SEG_THRESHOLD, full > SEG_THRESHOLD
+                        pred_s, pred_o = mask_prob > SEG_THRESHOLD, full[p][i] > SEG_THRESHOLD
                     else:
                         pred_s = postprocess_mask(mask_prob, class_prob, options)
-                        pred_o = postprocess_mask(full, class_prob, options)
+                        pred_o = postprocess_mask(full[p][i], class_prob, options)
                     scores[(p, "preprocessed")].append(score_mask(mask_s, pred_s))
                     scores[(p, "original")].append(score_mask(mask, pred_o))
                     if p == pipelines[-1]:

@@ -232,7 +232,9 @@ def train_crop_classifier(images: Sequence[np.ndarray], boxes: Sequence[Box], la
         history.append(total / len(greys))
         if on_epoch is not None:
             on_epoch(epoch, history[-1])
-    return model.eval(), history
+    # back to the default memory format: inference then runs the same kernels (and rounds the same) as on
+    # the network loaded from its file
+    return model.to(memory_format=torch.contiguous_format).eval(), history
 
 
 # --------------------------------------------------------------------------- file
@@ -268,9 +270,10 @@ def read_crop_file(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def load_crop_classifier(path: str | Path) -> CropClassifier:
-    """The crop classifier stored at ``path`` (eval mode, CPU)."""
-    state = read_crop_file(path)
+def load_crop_classifier(path: str | Path, state: dict[str, Any] | None = None) -> CropClassifier:
+    """The crop classifier stored at ``path`` (eval mode, CPU); ``state``: the file's content when already
+    read (:func:`read_crop_file`)."""
+    state = read_crop_file(path) if state is None else state
     try:
         settings = CropSettings(**state["settings"])
         model = CropClassifier(settings, state.get("trained_on") or [])
