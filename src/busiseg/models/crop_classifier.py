@@ -127,9 +127,10 @@ class CropClassifier(torch.nn.Module):
         margins = self.settings.test_margins
         for start in range(0, len(images), batch_size):
             chunk = range(start, min(start + batch_size, len(images)))
+            greys = {i: to_grey(images[i]) for i in chunk}  # once per image, not once per margin
             total = 0
             for margin in margins:
-                x = _batch([square_crop(to_grey(images[i]), boxes[i], margin, self.settings.size).astype(np.float32) / 255.0
+                x = _batch([square_crop(greys[i], boxes[i], margin, self.settings.size).astype(np.float32) / 255.0
                             for i in chunk])
                 x = x.to(device)
                 with _autocast(device, autocast):
