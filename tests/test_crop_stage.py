@@ -153,3 +153,59 @@ def test_cli_errors_are_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "busiseg.crop_stage", "train", str(tmp_path / "run"),
                            "--data-root", str(tmp_path), "--device", "gpu"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--device must be auto, cpu or cuda[:N], got 'gpu'" in proc.stderr
+
+
+STAGE = ["crop_stage=default", "crop_stage.size=32", "crop_stage.epochs=2", "crop_stage.batch_size=8"]
+
+
+def test_train_with_the_crop_stage_then_cv_summary(tmp_path):
+    """crop_stage=default in busiseg.train: the classifier beside the run, test_two_stage/* equal to what
+    busiseg.eval computes with that file, and cv_summary's two-stage headline and out-of-fold rows."""
+    from busiseg.cv_summary import headline_rows, summarize
+    from busiseg.train import train
+    from tests.test_eval import TINY, _compose
+
+    tiny = [o for o in TINY if not o.startswith("split.")]
+    sweep = tmp_path / "sweep"
+    for fold in (0, 1):
+        train(_compose("train", [*tiny, *STAGE, "split=kfold", "split.k=2", f"split.fold={fold}", "test_ckpt=last"],
+                       tmp_path, sweep / str(fold)))
+    run = sweep / "0"
+    metrics = json.loads((run / "metrics.json").read_text())
+    stage = metrics["crop_stage"]
+    assert stage["file"] == str(run / FILE_NAME) and (run / "crop_classifier.png").is_file()
+    assert stage["settings"]["epochs"] == 2 and stage["settings"]["seed"] == 42  # the run's seed
+    split = json.loads((run / "split.json").read_text())
+    assert sorted(load_crop_classifier(run / FILE_NAME).trained_on) == sorted(
+        n for n in split["train"] if not n.startswith("normal/"))
+    m = metrics["metrics"]
+    assert m["test_two_stage/dice"] == pytest.approx(m["test/dice"], abs=1e-5)  # the masks are the network's
+    # the same numbers busiseg.eval gives with the file the run wrote
+    staged, _ = run_eval(tmp_path / "eval", [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+                                             f"crop_classifier={run / FILE_NAME}"])
+    for key in ("accuracy", "auroc_macro", "f1_macro", "recall_malignant"):
+        assert staged["raw"]["as_training"][key] == pytest.approx(m[f"test_two_stage/{key}"], abs=1e-5), key
+    # predictions_two_stage.csv: the validation fold is the test part, both labelled; P(normal) the network's
+    plain, two = _probs(run / "predictions.csv", "image"), _probs(run / "predictions_two_stage.csv", "image")
+    assert plain.keys() == two.keys() == set(split["val"])
+    assert all(two[n][0] == pytest.approx(plain[n][0], abs=1e-5) for n in plain)
+
+    summary = summarize(sweep)
+    assert summary["oof_two_stage"]["images"] == summary["oof"]["images"] == len(split["val"]) + len(split["train"])
+    rows = dict((name, mean) for name, mean, _ in headline_rows(summary))
+    assert rows["test_two_stage/accuracy"] == pytest.approx(
+        np.mean([json.loads((sweep / str(f) / "metrics.json").read_text())["metrics"]["test_two_stage/accuracy"]
+                 for f in (0, 1)]))
+    assert "cv_confusion_matrix_two_stage.png" in summary["figures"]
+    assert "With the crop stage" in (sweep / "cv_summary.md").read_text()
+
+
+def test_crop_stage_config_errors_name_the_key(tmp_path):
+    from busiseg.train import ConfigError as TrainConfigError, train
+    from tests.test_eval import TINY, _compose
+
+    with pytest.raises(TrainConfigError, match=r"crop_stage: crop classifier settings out of range: epochs=0"):
+        train(_compose("train", [*TINY, *STAGE, "crop_stage.epochs=0"], tmp_path, tmp_path / "a"))
+    with pytest.raises(TrainConfigError, match=r"crop_stage.depth is not a crop-stage setting"):
+        train(_compose("train", [*TINY, *STAGE, "+crop_stage.depth=3"], tmp_path, tmp_path / "b"))
+    assert not (tmp_path / "a" / "checkpoints").exists()  # refused before any training

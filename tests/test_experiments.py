@@ -32,6 +32,7 @@ def test_experiment_presets_compose(tmp_path, data_dir, name, monkeypatch):
         assert cfg.augment.affine_p == 0.8 and cfg.augment.brightness == 0.35  # augment=strong (e33)
         assert cfg.scheduler._target_.endswith("one_cycle") and cfg.model.encoder_name == "resnet34"
         assert cfg.loss.segmentation.dice_reduction == "lesion_images"  # e19
+        assert cfg.crop_stage.epochs == 40 and list(cfg.crop_stage.test_margins) == [1.5, 2.0, 2.5]  # e49/e50
     if name == "busi_gpu":
         assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
         assert cfg.data.image_size == 256 and cfg.trainer.max_epochs > 30

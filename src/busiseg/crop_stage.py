@@ -21,6 +21,7 @@ crop classifier's. The sweep itself is only read. docs/two_stage.md.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import logging
 import os
@@ -42,7 +43,8 @@ from busiseg.data.busi import DatasetError, Record, load_record, scan_busi  # no
 from busiseg.data.crops import lesion_box  # noqa: E402
 from busiseg.data.splits import load_split  # noqa: E402
 from busiseg.ensemble_cv import EnsembleCVError, _fit_seconds, _write_run, fold_runs  # noqa: E402
-from busiseg.evaluation.runner import EvalError, autocast_dtype, resolve_inputs, run_network, run_precision  # noqa: E402
+from busiseg.evaluation.runner import (EvalError, EvalResults, autocast_dtype, resolve_inputs, run_network,  # noqa: E402
+                                      run_precision)
 from busiseg.inference import InferenceOptions  # noqa: E402
 from busiseg.models.crop_classifier import (  # noqa: E402
     CropClassifier,
@@ -180,6 +182,29 @@ def save_with_figure(model: CropClassifier, path: Path, figure: np.ndarray, **in
     path = save_crop_classifier(model, path, **info)
     save_png(figure, path.with_suffix(".png"))
     return path
+
+
+def for_training_run(settings: CropSettings, root: Path, split_file: Path, net: torch.nn.Module,
+                     parts: dict[str, list[Record]], image_size: int, in_channels: int, batch_size: int, *,
+                     precision: str, channels_last: bool, device: str, out: Path,
+                     progress: bool = True) -> tuple[dict[str, Any], dict[str, EvalResults]]:
+    """The crop stage inside ``busiseg.train`` (``crop_stage=default``): train the crop classifier on the
+    lesion images of ``split_file``'s training part, write it to ``out`` (with its figure), and evaluate
+    ``net`` with it on each part of ``parts`` (``{part: records}``, e.g. the test part) by the runner, at
+    ``precision`` (the run's resolved ``trainer.precision``), on the CPU. Returns what the run's
+    ``metrics.json`` records about the stage, and ``{part: results}``."""
+    dtype = "bf16-mixed" if precision.startswith("bf16") else "32"
+    model, info, figure = train_for_split(root, split_file, settings, device, dtype, progress)
+    save_with_figure(model, out, figure, **info)
+    results = {}
+    cpu_net = copy.deepcopy(net).cpu().float()  # the runner evaluates on the CPU
+    for part, records in parts.items():
+        check_not_trained_on(model, [r.name for r in records], out)
+        results[part] = run_network(cpu_net, records, image_size, in_channels, batch_size, InferenceOptions(),
+                                    progress=progress, channels_last=channels_last, autocast=autocast_dtype(precision),
+                                    crop_classifier=model)
+    return {"file": str(out), "fit_seconds": info["fit_seconds"], "images": len(model.trained_on),
+            "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(settings).items()}}, results
 
 
 def _reusable(path: Path, settings: CropSettings, trained_on: list[str]) -> dict[str, Any] | None:

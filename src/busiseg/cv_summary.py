@@ -173,7 +173,8 @@ def summarize(directory: str | Path, out_dir: str | Path | None = None) -> dict[
         metrics = dict(_read_json(run / "metrics.json").get("metrics", {}))
         predictions = _read_predictions(run / "predictions.csv")
         metrics.update(_per_class_dice(predictions or []))
-        folds[fold] = {"dir": run, "meta": meta, "metrics": metrics, "predictions": predictions}
+        folds[fold] = {"dir": run, "meta": meta, "metrics": metrics, "predictions": predictions,
+                       "two_stage": _read_predictions(run / TWO_STAGE_PREDICTIONS)}
     if len(ks) > 1 or len(assignments) > 1:
         raise CVSummaryError(
             f"{directory}: the runs use different fold assignments (k {sorted(ks)}; seeds or data differ), "
@@ -209,6 +210,10 @@ def summarize(directory: str | Path, out_dir: str | Path | None = None) -> dict[
     expected = {n for f in order for n, fold in folds[f]["meta"].get("fold_of", {}).items() if fold in folds}
     uncovered = sorted(expected - set(seen)) if not oof_missing_runs else []
 
+    # the crop stage's classes (crop_stage=default): out of fold when every run wrote them
+    two_stage_rows = [{"fold": f, **row} for f in order for row in folds[f]["two_stage"] or [] if row["part"] == "val"]
+    with_two_stage = all(folds[f]["two_stage"] is not None for f in order)
+
     summary = {
         "directory": str(directory),
         "k": k,
@@ -226,6 +231,8 @@ def summarize(directory: str | Path, out_dir: str | Path | None = None) -> dict[
             "images_without_prediction": uncovered,
             "predictions": oof_rows,
         },
+        "oof_two_stage": ({"images": len(two_stage_rows), "metrics": _oof_metrics(two_stage_rows)}
+                          if with_two_stage else None),
     }
     out_dir = Path(out_dir) if out_dir else directory
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -243,9 +250,14 @@ def summarize(directory: str | Path, out_dir: str | Path | None = None) -> dict[
 
 
 # the cross-validation's headline: lesion-image Dice and the diagnosis (README, docs/results.md)
+# and, for runs with the crop stage (crop_stage=default), the two-stage classes (the masks are the network's)
 HEADLINE = ("test/dice_per_image_lesion", "test/dice_per_image_benign", "test/dice_per_image_malignant",
             "test/dice", "test/iou", "test/accuracy", "test/recall_normal", "test/recall_benign",
-            "test/recall_malignant", "test/f1_macro", "test/auroc_macro")
+            "test/recall_malignant", "test/f1_macro", "test/auroc_macro", "test_two_stage/accuracy",
+            "test_two_stage/recall_normal", "test_two_stage/recall_benign", "test_two_stage/recall_malignant",
+            "test_two_stage/f1_macro", "test_two_stage/auroc_macro")
+# the crop stage's per-image predictions beside a run's predictions.csv (busiseg.train, crop_stage=default)
+TWO_STAGE_PREDICTIONS = "predictions_two_stage.csv"
 
 
 def _read_predictions(path: Path) -> list[dict[str, str]] | None:
@@ -335,6 +347,12 @@ def write_figures(summary: Mapping[str, Any], out_dir: Path) -> list[str]:
         dice = np.array([float(r["dice"]) for r in oof["predictions"]])
         save_png(dice_distribution_figure(dice, labels, subtitle=sub), out_dir / "cv_dice_distribution.png")
         written += ["cv_confusion_matrix.png", "cv_dice_distribution.png"]
+    staged = summary.get("oof_two_stage")
+    if staged and staged["images"]:
+        sub = f"two-stage (crop stage), out-of-fold, {staged['images']} images, {len(summary['folds'])} fold(s)"
+        save_png(confusion_matrix_figure(np.array(staged["metrics"]["confusion_matrix"]), subtitle=sub),
+                 out_dir / "cv_confusion_matrix_two_stage.png")
+        written.append("cv_confusion_matrix_two_stage.png")
     return written
 
 
@@ -379,6 +397,16 @@ def _fmt_pm(mean: Any, std: Any) -> str:
     return f"{_fmt(mean)} +- {_fmt(std)}"
 
 
+def _pooled_lines(m: Mapping[str, Any]) -> list[str]:
+    """Pooled out-of-fold metrics and their confusion matrix, as markdown lines."""
+    lines = ["", "| pooled metric | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in m.items() if k != "confusion_matrix"]
+    lines += ["", "Confusion matrix (rows true, columns predicted):", "",
+              "| | " + " | ".join(CLASS_NAMES) + " |", "|---|" + "---|" * len(CLASS_NAMES)]
+    lines += [f"| {c} | " + " | ".join(str(v) for v in row) + " |" for c, row in zip(CLASS_NAMES, m["confusion_matrix"])]
+    return lines
+
+
 def render_markdown(summary: Mapping[str, Any]) -> str:
     s = summary
     lines = [f"# Cross-validation summary: {s['directory']}", ""]
@@ -407,13 +435,12 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
         lines.append(f"Runs without predictions.csv: {', '.join(oof['runs_without_predictions'])}.")
     if oof["images_without_prediction"]:
         lines.append(f"{len(oof['images_without_prediction'])} image(s) of the folds have no prediction.")
-    m = oof["metrics"]
-    lines += ["", "| pooled metric | value |", "|---|---|"]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in m.items() if k != "confusion_matrix"]
-    lines += ["", "Confusion matrix (rows true, columns predicted):", "",
-              "| | " + " | ".join(CLASS_NAMES) + " |", "|---|" + "---|" * len(CLASS_NAMES)]
-    lines += [f"| {c} | " + " | ".join(str(v) for v in row) + " |"
-              for c, row in zip(CLASS_NAMES, m["confusion_matrix"])]
+    lines += _pooled_lines(oof["metrics"])
+    staged = s.get("oof_two_stage")
+    if staged and staged["images"]:
+        lines += ["", f"With the crop stage (`{TWO_STAGE_PREDICTIONS}`): the same {staged['images']} images, the "
+                  "two-stage classes (the masks, so the Dice, are the network's).", ""]
+        lines += _pooled_lines(staged["metrics"])
     lines += ["", "<details><summary>Every image</summary>", "",
               "| image | fold | true | predicted | " + " | ".join(f"p({c})" for c in CLASS_NAMES) + " | dice |",
               "|---|---|---|---|" + "---|" * (len(CLASS_NAMES) + 1)]
@@ -462,6 +489,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         oof = summary["oof"]["metrics"]
         print(f"out-of-fold ({summary['oof']['images']} images): accuracy {_fmt(oof['accuracy'])}, "
               f"confusion (rows true {'/'.join(CLASS_NAMES)}): {oof['confusion_matrix']}")
+    staged = summary.get("oof_two_stage")
+    if staged and staged["metrics"]:
+        print(f"out-of-fold with the crop stage ({staged['images']} images): accuracy "
+              f"{_fmt(staged['metrics']['accuracy'])}, confusion: {staged['metrics']['confusion_matrix']}")
     print(f"summary: {(args.out or args.directory) / 'cv_summary.md'}")
     return 0
 

@@ -72,8 +72,10 @@ def _assignment(run: Path) -> Any:
     return json.loads((run / "split.json").read_text())["meta"].get("assignment")
 
 
-def _predictions(results: EvalResults) -> list[dict[str, Any]]:
-    """predictions.csv rows (cv_summary's columns), Dice at the preprocessing size (both empty = 1)."""
+def _predictions(results: EvalResults, parts: Sequence[str] = ("val", "test")) -> list[dict[str, Any]]:
+    """predictions.csv rows (cv_summary's columns), Dice at the preprocessing size (both empty = 1), one
+    row per image and part of ``parts`` (under k-fold the validation fold is the test part: cv_summary
+    reads the "val" rows out of fold)."""
     dice_per_image = results.scores[("raw", "preprocessed")].dice
     rows = []
     for i, name in enumerate(results.names):
@@ -83,8 +85,7 @@ def _predictions(results: EvalResults) -> list[dict[str, Any]]:
                "pred_class": CLASS_NAMES[int(probs.argmax())],
                **{f"prob_{c}": round(float(probs[k]), 6) for k, c in enumerate(CLASS_NAMES)},
                "dice": round(dice, 6)}
-        # under k-fold the validation fold is the test part: cv_summary reads "val" rows out of fold
-        rows += [{"part": "val", **row}, {"part": "test", **row}]
+        rows += [{"part": part, **row} for part in parts]
     return rows
 
 

@@ -6,6 +6,7 @@ Builds everything from ``conf/`` with Hydra, fits, tests the best checkpoint, wr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 from busiseg.atomic import write_json_atomic  # noqa: E402
 from busiseg.checkpoint import CheckpointError, load_init_weights  # noqa: E402
 from busiseg.cli import fail  # noqa: E402
-from busiseg.cv_summary import write_predictions  # noqa: E402
+from busiseg.cv_summary import PREDICTION_COLUMNS, _write_csv, write_predictions  # noqa: E402
 from busiseg.data.busi import DatasetError, summarize  # noqa: E402
 from busiseg.data.device_augment import from_augment_config  # noqa: E402
 from busiseg.data.mixing import BatchMix  # noqa: E402
@@ -35,6 +36,7 @@ from busiseg.data.splits import PARTS  # noqa: E402
 from busiseg.distributed import adopt_parent_run, end_ddp_job, share_run_dir  # noqa: E402
 from busiseg.models.guards import (NONFINITE_ACTIONS, AtomicCheckpointIO, GracefulInterrupt,  # noqa: E402
                                    NonFiniteLossError, ResumeState, TrainingInterrupted, fit_or_raise_interrupted)
+from busiseg.models.crop_classifier import CropClassifierError, CropSettings  # noqa: E402
 from busiseg.models.module import MultiTaskModule  # noqa: E402
 from busiseg.run_info import CONFIG_NAME, cpu_has_bf16, record_run  # noqa: E402
 from busiseg.models.net import EncoderWeightsUnavailable  # noqa: E402
@@ -94,9 +96,52 @@ def check_config(cfg: DictConfig) -> None:
                           "(or callbacks.step_checkpoint=null to save only at epoch ends)")
     if cfg.get("test_ckpt", "best") not in ("best", "last"):
         raise ConfigError(f"test_ckpt must be best or last, got {cfg.get('test_ckpt')!r}")
+    crop_settings(cfg)
     split = cfg.get("split") or {}
     if "fold" in split and not 0 <= int(split.fold) < int(split.k):
         raise ConfigError(f"split.fold must be in 0..{int(split.k) - 1} (split.k={split.k}), got {split.fold}")
+
+
+def crop_settings(cfg: DictConfig) -> CropSettings | None:
+    """The ``crop_stage`` group's settings (None with ``crop_stage=null``); a bad value names its key."""
+    stage = cfg.get("crop_stage")
+    if not stage:
+        return None
+    values = OmegaConf.to_container(stage, resolve=True)
+    fields = {f.name for f in dataclasses.fields(CropSettings)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ConfigError(f"crop_stage.{unknown[0]} is not a crop-stage setting (known: {', '.join(sorted(fields))})")
+    try:
+        return CropSettings(**values)
+    except CropClassifierError as exc:
+        raise ConfigError(f"crop_stage: {exc}") from exc
+
+
+def run_crop_stage(cfg: DictConfig, module: MultiTaskModule, datamodule: L.LightningDataModule, output_dir: Path,
+                   evaluate: bool) -> tuple[dict[str, Any], dict[str, float], list[dict[str, Any]]]:
+    """``crop_stage=default``: the crop classifier trained on the run's training part (RUN/crop_classifier.pt
+    and .png) and, with ``evaluate``, the two-stage classes of the test part (and of the validation part,
+    for cv_summary's out-of-fold rows) with the weights the test part was scored with. Returns what
+    metrics.json records about the stage, the ``test_two_stage/*`` metrics and predictions_two_stage.csv's rows."""
+    from busiseg.crop_stage import FILE_NAME, for_training_run
+    from busiseg.ensemble_cv import _predictions
+
+    names = {p: [datamodule.records[i] for i in getattr(datamodule, f"{p}_dataset").indices] for p in ("val", "test")}
+    same = [r.name for r in names["val"]] == [r.name for r in names["test"]]  # k-fold: the test part is the val fold
+    parts = {} if not evaluate else {"test": names["test"]} if same else {p: v for p, v in names.items() if v}
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    progress = bool((cfg.get("callbacks") or {}).get("progress_bar")) and bool(cfg.trainer.get("enable_progress_bar", True))
+    info, results = for_training_run(
+        crop_settings(cfg), Path(datamodule.root), output_dir / "split.json", module.net, parts,
+        int(cfg.data.image_size), int(cfg.data.in_channels), int(datamodule.eval_batch_size),
+        precision=str(cfg.trainer.precision), channels_last=bool(cfg.get("channels_last", False)),
+        device="cpu" if accelerator == "cpu" else "auto", out=output_dir / FILE_NAME, progress=progress)
+    metrics = {f"test_two_stage/{k}": v for k, v in results["test"].as_training.items()} if "test" in results else {}
+    rows: list[dict[str, Any]] = []
+    for part, result in results.items():
+        rows += _predictions(result, ("val", "test") if same else (part,))
+    return info, metrics, rows
 
 
 def _on_gpu(trainer_cfg: DictConfig) -> bool:
@@ -326,6 +371,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                               forward_context=trainer.precision_plugin.forward_context)
 
     metrics = {**_scalars(fit_metrics, "val/"), **_scalars(fit_metrics, "train/"), **_scalars(test_metrics, "test/")}
+    crop_stage = None
+    if cfg.get("crop_stage") and trainer.is_global_zero:
+        crop_stage, two_stage, rows = run_crop_stage(cfg, module, datamodule, output_dir, bool(cfg.get("test", True)))
+        metrics.update(two_stage)
+        if two_stage:
+            log.info("crop stage: test accuracy %.4f (the network alone: %.4f); classifier %s",
+                     two_stage["test_two_stage/accuracy"], metrics.get("test/accuracy", float("nan")), crop_stage["file"])
+        if rows:
+            _write_csv(output_dir / "predictions_two_stage.csv", rows, PREDICTION_COLUMNS)
     summary = {
         "metrics": metrics,
         "best_checkpoint": best_ckpt,
@@ -341,10 +395,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             p: summarize([datamodule.records[i] for i in getattr(datamodule, f"{p}_dataset").indices]) for p in PARTS
         },
         "data_root": str(datamodule.root),
+        # crop_stage=default: the crop classifier's file, training time and settings (test_two_stage/* above)
+        "crop_stage": crop_stage,
     }
     if trainer.is_global_zero:
         write_json(output_dir / "metrics.json", summary)
-        hparam_metrics = {k: v for k, v in metrics.items() if k.startswith(("test/", "val/")) and "loss" not in k}
+        hparam_metrics = {k: v for k, v in metrics.items() if k.startswith(("test/", "val/", "test_two_stage/")) and "loss" not in k}
         params = _flatten(_plain(cfg))
         for lg in trainer.loggers:
             if isinstance(lg, TensorBoardLogger):  # the HPARAMS tab pairs params with these metrics
@@ -352,7 +408,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             else:
                 lg.log_hyperparams(params)
             lg.save()
-        log.info("metrics: %s", json.dumps({k: round(v, 4) for k, v in metrics.items() if k.startswith("test/")}))
+        log.info("metrics: %s", json.dumps({k: round(v, 4) for k, v in metrics.items()
+                                             if k.startswith(("test/", "test_two_stage/")) and v is not None}))
         log.info("run dir: %s", output_dir)
     end_ddp_job()  # the next job of a sweep starts its own DDP ranks
     return summary
@@ -362,7 +419,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def main(cfg: DictConfig) -> float | None:
     try:
         summary = train(cfg)
-    except (DatasetError, ConfigError, CheckpointError, EncoderWeightsUnavailable) as exc:
+    except (DatasetError, ConfigError, CheckpointError, EncoderWeightsUnavailable, CropClassifierError) as exc:
         fail(log, exc, 2)
     except NonFiniteLossError as exc:
         fail(log, exc, 1)
