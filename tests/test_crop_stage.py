@@ -197,7 +197,12 @@ def test_train_with_the_crop_stage_then_cv_summary(tmp_path):
         np.mean([json.loads((sweep / str(f) / "metrics.json").read_text())["metrics"]["test_two_stage/accuracy"]
                  for f in (0, 1)]))
     assert "cv_confusion_matrix_two_stage.png" in summary["figures"]
-    assert "With the crop stage" in (sweep / "cv_summary.md").read_text()
+    text = (sweep / "cv_summary.md").read_text()
+    assert "With the crop stage" in text and "The crop stage against the network alone, paired per fold" in text
+    for f in (0, 1):  # the paired gain: two-stage minus network, fold by fold
+        fm = json.loads((sweep / str(f) / "metrics.json").read_text())["metrics"]
+        assert summary["two_stage_gain"]["accuracy"]["per_fold"][f] == pytest.approx(
+            fm["test_two_stage/accuracy"] - fm["test/accuracy"])
 
 
 def test_crop_stage_config_errors_name_the_key(tmp_path):

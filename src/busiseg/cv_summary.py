@@ -9,6 +9,10 @@ split.fold=0,1,2,3,4``): every run dir under SWEEP_DIR holding ``metrics.json`` 
   did not train on it (nnU-Net style), with metrics pooled over all of them;
 - ``oof_predictions.csv``: those predictions, one row per image.
 
+Runs trained with the crop stage (``crop_stage=default``) also hold ``test_two_stage/*`` metrics and
+``predictions_two_stage.csv``: their rows join the headline, and the summary pools their out-of-fold
+classes too (``oof_two_stage``, ``cv_confusion_matrix_two_stage.png``).
+
 The fold runs write their per-image predictions (``predictions.csv``, see
 ``write_predictions``) after testing the best checkpoint. ``CVSummaryCallback`` runs the
 summary at the end of the multirun (enabled by ``split=kfold``).
@@ -233,6 +237,7 @@ def summarize(directory: str | Path, out_dir: str | Path | None = None) -> dict[
         },
         "oof_two_stage": ({"images": len(two_stage_rows), "metrics": _oof_metrics(two_stage_rows)}
                           if with_two_stage else None),
+        "two_stage_gain": _two_stage_gain(per_fold, order),
     }
     out_dir = Path(out_dir) if out_dir else directory
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -397,6 +402,31 @@ def _fmt_pm(mean: Any, std: Any) -> str:
     return f"{_fmt(mean)} +- {_fmt(std)}"
 
 
+TWO_STAGE_PAIRED = ("accuracy", "recall_malignant", "f1_macro", "auroc_macro")
+
+
+def _two_stage_gain(per_fold: Mapping[int, Mapping[str, Any]], folds: Sequence[int]) -> dict[str, Any] | None:
+    """Per fold, the crop stage's ``test_two_stage/<m>`` minus the network's ``test/<m>`` (the same images,
+    the same masks): ``{m: {"per_fold", "mean", "std", "folds_better"}}``; None unless every fold has both."""
+    out: dict[str, Any] = {}
+    for m in TWO_STAGE_PAIRED:
+        pairs = {f: (per_fold[f].get(f"test_two_stage/{m}"), per_fold[f].get(f"test/{m}")) for f in folds}
+        if not folds or any(a is None or b is None for a, b in pairs.values()):
+            continue
+        diffs = {f: float(a) - float(b) for f, (a, b) in pairs.items()}
+        mean, std = _mean_std(list(diffs.values()))
+        out[m] = {"per_fold": diffs, "mean": mean, "std": std if math.isfinite(std) else None,
+                  "folds_better": sum(d > 0 for d in diffs.values()), "folds_worse": sum(d < 0 for d in diffs.values())}
+    return out or None
+
+
+def _gain_line(m: str, g: Mapping[str, Any]) -> str:
+    folds = ", ".join(f"{d:+.3f}" for d in g["per_fold"].values())
+    std = f" +- {g['std']:.3f}" if g["std"] is not None else ""
+    return (f"{m}: {g['mean']:+.3f}{std} (per fold {folds}; better in {g['folds_better']}, worse in "
+            f"{g['folds_worse']} of {len(g['per_fold'])})")
+
+
 def _pooled_lines(m: Mapping[str, Any]) -> list[str]:
     """Pooled out-of-fold metrics and their confusion matrix, as markdown lines."""
     lines = ["", "| pooled metric | value |", "|---|---|"]
@@ -416,6 +446,10 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
     if head:
         lines += ["", "## Headline", "", "| metric | mean +- std |", "|---|---|"]
         lines += [f"| {m} | {_fmt_pm(mu, sd)} |" for m, mu, sd in head]
+    if s.get("two_stage_gain"):
+        lines += ["", "The crop stage against the network alone, paired per fold (`test_two_stage/*` minus `test/*`):", ""]
+        lines += [f"- {_gain_line(m, g)}" for m, g in s["two_stage_gain"].items()]
+    if head:
         lines += ["", "## Every metric"]
     lines += ["", "| metric | mean | std |", "|---|---|---|"]
     lines += [f"| {m} | {_fmt(s['mean'][m])} | {_fmt(s['std'][m])} |" for m in s["mean"]]
@@ -489,6 +523,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         oof = summary["oof"]["metrics"]
         print(f"out-of-fold ({summary['oof']['images']} images): accuracy {_fmt(oof['accuracy'])}, "
               f"confusion (rows true {'/'.join(CLASS_NAMES)}): {oof['confusion_matrix']}")
+    for m, g in (summary.get("two_stage_gain") or {}).items():
+        print(f"crop stage minus network, {_gain_line(m, g)}")
     staged = summary.get("oof_two_stage")
     if staged and staged["metrics"]:
         print(f"out-of-fold with the crop stage ({staged['images']} images): accuracy "

@@ -342,6 +342,9 @@ def load_crop_stage(cfg: DictConfig, inputs: EvalInputs) -> tuple[CropClassifier
     """``crop_classifier=FILE``: the crop stage, refused when it was trained on an evaluated image."""
     value = cfg.get("crop_classifier")
     if value in (None, ""):
+        beside = inputs.run_dir / "crop_classifier.pt"
+        if beside.is_file() and not inputs.is_ensemble:  # a run trained with crop_stage=default
+            log.info("the network's classes; for the run's two-stage ones add crop_classifier=%s", beside)
         return None, None
     path = Path(str(value)).expanduser()
     try:
