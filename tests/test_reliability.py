@@ -178,6 +178,24 @@ def test_cli_negative_loss_weight_is_one_line(tmp_path):
     assert "busiseg: error:" in proc.stderr and "w_seg" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_csv_written_atomically(tmp_path):
+    from busiseg.atomic import write_csv_atomic
+
+    target = tmp_path / "out" / "predictions.csv"
+    write_csv_atomic(target, [{"image": "benign (1)", "dice": 0.5, "extra": 1}], ["image", "dice"])
+    before = target.read_text()
+    assert before.splitlines() == ["image,dice", "benign (1),0.5"]  # header, row; keys outside the columns left out
+
+    def rows():
+        yield {"image": "benign (2)", "dice": 0.25}
+        raise KeyboardInterrupt  # killed while the rows are produced
+
+    with pytest.raises(KeyboardInterrupt):
+        write_csv_atomic(target, rows(), ["image", "dice"])
+    assert target.read_text() == before  # the old file is intact, not half a new one
+    assert sorted(p.name for p in target.parent.iterdir()) == ["predictions.csv"]
+
+
 def test_checkpoints_written_atomically(tmp_path, monkeypatch):
     from busiseg.models.guards import AtomicCheckpointIO
 

@@ -6,11 +6,13 @@ run would trust. Standard library only (the ONNX predictor imports this without 
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping, Sequence
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
@@ -33,3 +35,12 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 def write_json_atomic(path: str | Path, payload: Any, indent: int = 2, default: Any = None) -> None:
     write_text_atomic(path, json.dumps(payload, indent=indent, default=default) + "\n")
+
+
+def write_csv_atomic(path: str | Path, rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> None:
+    """A CSV with a header of ``columns`` and one line per row (keys not in ``columns`` are left out)."""
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buffer.getvalue())

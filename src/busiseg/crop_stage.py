@@ -42,7 +42,7 @@ from busiseg.cv_summary import CVSummaryError  # noqa: E402
 from busiseg.data.busi import DatasetError, Record, load_record, scan_busi  # noqa: E402
 from busiseg.data.crops import lesion_box  # noqa: E402
 from busiseg.data.splits import load_split  # noqa: E402
-from busiseg.ensemble_cv import EnsembleCVError, _fit_seconds, _write_run, fold_runs  # noqa: E402
+from busiseg.ensemble_cv import EnsembleCVError, fold_runs, run_fit_seconds, write_eval_run  # noqa: E402
 from busiseg.evaluation.runner import (EvalError, EvalResults, autocast_dtype, resolve_inputs, run_network,  # noqa: E402
                                       run_precision)
 from busiseg.inference import InferenceOptions  # noqa: E402
@@ -252,11 +252,11 @@ def crop_cv(out: Path, sweep: Path, settings: CropSettings, folds: Sequence[int]
         kwargs = dict(progress=progress, channels_last=bool(inputs.train_config.get("channels_last", False)),
                       autocast=autocast_dtype(precision))
         args = (inputs.records, inputs.image_size, inputs.in_channels, inputs.batch_size, InferenceOptions())
-        fit = _fit_seconds(run)
+        fit = run_fit_seconds(run)
         alone = run_network(inputs.net, *args, **kwargs)
-        _write_run(out / NETWORK / str(fold), split_file, alone, fit, [str(ckpt)])
+        write_eval_run(out / NETWORK / str(fold), split_file, alone, fit, [str(ckpt)])
         staged = run_network(inputs.net, *args, crop_classifier=model, **kwargs)
-        _write_run(out / TWO_STAGE / str(fold), split_file, staged, None if fit is None else fit + crop_seconds,
+        write_eval_run(out / TWO_STAGE / str(fold), split_file, staged, None if fit is None else fit + crop_seconds,
                    [str(ckpt), str(crop_file)])
         log.info("fold %d: accuracy network %.3f, two-stage %.3f", fold, alone.as_training["accuracy"],
                  staged.as_training["accuracy"])

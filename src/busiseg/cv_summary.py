@@ -26,14 +26,13 @@ import csv
 import json
 import logging
 import math
-import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterable, Mapping, Sequence
+from typing import Any, Callable, ContextManager, Mapping, Sequence
 
 from hydra.experimental.callback import Callback
 
-from busiseg.atomic import write_json_atomic, write_text_atomic
+from busiseg.atomic import write_csv_atomic, write_json_atomic, write_text_atomic
 from busiseg.data.labels import CLASS_NAMES
 
 log = logging.getLogger("busiseg.cv_summary")
@@ -95,18 +94,8 @@ def write_predictions(module: Any, datamodule: Any, path: str | Path, parts: Seq
                     row["dice"] = round(float(dice[k]), 6)
                     rows.append(row)
     module.train(was_training)
-    _write_csv(path, rows, PREDICTION_COLUMNS)
+    write_csv_atomic(path, rows, PREDICTION_COLUMNS)
     return path
-
-
-def _write_csv(path: Path, rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- the summary
@@ -248,7 +237,7 @@ def summarize(directory: str | Path, out_dir: str | Path | None = None) -> dict[
         log.warning("cv_summary: figures not written (%s: %s)", type(exc).__name__, exc)
     _write_json(out_dir / "cv_summary.json", summary)
     write_text_atomic(out_dir / "cv_summary.md", render_markdown(summary))
-    _write_csv(out_dir / "oof_predictions.csv", oof_rows, ["fold"] + PREDICTION_COLUMNS)
+    write_csv_atomic(out_dir / "oof_predictions.csv", oof_rows, ["fold"] + PREDICTION_COLUMNS)
     log.info("cv_summary: %d fold(s) of %d, %d out-of-fold predictions -> %s", len(order), k, len(oof_rows),
              out_dir / "cv_summary.md")
     return summary

@@ -30,11 +30,10 @@ from typing import Any, Mapping, Sequence
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from busiseg.ablation import AblationError, _parse_arm, compare, render_markdown  # noqa: E402
-from busiseg.atomic import write_json_atomic, write_text_atomic  # noqa: E402
+from busiseg.atomic import write_csv_atomic, write_json_atomic, write_text_atomic  # noqa: E402
 from busiseg.checkpoint import CheckpointError  # noqa: E402
-from busiseg.cv_summary import PREDICTION_COLUMNS, CVSummaryError, _write_csv, find_fold_runs  # noqa: E402
+from busiseg.cv_summary import PREDICTION_COLUMNS, CVSummaryError, find_fold_runs  # noqa: E402
 from busiseg.data.busi import DatasetError  # noqa: E402
-from busiseg.data.labels import CLASS_NAMES  # noqa: E402
 from busiseg.evaluation.runner import (  # noqa: E402
     EvalError,
     EvalResults,
@@ -72,34 +71,20 @@ def _assignment(run: Path) -> Any:
     return json.loads((run / "split.json").read_text())["meta"].get("assignment")
 
 
-def _predictions(results: EvalResults, parts: Sequence[str] = ("val", "test")) -> list[dict[str, Any]]:
-    """predictions.csv rows (cv_summary's columns), Dice at the preprocessing size (both empty = 1), one
-    row per image and part of ``parts`` (under k-fold the validation fold is the test part: cv_summary
-    reads the "val" rows out of fold)."""
-    dice_per_image = results.scores[("raw", "preprocessed")].dice
-    rows = []
-    for i, name in enumerate(results.names):
-        dice = float(dice_per_image[i])
-        probs = results.probs["raw"][i]
-        row = {"image": name, "true_class": CLASS_NAMES[int(results.labels[i])],
-               "pred_class": CLASS_NAMES[int(probs.argmax())],
-               **{f"prob_{c}": round(float(probs[k]), 6) for k, c in enumerate(CLASS_NAMES)},
-               "dice": round(dice, 6)}
-        rows += [{"part": part, **row} for part in parts]
-    return rows
-
-
-def _write_run(folder: Path, split_json: Path, results: EvalResults, fit_seconds: float | None,
-               sources: Sequence[str]) -> None:
+def write_eval_run(folder: Path, split_json: Path, results: EvalResults, fit_seconds: float | None,
+                   sources: Sequence[str]) -> None:
+    """A sweep-like run folder for ``results`` (split.json, metrics.json's ``test/*``, predictions.csv) that
+    ``busiseg.cv_summary`` and ``busiseg.ablation`` read like a training run's."""
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(split_json, folder / "split.json")
     metrics = {f"test/{k}": v for k, v in results.as_training.items()}
     write_json_atomic(folder / "metrics.json", {"metrics": metrics, "fit_seconds": fit_seconds,
                                                 "evaluated_by": "busiseg.ensemble_cv", "checkpoints": list(sources)})
-    _write_csv(folder / "predictions.csv", _predictions(results), PREDICTION_COLUMNS)
+    write_csv_atomic(folder / "predictions.csv", results.prediction_rows(), PREDICTION_COLUMNS)
 
 
-def _fit_seconds(run: Path) -> float | None:
+def run_fit_seconds(run: Path) -> float | None:
+    """The training time a run's metrics.json records (None when it records none)."""
     try:
         return float(json.loads((run / "metrics.json").read_text())["fit_seconds"])
     except (OSError, KeyError, TypeError, ValueError):
@@ -146,12 +131,12 @@ def ensemble_cv(out: Path, members: Mapping[str, Path], checkpoint: str = "last.
         fits = []
         for name, net, ckpt in zip(names, inputs.net.members, ckpts):
             results = run_network(net, *args, progress=progress, channels_last=channels_last, autocast=autocast)
-            fits.append(_fit_seconds(runs[name][fold]))
-            _write_run(out / name / str(fold), split_json, results, fits[-1], [str(ckpt)])
+            fits.append(run_fit_seconds(runs[name][fold]))
+            write_eval_run(out / name / str(fold), split_json, results, fits[-1], [str(ckpt)])
         results = run_network(inputs.net, *args, progress=progress, channels_last=channels_last,
                               autocast=autocast)
         total = sum(fits) if all(f is not None for f in fits) else None
-        _write_run(out / ENSEMBLE / str(fold), split_json, results, total, [str(c) for c in ckpts])
+        write_eval_run(out / ENSEMBLE / str(fold), split_json, results, total, [str(c) for c in ckpts])
     try:
         result = compare({**{n: out / n for n in names}, ENSEMBLE: out / ENSEMBLE}, names[0])
     except AblationError as exc:

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,10 +23,10 @@ from hydra.errors import InstantiationException  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
-from busiseg.atomic import write_json_atomic  # noqa: E402
+from busiseg.atomic import write_csv_atomic, write_json_atomic  # noqa: E402
 from busiseg.checkpoint import CheckpointError, load_init_weights  # noqa: E402
 from busiseg.cli import fail  # noqa: E402
-from busiseg.cv_summary import PREDICTION_COLUMNS, _write_csv, write_predictions  # noqa: E402
+from busiseg.cv_summary import PREDICTION_COLUMNS, TWO_STAGE_PREDICTIONS, write_predictions  # noqa: E402
 from busiseg.data.busi import DatasetError, summarize  # noqa: E402
 from busiseg.data.device_augment import from_augment_config  # noqa: E402
 from busiseg.data.mixing import BatchMix  # noqa: E402
@@ -119,13 +118,13 @@ def crop_settings(cfg: DictConfig) -> CropSettings | None:
 
 
 def run_crop_stage(cfg: DictConfig, module: MultiTaskModule, datamodule: L.LightningDataModule, output_dir: Path,
-                   evaluate: bool) -> tuple[dict[str, Any], dict[str, float], list[dict[str, Any]]]:
+                   evaluate: bool) -> tuple[dict[str, Any], dict[str, float]]:
     """``crop_stage=default``: the crop classifier trained on the run's training part (RUN/crop_classifier.pt
     and .png) and, with ``evaluate``, the two-stage classes of the test part (and of the validation part,
-    for cv_summary's out-of-fold rows) with the weights the test part was scored with. Returns what
-    metrics.json records about the stage, the ``test_two_stage/*`` metrics and predictions_two_stage.csv's rows."""
+    for cv_summary's out-of-fold rows) with the weights the test part was scored with, written to
+    RUN/predictions_two_stage.csv. Returns what metrics.json records about the stage and the
+    ``test_two_stage/*`` metrics."""
     from busiseg.crop_stage import FILE_NAME, for_training_run
-    from busiseg.ensemble_cv import _predictions
 
     names = {p: [datamodule.records[i] for i in getattr(datamodule, f"{p}_dataset").indices] for p in ("val", "test")}
     same = [r.name for r in names["val"]] == [r.name for r in names["test"]]  # k-fold: the test part is the val fold
@@ -138,10 +137,11 @@ def run_crop_stage(cfg: DictConfig, module: MultiTaskModule, datamodule: L.Light
         precision=str(cfg.trainer.precision), channels_last=bool(cfg.get("channels_last", False)),
         device="cpu" if accelerator == "cpu" else "auto", out=output_dir / FILE_NAME, progress=progress)
     metrics = {f"test_two_stage/{k}": v for k, v in results["test"].as_training.items()} if "test" in results else {}
-    rows: list[dict[str, Any]] = []
-    for part, result in results.items():
-        rows += _predictions(result, ("val", "test") if same else (part,))
-    return info, metrics, rows
+    rows = [row for part, result in results.items()
+            for row in result.prediction_rows(("val", "test") if same else (part,))]
+    if rows:
+        write_csv_atomic(output_dir / TWO_STAGE_PREDICTIONS, rows, PREDICTION_COLUMNS)
+    return info, metrics
 
 
 def _on_gpu(trainer_cfg: DictConfig) -> bool:
@@ -373,13 +373,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics = {**_scalars(fit_metrics, "val/"), **_scalars(fit_metrics, "train/"), **_scalars(test_metrics, "test/")}
     crop_stage = None
     if cfg.get("crop_stage") and trainer.is_global_zero:
-        crop_stage, two_stage, rows = run_crop_stage(cfg, module, datamodule, output_dir, bool(cfg.get("test", True)))
+        crop_stage, two_stage = run_crop_stage(cfg, module, datamodule, output_dir, bool(cfg.get("test", True)))
         metrics.update(two_stage)
         if two_stage:
             log.info("crop stage: test accuracy %.4f (the network alone: %.4f); classifier %s",
                      two_stage["test_two_stage/accuracy"], metrics.get("test/accuracy", float("nan")), crop_stage["file"])
-        if rows:
-            _write_csv(output_dir / "predictions_two_stage.csv", rows, PREDICTION_COLUMNS)
     summary = {
         "metrics": metrics,
         "best_checkpoint": best_ckpt,

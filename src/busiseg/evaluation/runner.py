@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from omegaconf.errors import MissingMandatoryValue
 from busiseg.checkpoint import MemberInputError, load_ensemble, load_model
 from busiseg.data.busi import Record, load_record, scan_busi
 from busiseg.data.dataset import resize_pair
+from busiseg.data.labels import CLASS_NAMES
 from busiseg.data.splits import PARTS, load_split
 from busiseg.evaluation.metrics_table import MaskScore, MaskScores, score_mask
 from busiseg.inference import InferenceOptions, postprocess_mask, predict_probs, restore_size
@@ -230,6 +231,21 @@ class EvalResults:
     def final_mask(self, i: int) -> np.ndarray:
         h, w = (int(v) for v in self.sizes[i])
         return np.unpackbits(self._packed[i], count=h * w).reshape(h, w).astype(bool)
+
+    def prediction_rows(self, parts: Sequence[str] = ("val", "test")) -> list[dict[str, Any]]:
+        """predictions.csv rows (``busiseg.cv_summary.PREDICTION_COLUMNS``) of the raw view: Dice at the
+        preprocessing size (both empty = 1), one row per image and part of ``parts`` (under k-fold the
+        validation fold is the test part, and cv_summary reads the "val" rows out of fold)."""
+        dice_per_image = self.scores[("raw", "preprocessed")].dice
+        rows = []
+        for i, name in enumerate(self.names):
+            probs = self.probs["raw"][i]
+            row = {"image": name, "true_class": CLASS_NAMES[int(self.labels[i])],
+                   "pred_class": CLASS_NAMES[int(probs.argmax())],
+                   **{f"prob_{c}": round(float(probs[k]), 6) for k, c in enumerate(CLASS_NAMES)},
+                   "dice": round(float(dice_per_image[i]), 6)}
+            rows += [{"part": part, **row} for part in parts]
+        return rows
 
 
 def _decode(record: Record, in_channels: int, image_size: int):
