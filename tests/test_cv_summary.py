@@ -103,6 +103,32 @@ def test_lesion_image_dice_per_fold_and_headline(sweep, capsys):
     assert out.splitlines()[1].startswith("test/dice_per_image_lesion") and "out-of-fold (12 images)" in out
 
 
+def test_two_stage_headline_beside_the_network_with_the_paired_gain(tmp_path, capsys):
+    """Runs with the crop stage: one headline row per metric, the network's test/<m> beside test_two_stage/<m>
+    and the per-fold paired difference; Dice (no two-stage value) keeps its row with that cell empty."""
+    sweep = tmp_path / "sweep"
+    net = [0.70, 0.80, 0.75, 0.72, 0.78]
+    gain = [0.02, 0.00, 0.04, -0.01, 0.03]
+    for f in range(K):
+        fake_fold_run(sweep / str(f), f, {"test/dice_per_image_lesion": 0.6 + 0.01 * f, "test/accuracy": net[f],
+                                          "test_two_stage/accuracy": net[f] + gain[f]})
+    summary = summarize(sweep)
+    md = (sweep / "cv_summary.md").read_text()
+    two = [n + g for n, g in zip(net, gain)]
+    row = (f"| accuracy | {np.mean(net):.4f} +- {np.std(net, ddof=1):.4f} | {np.mean(two):.4f} +- "
+           f"{np.std(two, ddof=1):.4f} | {np.mean(gain):+.4f} +- {np.std(gain, ddof=1):.4f} (3 better, 1 worse of 5) |")
+    assert row in md, md
+    assert f"| dice_per_image_lesion | {summary['mean']['test/dice_per_image_lesion']:.4f} +- " in md
+    assert md.index("| dice_per_image_lesion |") < md.index("| accuracy |") < md.index("## Every metric")
+    assert main([str(sweep)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split()[:2] == ["metric", "network"]
+    acc = next(line for line in out if line.startswith("accuracy "))
+    assert acc.split() == ["accuracy", f"{np.mean(net):.4f}", "+-", f"{np.std(net, ddof=1):.4f}", f"{np.mean(two):.4f}",
+                           "+-", f"{np.std(two, ddof=1):.4f}", f"{np.mean(gain):+.4f}", "+-",
+                           f"{np.std(gain, ddof=1):.4f}", "(3", "better,", "1", "worse", "of", "5)"]
+
+
 def test_figures_from_the_folds_curves_and_oof_predictions(sweep):
     for f in range(K):  # a CSV log per fold, as logger=csv/many writes it (train and val rows apart)
         (sweep / str(f) / "csv").mkdir()

@@ -10,8 +10,9 @@ split.fold=0,1,2,3,4``): every run dir under SWEEP_DIR holding ``metrics.json`` 
 - ``oof_predictions.csv``: those predictions, one row per image.
 
 Runs trained with the crop stage (``crop_stage=default``) also hold ``test_two_stage/*`` metrics and
-``predictions_two_stage.csv``: their rows join the headline, and the summary pools their out-of-fold
-classes too (``oof_two_stage``, ``cv_confusion_matrix_two_stage.png``).
+``predictions_two_stage.csv``: the headline then sets them beside the network's ``test/*`` with the paired
+per-fold gain, and the summary pools their out-of-fold classes too (``oof_two_stage``,
+``cv_confusion_matrix_two_stage.png``).
 
 The fold runs write their per-image predictions (``predictions.csv``, see
 ``write_predictions``) after testing the best checkpoint. ``CVSummaryCallback`` runs the
@@ -285,6 +286,27 @@ def headline_rows(summary: Mapping[str, Any]) -> list[tuple[str, float, float]]:
     return [(m, summary["mean"][m], summary["std"][m]) for m in HEADLINE if m in summary["mean"]]
 
 
+def headline_table(summary: Mapping[str, Any]) -> list[tuple[str, str, str, str]] | None:
+    """The headline side by side for runs with the crop stage: rows of (metric, network ``test/<m>``, two-stage
+    ``test_two_stage/<m>``, the paired per-fold gain), every cell formatted ("" where there is none). None
+    unless the runs have two-stage metrics (then the plain ``headline_rows`` are the headline)."""
+    mean, std, gain = summary["mean"], summary["std"], summary.get("two_stage_gain") or {}
+    if not any(m.startswith("test_two_stage/") for m in HEADLINE if m in mean):
+        return None
+    rows = []
+    for m in (h.split("/", 1)[1] for h in HEADLINE if h.startswith("test/")):
+        net, two = f"test/{m}", f"test_two_stage/{m}"
+        if net not in mean and two not in mean:
+            continue
+        g = gain.get(m)
+        paired = "" if g is None else (f"{g['mean']:+.4f}" + (f" +- {g['std']:.4f}" if g["std"] is not None else "")
+                                       + f" ({g['folds_better']} better, {g['folds_worse']} worse"
+                                       + f" of {len(g['per_fold'])})")
+        rows.append((m, _fmt_pm(mean[net], std[net]) if net in mean else "",
+                     _fmt_pm(mean[two], std[two]) if two in mean else "", paired))
+    return rows
+
+
 CURVES = (("val/dice_per_image", "validation Dice per image"), ("val/accuracy", "validation accuracy"),
           ("train/loss_epoch", "training loss"))
 
@@ -391,7 +413,7 @@ def _fmt_pm(mean: Any, std: Any) -> str:
     return f"{_fmt(mean)} +- {_fmt(std)}"
 
 
-TWO_STAGE_PAIRED = ("accuracy", "recall_malignant", "f1_macro", "auroc_macro")
+TWO_STAGE_PAIRED = ("accuracy", "recall_normal", "recall_benign", "recall_malignant", "f1_macro", "auroc_macro")
 
 
 def _two_stage_gain(per_fold: Mapping[int, Mapping[str, Any]], folds: Sequence[int]) -> dict[str, Any] | None:
@@ -431,8 +453,12 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
     lines = [f"# Cross-validation summary: {s['directory']}", ""]
     missing = f" (missing: {s['missing_folds']})" if s["missing_folds"] else ""
     lines.append(f"{len(s['folds'])} of {s['k']} folds{missing}. Mean +- sample std over folds.")
-    head = headline_rows(s)
-    if head:
+    head, table = headline_rows(s), headline_table(s)
+    if table:
+        lines += ["", "## Headline", "", "| metric | network (`test/*`) | with the crop stage (`test_two_stage/*`) "
+                  "| crop stage minus network, paired per fold |", "|---|---|---|---|"]
+        lines += ["| " + " | ".join(row) + " |" for row in table]
+    elif head:
         lines += ["", "## Headline", "", "| metric | mean +- std |", "|---|---|"]
         lines += [f"| {m} | {_fmt_pm(mu, sd)} |" for m, mu, sd in head]
     if s.get("two_stage_gain"):
@@ -502,18 +528,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CVSummaryError as exc:
         print(f"busiseg: error: {exc}", file=sys.stderr)
         return 2
-    rows = headline_rows(summary) or [(m, summary["mean"][m], summary["std"][m]) for m in summary["mean"]
-                                      if m.startswith(("test/", "val/"))]
-    width = max((len(m) for m, _, _ in rows), default=0)
     print(f"{len(summary['folds'])} of {summary['k']} folds, mean +- std over folds")
-    for m, mu, sd in rows:
-        print(f"{m:<{width}}  {_fmt_pm(mu, sd)}")
+    table = headline_table(summary)
+    if table:
+        table = [("metric", "network (test/*)", "with the crop stage (test_two_stage/*)",
+                  "crop stage minus network, paired")] + table
+        widths = [max(len(row[i]) for row in table) for i in range(3)]
+        for row in table:
+            print(("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3]).rstrip())
+    else:
+        rows = headline_rows(summary) or [(m, summary["mean"][m], summary["std"][m]) for m in summary["mean"]
+                                          if m.startswith(("test/", "val/"))]
+        width = max((len(m) for m, _, _ in rows), default=0)
+        for m, mu, sd in rows:
+            print(f"{m:<{width}}  {_fmt_pm(mu, sd)}")
     if summary["oof"]["metrics"]:
         oof = summary["oof"]["metrics"]
         print(f"out-of-fold ({summary['oof']['images']} images): accuracy {_fmt(oof['accuracy'])}, "
               f"confusion (rows true {'/'.join(CLASS_NAMES)}): {oof['confusion_matrix']}")
-    for m, g in (summary.get("two_stage_gain") or {}).items():
-        print(f"crop stage minus network, {_gain_line(m, g)}")
+    for m in ("accuracy", "recall_malignant"):
+        if m in (summary.get("two_stage_gain") or {}):
+            print(f"crop stage minus network, {_gain_line(m, summary['two_stage_gain'][m])}")
     staged = summary.get("oof_two_stage")
     if staged and staged["metrics"]:
         print(f"out-of-fold with the crop stage ({staged['images']} images): accuracy "
