@@ -89,10 +89,29 @@ def test_training_learns_is_seeded_and_records_its_images(tmp_path):
 
 def test_training_refusals():
     images, boxes, labels = _scans(4, seed=0)
-    with pytest.raises(CropClassifierError, match="benign and malignant"):
+    with pytest.raises(CropClassifierError, match=r"every class \['benign', 'malignant'\]; got \['benign'\]"):
         train_crop_classifier(images, boxes, [0, 0, 0, 0], SMALL)
     with pytest.raises(CropClassifierError, match="non-empty mask"):
         train_crop_classifier(images, [None, *boxes[1:]], labels, SMALL)
+
+
+def test_other_classes_train_read_and_round_trip_but_do_not_refine(tmp_path):
+    """A probe's three-class crop classifier (no lesion, benign, malignant): (N, 3) probabilities, its classes
+    kept in its file, and refused where the crop stage combines two (benign, malignant) with the network's."""
+    images, boxes, _ = _scans(6, seed=4)
+    classes = ("none", "benign", "malignant")
+    with pytest.raises(CropClassifierError, match=r"every class \['none', 'benign', 'malignant'\]"):
+        train_crop_classifier(images, boxes, [0, 1, 0, 1, 0, 1], SMALL, classes=classes)
+    model, _ = train_crop_classifier(images, boxes, [0, 1, 2, 0, 1, 2], SMALL, classes=classes)
+    probs = model.lesion_probs(images, boxes)
+    assert probs.shape == (6, 3)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-6)
+    loaded = load_crop_classifier(save_crop_classifier(model, tmp_path / "three.pt"))
+    assert loaded.classes == classes
+    np.testing.assert_array_equal(loaded.lesion_probs(images, boxes), probs)
+    masks = [np.zeros(im.shape, np.float32) for im in images]
+    with pytest.raises(CropClassifierError, match=r"does not combine with the network's"):
+        model.refine(images, masks, np.full((6, 3), 1 / 3))
 
 
 def test_refine_reads_the_largest_component_and_leaves_empty_masks_alone():

@@ -83,9 +83,9 @@ class CropSettings:
             raise CropClassifierError("crop classifier settings out of range: " + "; ".join(problems))
 
 
-def make_net() -> torch.nn.Module:
-    """ResNet-18 from scratch, one input channel, two classes (benign, malignant)."""
-    net = torchvision.models.resnet18(num_classes=len(LESION_CLASSES))
+def make_net(num_classes: int = len(LESION_CLASSES)) -> torch.nn.Module:
+    """ResNet-18 from scratch, one input channel, ``num_classes`` outputs (benign, malignant by default)."""
+    net = torchvision.models.resnet18(num_classes=num_classes)
     net.conv1 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
     return net
 
@@ -105,13 +105,18 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 class CropClassifier(torch.nn.Module):
-    """The trained network with the settings it reads crops by, and the images it was trained on."""
+    """The trained network with the settings it reads crops by, and the images it was trained on.
 
-    def __init__(self, settings: CropSettings | None = None, trained_on: Sequence[str] = ()) -> None:
+    ``classes``: its outputs, (benign, malignant) for the crop stage; other sets (a probe's "no lesion" class,
+    scripts/probe_normal_crops.py) train and read crops alike but do not combine with the network's classes."""
+
+    def __init__(self, settings: CropSettings | None = None, trained_on: Sequence[str] = (),
+                 classes: Sequence[str] = LESION_CLASSES) -> None:
         super().__init__()
         self.settings = settings or CropSettings()
         self.trained_on = list(trained_on)
-        self.net = make_net()
+        self.classes = tuple(classes)
+        self.net = make_net(len(self.classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -119,11 +124,12 @@ class CropClassifier(torch.nn.Module):
     @torch.inference_mode()
     def lesion_probs(self, images: Sequence[np.ndarray], boxes: Sequence[Box], autocast: torch.dtype | None = None,
                      batch_size: int = 64) -> np.ndarray:
-        """(N, 2) benign/malignant probabilities of the crops around ``boxes`` (one per image), averaged over
-        ``settings.test_margins`` and their mirror images. ``autocast``: forward passes under that dtype."""
+        """(N, C) probabilities of ``classes`` (benign, malignant) of the crops around ``boxes`` (one per image),
+        averaged over ``settings.test_margins`` and their mirror images. ``autocast``: forward passes under that
+        dtype."""
         self.eval()
         device = next(self.parameters()).device
-        out = np.zeros((len(images), len(LESION_CLASSES)))
+        out = np.zeros((len(images), len(self.classes)))
         margins = self.settings.test_margins
         for start in range(0, len(images), batch_size):
             chunk = range(start, min(start + batch_size, len(images)))
@@ -143,6 +149,9 @@ class CropClassifier(torch.nn.Module):
         """The two-stage class probabilities of a batch: ``images`` uint8 at their own size, ``mask_probs`` the
         network's mask probabilities at that size, ``class_probs`` its (N, 3) class probabilities. Returns
         (the combined (N, 3) probabilities, the crop classifier's (N, 2), NaN where no mask is drawn)."""
+        if self.classes != LESION_CLASSES:
+            raise CropClassifierError(f"a crop classifier of classes {list(self.classes)} does not combine with the "
+                                      f"network's; the crop stage needs {list(LESION_CLASSES)}")
         options = InferenceOptions(threshold=threshold, keep_largest=True)
         boxes = [lesion_box(postprocess_mask(np.asarray(p), None, options)) for p in mask_probs]
         drawn = [i for i, b in enumerate(boxes) if b is not None]
@@ -182,24 +191,26 @@ def check_not_trained_on(model: CropClassifier, names: Sequence[str], source: st
 def train_crop_classifier(images: Sequence[np.ndarray], boxes: Sequence[Box], labels: Sequence[int],
                           settings: CropSettings, names: Sequence[str] = (), device: str | torch.device = "cpu",
                           autocast: torch.dtype | None = None,
-                          on_epoch: Callable[[int, float], None] | None = None) -> tuple[CropClassifier, list[float]]:
+                          on_epoch: Callable[[int, float], None] | None = None,
+                          classes: Sequence[str] = LESION_CLASSES) -> tuple[CropClassifier, list[float]]:
     """Train on random square crops around ``boxes`` (ground-truth lesion boxes at the images' own size);
-    ``labels`` 0 = benign, 1 = malignant; ``names`` are recorded as the images it was trained on. Returns the
-    network (eval mode) and the mean training loss of each epoch; ``on_epoch(epoch, loss)`` after each."""
+    ``labels`` index ``classes`` (0 = benign, 1 = malignant); ``names`` are recorded as the images it was trained
+    on. Returns the network (eval mode) and the mean training loss of each epoch; ``on_epoch(epoch, loss)``
+    after each."""
     if not len(images) == len(boxes) == len(labels):
         raise ValueError(f"{len(images)} images, {len(boxes)} boxes and {len(labels)} labels")
     labels = np.asarray(labels, dtype=np.int64)
     present = sorted(set(labels.tolist()))
-    if present != [0, 1]:
-        raise CropClassifierError(f"the crop classifier needs benign and malignant training lesions; got labels "
-                                  f"{[LESION_CLASSES[k] for k in present if k in (0, 1)] or present}")
+    if present != list(range(len(classes))):
+        raise CropClassifierError(f"the crop classifier needs training crops of every class {list(classes)}; got "
+                                  f"{[classes[k] for k in present if 0 <= k < len(classes)] or present}")
     if any(b is None for b in boxes):
         raise CropClassifierError("every training image needs a lesion (a non-empty mask)")
     s = settings
     g = np.random.default_rng(s.seed)
     torch.manual_seed(s.seed)
     device = torch.device(device)
-    model = CropClassifier(s, names).to(device).to(memory_format=torch.channels_last)
+    model = CropClassifier(s, names, classes).to(device).to(memory_format=torch.channels_last)
     greys = [to_grey(im) for im in images]
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     steps = s.epochs * math.ceil(len(greys) / s.batch_size)
@@ -246,7 +257,7 @@ def save_crop_classifier(model: CropClassifier, path: str | Path, **extra: Any) 
 
     state = {"format": FORMAT, "state_dict": {k: v.detach().cpu() for k, v in model.net.state_dict().items()},
              "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(model.settings).items()},
-             "trained_on": list(model.trained_on), **extra}
+             "trained_on": list(model.trained_on), "classes": list(model.classes), **extra}
     buffer = io.BytesIO()
     torch.save(state, buffer)
     path = Path(path)
@@ -277,7 +288,7 @@ def load_crop_classifier(path: str | Path, state: dict[str, Any] | None = None) 
     state = read_crop_file(path) if state is None else state
     try:
         settings = CropSettings(**state["settings"])
-        model = CropClassifier(settings, state.get("trained_on") or [])
+        model = CropClassifier(settings, state.get("trained_on") or [], state.get("classes") or LESION_CLASSES)
         model.net.load_state_dict(state["state_dict"])
     except (KeyError, TypeError, RuntimeError) as exc:
         raise CropClassifierError(f"{path}: damaged crop-classifier file ({exc.__class__.__name__}: {exc})") from exc
