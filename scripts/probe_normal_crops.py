@@ -26,7 +26,6 @@ classifier with the same seed). Test ground truth is read only for the scores.""
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -37,6 +36,7 @@ import cv2
 import numpy as np
 import torch
 
+from busiseg.atomic import write_csv_atomic
 from busiseg.checkpoint import load_model
 from busiseg.data.busi import load_record, scan_busi
 from busiseg.data.crops import lesion_box
@@ -176,10 +176,7 @@ def main() -> int:
               f"({', '.join(f'{v:+.3f}' for v in d)}) | {int((d > 0).sum())} / {int((d < 0).sum())}{extra} |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        with args.out.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv_atomic(args.out, rows, list(rows[0]))
         print(f"per-image predictions: {args.out}")
     return 0
 
