@@ -2,7 +2,7 @@ import cv2
 import numpy as np
 import pytest
 
-from busiseg.data.crops import lesion_box, square_crop
+from busiseg.data.crops import lesion_box, paste_crop, square_crop
 
 
 def _image(h=100, w=120, seed=0):
@@ -55,3 +55,26 @@ def test_shrinking_averages_areas_instead_of_sampling_pixels():
 def test_bad_margin_or_size_is_refused(margin, size):
     with pytest.raises(ValueError, match="margin"):
         square_crop(_image(), (50.0, 50.0, 10.0), margin=margin, size=size)
+
+
+@pytest.mark.parametrize("box,margin,size,shift", [((150.0, 200.0, 60.0), 2.0, 128, (0.0, 0.0)),
+                                                   ((100.0, 120.0, 100.0), 1.5, 64, (0.1, -0.1)),
+                                                   ((150.0, 200.0, 30.0), 1.0, 30, (0.0, 0.0))])
+def test_paste_crop_lays_a_crop_back_where_it_was_cut(box, margin, size, shift):
+    smooth = cv2.GaussianBlur(np.random.default_rng(0).random((300, 400)).astype(np.float32), (0, 0), 8)
+    smooth = (smooth - smooth.min()) / (smooth.max() - smooth.min())
+    crop = square_crop(smooth, box, margin, size, shift)
+    pasted, coverage = paste_crop(crop, box, margin, smooth.shape, shift)
+    inside = coverage > 0.999
+    side = box[2] * margin
+    assert abs(inside.sum() - side ** 2) <= 4 * side  # the square, up to its edge pixels
+    assert np.abs(pasted[inside] - smooth[inside]).max() < 0.01
+    rows, cols = np.nonzero(inside)
+    cy, cx = box[0] + shift[0] * side, box[1] + shift[1] * side
+    assert abs(rows.mean() - (cy - 0.5)) < 1 and abs(cols.mean() - (cx - 0.5)) < 1
+    assert pasted[coverage == 0].max() == 0 and coverage.max() <= 1 + 1e-6
+
+
+def test_paste_crop_refuses_a_non_square_map():
+    with pytest.raises(ValueError, match="square"):
+        paste_crop(np.zeros((4, 5), np.float32), (10.0, 10.0, 4.0), 1.0, (20, 20))

@@ -3,7 +3,8 @@
 A box is ``(cy, cx, side)`` in pixels of the original image: the centre of the lesion's bounding
 box and the longer of its two sides. ``square_crop`` cuts a square of ``side * margin`` around the
 centre (zero where it leaves the image) and resizes it to ``size`` pixels, so a lesion fills the
-same share of every crop whatever its size in the scan. Used by ``scripts/probe_lesion_crops.py``
+same share of every crop whatever its size in the scan; ``paste_crop`` lays a crop-sized map back over the
+scan. Used by the crop stage (``busiseg.models.crop_classifier``) and the probes in ``scripts/``
 (docs/results.md, e46).
 """
 
@@ -46,3 +47,36 @@ def square_crop(image: np.ndarray, box: Box, margin: float, size: int,
     if n == size:
         return patch
     return cv2.resize(patch, (size, size), interpolation=cv2.INTER_AREA if n > size else cv2.INTER_LINEAR)
+
+
+def paste_crop(values: np.ndarray, box: Box, margin: float, shape: tuple[int, int],
+               shift: tuple[float, float] = (0.0, 0.0)) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of :func:`square_crop`: a ``size`` x ``size`` map of the crop (float, e.g. a mask
+    probability) laid back over an image of ``shape`` (H, W), bilinearly. Returns ``(values, coverage)``,
+    both float32 (H, W): the pasted values (0 outside the square) and how much of each pixel the square covers
+    (1 inside, 0 outside, in between on its edge), so that several pastes average as sum / coverage."""
+    if margin <= 0 or values.ndim != 2 or values.shape[0] != values.shape[1]:
+        raise ValueError(f"paste_crop needs margin > 0 and a square 2-D map, got margin={margin}, "
+                         f"shape {values.shape}")
+    size = values.shape[0]
+    cy, cx, side = box
+    side = side * margin
+    cy, cx = cy + shift[0] * side, cx + shift[1] * side
+    n = max(1, int(round(side)))
+    # square_crop takes image x to patch (x - x0) * n / side, then resizes n -> size pixel-centre to pixel-centre;
+    # so crop pixel q sits at image x = q * a + b with a = side / size
+    a = side / size
+    bx = cx - side / 2 + 0.5 * (a - side / n)
+    by = cy - side / 2 + 0.5 * (a - side / n)
+    to_crop = np.float32([[1 / a, 0, -bx / a], [0, 1 / a, -by / a]])  # image pixel -> crop pixel
+    height, width = shape
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    pasted = cv2.warpAffine(values.astype(np.float32), to_crop, (width, height), flags=flags,
+                            borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    # coverage: the square's own extent (replicated edge inside, 0 beyond half a crop pixel outside)
+    ones = np.pad(np.ones((size, size), np.float32), 1)
+    to_padded = to_crop.copy()
+    to_padded[:, 2] += 1
+    coverage = cv2.warpAffine(ones, to_padded, (width, height), flags=flags, borderMode=cv2.BORDER_CONSTANT,
+                              borderValue=0)
+    return pasted * (coverage > 0), coverage
