@@ -280,3 +280,27 @@ def test_kfold_training_run_writes_what_the_summary_reads(tmp_path):
     summary = summarize(run)  # one fold of three
     assert summary["folds"] == [2] and summary["missing_folds"] == [0, 1]
     assert summary["oof"]["images"] == len(split["val"])
+
+
+def _machine(name: str, family: str) -> dict:
+    return {"cpu": {"name": name, "family": family, "model": "2"}, "cpu_capability": "AVX512", "cpu_bf16": True,
+            "cpu_count": 2, "torch_threads": 2, "gpus": 0}
+
+
+def test_the_machine_of_each_fold_and_a_warning_when_they_differ(sweep, caplog):
+    """bf16 results reproduce only on the same CPU model: the summary names the machine the folds trained on,
+    and says so when they differ (or were not recorded)."""
+    for f in range(K):
+        (sweep / str(f) / "run_info.json").write_text(json.dumps({"machine": _machine("AMD EPYC", "26")}))
+    summary = summarize(sweep)
+    assert set(summary["machines"].values()) == {"AMD EPYC (family 26 model 2), AVX512, bf16 native"}
+    assert "Trained on AMD EPYC (family 26 model 2), AVX512, bf16 native." in (sweep / "cv_summary.md").read_text()
+    assert "different machines" not in caplog.text
+
+    (sweep / "3" / "run_info.json").write_text(json.dumps({"machine": _machine("Intel Xeon", "6")}))
+    (sweep / "4" / "run_info.json").unlink()
+    summary = summarize(sweep)
+    assert summary["machines"][3].startswith("Intel Xeon (family 6") and summary["machines"][4] is None
+    md = (sweep / "cv_summary.md").read_text()
+    assert "The folds ran on different machines" in md and "fold 4: not recorded" in md and "Trained on" not in md
+    assert "different machines" in caplog.text

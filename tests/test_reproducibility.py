@@ -24,6 +24,9 @@ def test_same_seed_identical_metrics_and_run_record(tmp_path):
     info = json.loads((run / "run_info.json").read_text())
     assert info["packages"]["torch"] and info["packages"]["lightning"] and info["python"]
     assert "commit" in info["git"] and info["command"]
+    machine = info["machine"]  # bf16 results reproduce only on the same CPU model: the run names it
+    assert machine["cpu"]["name"] and machine["cpu_capability"] and machine["torch_threads"] >= 1
+    assert isinstance(machine["cpu_bf16"], bool)
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["seed"] == 3 and config["paths"]["output_dir"] == str(run)  # resolved
     assert (run / "split.json").is_file()

@@ -133,6 +133,21 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CVSummaryError(f"{path}: cannot read ({exc})") from exc
 
 
+def machine_of(run: Path) -> str | None:
+    """One line naming the machine a run trained on (its ``run_info.json``), or None where it was not recorded."""
+    try:
+        m = json.loads((run / "run_info.json").read_text()).get("machine")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(m, dict):
+        return None
+    cpu = m.get("cpu") or {}
+    gpus = m.get("gpus")
+    line = f"{cpu.get('name')} (family {cpu.get('family')} model {cpu.get('model')}), {m.get('cpu_capability')}"
+    line += ", bf16 native" if m.get("cpu_bf16") else ", no native bf16"
+    return line + (f", GPU {', '.join(gpus) if isinstance(gpus, list) else gpus}" if gpus else "")
+
+
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     finite = [v for v in values if v is not None and math.isfinite(v)]
     if not finite:
@@ -168,7 +183,7 @@ def summarize(directory: str | Path, out_dir: str | Path | None = None) -> dict[
         predictions = _read_predictions(run / "predictions.csv")
         metrics.update(_per_class_dice(predictions or []))
         folds[fold] = {"dir": run, "meta": meta, "metrics": metrics, "predictions": predictions,
-                       "two_stage": _read_predictions(run / TWO_STAGE_PREDICTIONS)}
+                       "two_stage": _read_predictions(run / TWO_STAGE_PREDICTIONS), "machine": machine_of(run)}
     if len(ks) > 1 or len(assignments) > 1:
         raise CVSummaryError(
             f"{directory}: the runs use different fold assignments (k {sorted(ks)}; seeds or data differ), "
@@ -180,6 +195,10 @@ def summarize(directory: str | Path, out_dir: str | Path | None = None) -> dict[
         log.warning("cv_summary: fold(s) %s of %d missing under %s", missing, k, directory)
 
     order = sorted(folds)
+    machines = {f: folds[f]["machine"] for f in order}
+    if len(set(machines.values())) > 1:
+        log.warning("cv_summary: the folds ran on different machines (%s); bf16 results reproduce bit for bit only "
+                    "on the same CPU model", "; ".join(f"fold {f}: {m or 'not recorded'}" for f, m in machines.items()))
     names = sorted({m for f in order for m in folds[f]["metrics"]})
     per_fold = {f: {m: folds[f]["metrics"].get(m) for m in names} for f in order}
     mean, std = {}, {}
@@ -215,6 +234,7 @@ def summarize(directory: str | Path, out_dir: str | Path | None = None) -> dict[
         "missing_folds": missing,
         "complete": not missing and not oof_missing_runs and not uncovered,
         "runs": {f: str(folds[f]["dir"]) for f in order},
+        "machines": machines,
         "mean": mean,
         "std": std,
         "per_fold": per_fold,
@@ -453,6 +473,12 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
     lines = [f"# Cross-validation summary: {s['directory']}", ""]
     missing = f" (missing: {s['missing_folds']})" if s["missing_folds"] else ""
     lines.append(f"{len(s['folds'])} of {s['k']} folds{missing}. Mean +- sample std over folds.")
+    machines = s.get("machines") or {}
+    if len(set(machines.values())) == 1 and None not in machines.values():
+        lines.append(f"Trained on {next(iter(machines.values()))}.")
+    elif machines:
+        lines += ["", "The folds ran on different machines (bf16 results reproduce bit for bit only on the same CPU "
+                  "model): " + "; ".join(f"fold {f}: {m or 'not recorded'}" for f, m in machines.items()) + "."]
     head, table = headline_rows(s), headline_table(s)
     if table:
         lines += ["", "## Headline", "", "| metric | network (`test/*`) | with the crop stage (`test_two_stage/*`) "

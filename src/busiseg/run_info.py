@@ -1,9 +1,12 @@
 """What a run dir records so that it can be reproduced: ``config.yaml`` and ``run_info.json``.
 
 ``config.yaml`` is the resolved config (every interpolation filled in; ``resume=RUN_DIR``
-reads it back). ``run_info.json`` holds the package versions, Python, platform, the git
-commit of the working tree (null outside a git checkout; ``dirty`` when files differ)
-and the command line. Both are written atomically; nothing here touches the network.
+reads it back). ``run_info.json`` holds the package versions, Python, platform, the
+machine (CPU model and family, the instruction set torch's kernels use, whether bf16 is
+native, threads, GPU), the git commit of the working tree (null outside a git checkout;
+``dirty`` when files differ) and the command line. The machine matters: bf16 kernels round
+differently per CPU model, so a run reproduces bit for bit only on the same model
+(docs/reliability.md). Both are written atomically; nothing here touches the network.
 """
 
 from __future__ import annotations
@@ -52,6 +55,41 @@ def git_commit(cwd: str | Path | None = None) -> dict[str, Any]:
         return {"commit": None, "dirty": None}
 
 
+def cpu_model() -> dict[str, str | None]:
+    """The CPU's model name, vendor family and model number (Linux ``/proc/cpuinfo``; elsewhere the platform's)."""
+    fields = {"model name": "name", "cpu family": "family", "model": "model"}
+    found: dict[str, str | None] = {v: None for v in fields.values()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in fields and found[fields[key]] is None:
+                    found[fields[key]] = value.strip()
+                elif not line.strip() and found["name"]:
+                    break  # the first processor's block is enough
+    except OSError:
+        pass
+    if found["name"] is None:
+        found["name"] = platform.processor() or None
+    return found
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers of a run depend on beyond the code: CPU model, kernel ISA, bf16, threads, GPU."""
+    import torch
+
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        capability = None
+    # device names only where CUDA is already up: initialising it here would break forked DDP workers
+    count = torch.cuda.device_count()
+    gpus = [torch.cuda.get_device_name(i) for i in range(count)] if torch.cuda.is_initialized() else count
+    return {"cpu": cpu_model(), "cpu_capability": capability, "cpu_bf16": cpu_has_bf16(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpus": gpus}
+
+
 def run_info() -> dict[str, Any]:
     return {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -59,6 +97,7 @@ def run_info() -> dict[str, Any]:
         "cwd": os.getcwd(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
+        "machine": machine(),
         "packages": package_versions(),
         "git": git_commit(),
     }
