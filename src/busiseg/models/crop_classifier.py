@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from busiseg.atomic import write_bytes_atomic
 from busiseg.data.crops import Box, lesion_box, square_crop
 from busiseg.inference import InferenceOptions, postprocess_mask
+from busiseg.models.stage_file import read_stage_file, save_stage_file
 
 FORMAT = "busiseg.crop_classifier/1"
 # the crop classifier's two outputs are the multi-task labels 1 and 2
@@ -253,33 +253,16 @@ def train_crop_classifier(images: Sequence[np.ndarray], boxes: Sequence[Box], la
 def save_crop_classifier(model: CropClassifier, path: str | Path, **extra: Any) -> Path:
     """Write the weights, settings, training image names and ``extra`` (plain values) to ``path``, atomically;
     the file loads with ``torch.load(weights_only=True)``."""
-    import io
-
-    state = {"format": FORMAT, "state_dict": {k: v.detach().cpu() for k, v in model.net.state_dict().items()},
-             "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(model.settings).items()},
-             "trained_on": list(model.trained_on), "classes": list(model.classes), **extra}
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(path, buffer.getvalue())
-    return path
+    return save_stage_file(path, {
+        "format": FORMAT, "state_dict": {k: v.detach().cpu() for k, v in model.net.state_dict().items()},
+        "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(model.settings).items()},
+        "trained_on": list(model.trained_on), "classes": list(model.classes), **extra})
 
 
 def read_crop_file(path: str | Path) -> dict[str, Any]:
     """The stored dictionary of a crop-classifier file (no pickled objects run); errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CropClassifierError(f"{path}: crop classifier not found (python -m busiseg.crop_stage train RUN "
-                                  "writes RUN/crop_classifier.pt)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same one-line error
-        raise CropClassifierError(f"{path}: not a readable crop-classifier file ({exc.__class__.__name__})") from exc
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CropClassifierError(f"{path}: not a busiseg crop classifier (expected format {FORMAT!r}; a network "
-                                  "checkpoint goes to ckpt_path=)")
-    return state
+    return read_stage_file(path, FORMAT, CropClassifierError, "crop classifier",
+                           "python -m busiseg.crop_stage train RUN writes RUN/crop_classifier.pt")
 
 
 def load_crop_classifier(path: str | Path, state: dict[str, Any] | None = None) -> CropClassifier:

@@ -1,0 +1,40 @@
+"""The file of a second-stage network (the crop classifier, the mask refiner): weights and plain values.
+
+One ``torch.save`` dictionary with a ``format`` tag, written atomically and read with
+``weights_only=True`` (no pickled objects run); every error is one line naming the file.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from busiseg.atomic import write_bytes_atomic
+
+
+def save_stage_file(path: str | Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` (tensors and plain values, with its ``format``) to ``path`` atomically."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, buffer.getvalue())
+    return path
+
+
+def read_stage_file(path: str | Path, fmt: str, error: type[Exception], noun: str, how_to_make: str) -> dict[str, Any]:
+    """The stored dictionary of a ``noun`` file of format ``fmt``; ``error`` (one line naming the file) when it is
+    missing (with ``how_to_make``), unreadable, or another kind of file."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {noun} not found ({how_to_make})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same one-line error
+        raise error(f"{path}: not a readable {noun.replace(' ', '-')} file ({exc.__class__.__name__})") from exc
+    if not isinstance(state, dict) or state.get("format") != fmt:
+        raise error(f"{path}: not a busiseg {noun} (expected format {fmt!r}; a network checkpoint goes to ckpt_path=)")
+    return state
