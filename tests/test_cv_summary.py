@@ -304,3 +304,14 @@ def test_the_machine_of_each_fold_and_a_warning_when_they_differ(sweep, caplog):
     md = (sweep / "cv_summary.md").read_text()
     assert "The folds ran on different machines" in md and "fold 4: not recorded" in md and "Trained on" not in md
     assert "different machines" in caplog.text
+
+
+def test_a_headline_cell_from_some_folds_only_says_so(tmp_path):
+    """The crop stage run on fold 0 only: its column is one fold's figure, and the table says so."""
+    sweep = tmp_path / "sweep"
+    for f in range(K):
+        extra = {"test_two_stage/accuracy": 0.9} if f == 0 else {}
+        fake_fold_run(sweep / str(f), f, {"test/dice_per_image_lesion": 0.6, "test/accuracy": 0.8, **extra})
+    summarize(sweep)
+    md = (sweep / "cv_summary.md").read_text()
+    assert "| accuracy | 0.8000 +- 0.0000 | 0.9000 (1 of 5 folds) |" in md, md

@@ -322,9 +322,16 @@ def headline_table(summary: Mapping[str, Any]) -> list[tuple[str, str, str, str]
         paired = "" if g is None else (f"{g['mean']:+.4f}" + (f" +- {g['std']:.4f}" if g["std"] is not None else "")
                                        + f" ({g['folds_better']} better, {g['folds_worse']} worse"
                                        + f" of {len(g['per_fold'])})")
-        rows.append((m, _fmt_pm(mean[net], std[net]) if net in mean else "",
-                     _fmt_pm(mean[two], std[two]) if two in mean else "", paired))
+        rows.append((m, _fmt_pm(mean[net], std[net]) + _coverage(summary, net) if net in mean else "",
+                     _fmt_pm(mean[two], std[two]) + _coverage(summary, two) if two in mean else "", paired))
     return rows
+
+
+def _coverage(summary: Mapping[str, Any], metric: str) -> str:
+    """" (k of n folds)" where only some folds hold ``metric`` (e.g. the crop stage run on some), else ""."""
+    folds = summary["folds"]
+    have = sum(summary["per_fold"][f].get(metric) is not None for f in folds)
+    return "" if have == len(folds) else f" ({have} of {len(folds)} folds)"
 
 
 CURVES = (("val/dice_per_image", "validation Dice per image"), ("val/accuracy", "validation accuracy"),

@@ -18,7 +18,7 @@ from busiseg.models.mask_refiner import (
 )
 
 SMALL = RefinerSettings(size=32, decoder_channels=(32, 16, 16, 8, 8), epochs=15, batch_size=8, lr=3e-3,
-                        test_margins=(1.5, 2.0))
+                        test_margins=(1.5, 2.0), blend="mean")
 
 
 @pytest.mark.parametrize("kwargs, text", [
