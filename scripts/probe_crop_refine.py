@@ -2,7 +2,8 @@
 (docs/results.md, e54)
 
     BUSI_ROOT=/path/to/Dataset_BUSI_with_GT python scripts/probe_crop_refine.py SWEEP \
-        [--folds 0 1 2 3 4] [--epochs 30] [--seed-offset 0] [--out per_image.csv]
+        [--folds 0 1 2 3 4] [--epochs 30] [--seed-offset 0] [--out per_image.csv] \
+        [--figure examples.png]
 
 SWEEP is a k-fold sweep of ``experiment=busi_cpu`` (SWEEP/F/split.json, checkpoints/last.ckpt, and for the
 check predictions.csv). ``busi_cpu`` segments the whole scan at 128 px, where a small lesion is a few dozen
@@ -43,8 +44,10 @@ from busiseg.atomic import write_csv_atomic  # noqa: E402
 from busiseg.checkpoint import load_model  # noqa: E402
 from busiseg.data.busi import load_record, scan_busi  # noqa: E402
 from busiseg.data.dataset import resize_pair  # noqa: E402
+from busiseg.data.crops import lesion_box, square_crop  # noqa: E402
 from busiseg.evaluation.runner import autocast_dtype, run_precision  # noqa: E402
 from busiseg.inference import predict_probs, prepare_image, restore_size  # noqa: E402
+from busiseg.models.crop_classifier import to_grey  # noqa: E402
 from busiseg.models.mask_refiner import RefinerSettings, train_mask_refiner  # noqa: E402
 from busiseg.run_info import cpu_has_bf16  # noqa: E402
 
@@ -66,6 +69,43 @@ def down(prob: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(prob.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
 
 
+def views(image: np.ndarray, truth: np.ndarray, probs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Crop-sized views around the ground-truth lesion (twice its side): the grey scan and each mask."""
+    box = lesion_box(truth)
+    out = {"scan": square_crop(to_grey(image), box, 2.0, 160),
+           "truth": square_crop(truth.astype(np.float32), box, 2.0, 160)}
+    out.update({w: square_crop(p.astype(np.float32), box, 2.0, 160) for w, p in probs.items()})
+    return out
+
+
+CONTOURS = (("truth", "#55a868", "-"), ("network", "#c44e52", "-"), ("refined", "#e6c229", "--"))
+
+
+def write_figure(path: Path, examples: list[tuple[float, str, dict[str, np.ndarray]]], per_side: int = 5) -> None:
+    """The ``per_side`` images the refiner helped most and the ``per_side`` it hurt most (Dice at the scan's
+    size): each scan around its lesion, ground truth green, the network's mask red, the refined one yellow."""
+    from matplotlib.figure import Figure
+
+    from busiseg.evaluation.figures import _render
+    from busiseg.models.reporting import save_png
+
+    examples = sorted(examples, key=lambda e: e[0])
+    picks = examples[::-1][:per_side] + examples[:per_side]
+    fig = Figure(figsize=(2.0 * per_side, 4.6), dpi=100, facecolor="white", layout="constrained")
+    for k, (delta, name, v) in enumerate(picks):
+        ax = fig.add_subplot(2, per_side, k + 1)
+        ax.imshow(v["scan"], cmap="gray", vmin=0, vmax=255)
+        for key, colour, style in CONTOURS:
+            if (v[key] > 0.5).any():
+                ax.contour(v[key], levels=[0.5], colors=colour, linewidths=1.2, linestyles=style)
+        ax.set_title(f"{name.split('/')[-1]}\nDice {delta:+.2f}", fontsize=8)
+        ax.axis("off")
+    fig.suptitle("mask refiner (e54): most helped (top), most hurt (bottom); truth green, network red, "
+                 "refined dashed yellow", fontsize=9)
+    save_png(_render(fig), path)
+    print(f"figure: {path}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("sweep", type=Path, help="k-fold sweep of experiment=busi_cpu (one run per fold)")
@@ -73,6 +113,7 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--seed-offset", type=int, default=0, help="added to each refiner's seed (the run's + fold)")
     ap.add_argument("--out", type=Path, help="per-image Dice (CSV) here")
+    ap.add_argument("--figure", type=Path, help="a PNG of the images the refiner helped and hurt most")
     args = ap.parse_args()
     root = os.environ.get("BUSI_ROOT")
     if not root:
@@ -89,7 +130,7 @@ def main() -> int:
     decoded = {name: load_record(r) for name, r in records.items()}
     print(f"decoded {len(decoded)} images in {time.time() - t0:.0f} s", flush=True)
     per_fold: dict[str, list[float]] = {f"{w}{s}": [] for w in WAYS for s in ("", "_full")}
-    rows = []
+    rows, examples = [], []
     for fold in args.folds:
         run = args.sweep / str(fold)
         split = json.loads((run / "split.json").read_text())
@@ -127,6 +168,9 @@ def main() -> int:
                 scores[f"{w}_full"].append(d_full)
                 row[w], row[f"{w}_full"] = f"{d:.4f}", f"{d_full:.4f}"
             rows.append(row)
+            if args.figure:
+                delta = float(row["refined_full"]) - float(row["network_full"])
+                examples.append((delta, n, views(image, truth_full, {w: probs[w] for w in ("network", "refined")})))
         for k in per_fold:
             per_fold[k].append(float(np.mean(scores[k])))
         with open(run / "predictions.csv", newline="") as f:
@@ -149,6 +193,8 @@ def main() -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         write_csv_atomic(args.out, rows, list(rows[0]))
         print(f"per-image Dice: {args.out}")
+    if args.figure:
+        write_figure(args.figure, examples)
     return 0
 
 
