@@ -282,9 +282,9 @@ def test_kfold_training_run_writes_what_the_summary_reads(tmp_path):
     assert summary["oof"]["images"] == len(split["val"])
 
 
-def _machine(name: str, family: str) -> dict:
+def _machine(name: str, family: str, gpus: int | list = 0) -> dict:
     return {"cpu": {"name": name, "family": family, "model": "2"}, "cpu_capability": "AVX512", "cpu_bf16": True,
-            "cpu_count": 2, "torch_threads": 2, "gpus": 0}
+            "cpu_count": 2, "torch_threads": 2, "gpus": gpus}
 
 
 def test_the_machine_of_each_fold_and_a_warning_when_they_differ(sweep, caplog):
@@ -299,8 +299,11 @@ def test_the_machine_of_each_fold_and_a_warning_when_they_differ(sweep, caplog):
 
     (sweep / "3" / "run_info.json").write_text(json.dumps({"machine": _machine("Intel Xeon", "6")}))
     (sweep / "4" / "run_info.json").unlink()
+    (sweep / "2" / "run_info.json").write_text(json.dumps({"machine": _machine("AMD EPYC", "26", 2)}))
+    (sweep / "1" / "run_info.json").write_text(json.dumps({"machine": _machine("AMD EPYC", "26", ["NVIDIA H200"])}))
     summary = summarize(sweep)
     assert summary["machines"][3].startswith("Intel Xeon (family 6") and summary["machines"][4] is None
+    assert summary["machines"][2].endswith(", 2 GPU(s)") and summary["machines"][1].endswith(", GPU NVIDIA H200")
     md = (sweep / "cv_summary.md").read_text()
     assert "The folds ran on different machines" in md and "fold 4: not recorded" in md and "Trained on" not in md
     assert "different machines" in caplog.text

@@ -145,7 +145,11 @@ def machine_of(run: Path) -> str | None:
     gpus = m.get("gpus")
     line = f"{cpu.get('name')} (family {cpu.get('family')} model {cpu.get('model')}), {m.get('cpu_capability')}"
     line += ", bf16 native" if m.get("cpu_bf16") else ", no native bf16"
-    return line + (f", GPU {', '.join(gpus) if isinstance(gpus, list) else gpus}" if gpus else "")
+    if isinstance(gpus, list) and gpus:
+        line += f", GPU {', '.join(gpus)}"
+    elif isinstance(gpus, int) and gpus > 0:
+        line += f", {gpus} GPU(s)"
+    return line
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:

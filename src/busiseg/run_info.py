@@ -83,8 +83,11 @@ def machine() -> dict[str, Any]:
         capability = torch.backends.cpu.get_cpu_capability()
     except (AttributeError, RuntimeError):
         capability = None
-    # device names only where CUDA is already up: initialising it here would break forked DDP workers
-    count = torch.cuda.device_count()
+    from lightning.fabric.accelerators.cuda import num_cuda_devices
+
+    # a count that does not initialise CUDA (NVML), and device names only where CUDA is already up:
+    # initialising it here would break forked DDP workers
+    count = num_cuda_devices()
     gpus = [torch.cuda.get_device_name(i) for i in range(count)] if torch.cuda.is_initialized() else count
     return {"cpu": cpu_model(), "cpu_capability": capability, "cpu_bf16": cpu_has_bf16(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpus": gpus}
