@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -31,7 +31,7 @@ import torchvision
 
 from busiseg.data.crops import Box, lesion_box, square_crop
 from busiseg.inference import InferenceOptions, postprocess_mask
-from busiseg.models.stage_file import read_stage_file, save_stage_file
+from busiseg.models.stage_file import read_stage_file, refuse_trained_on, save_stage_file
 
 FORMAT = "busiseg.crop_classifier/1"
 # the crop classifier's two outputs are the multi-task labels 1 and 2
@@ -180,11 +180,8 @@ def combine_class_probs(class_probs: np.ndarray, crop_probs: np.ndarray) -> np.n
 
 def check_not_trained_on(model: CropClassifier, names: Sequence[str], source: str | Path) -> None:
     """Refuse to score images the crop classifier was trained on (names are class/file)."""
-    seen = sorted(set(names) & set(model.trained_on))
-    if seen:
-        raise CropClassifierError(f"{source}: the crop classifier was trained on {len(seen)} of the {len(names)} "
-                                  f"images evaluated (e.g. {seen[0]}); train it on the run's own training part "
-                                  "(python -m busiseg.crop_stage train RUN)")
+    refuse_trained_on(model.trained_on, names, source, CropClassifierError, "crop classifier",
+                      "train it on the run's own training part (python -m busiseg.crop_stage train RUN)")
 
 
 # --------------------------------------------------------------------------- training
@@ -253,10 +250,8 @@ def train_crop_classifier(images: Sequence[np.ndarray], boxes: Sequence[Box], la
 def save_crop_classifier(model: CropClassifier, path: str | Path, **extra: Any) -> Path:
     """Write the weights, settings, training image names and ``extra`` (plain values) to ``path``, atomically;
     the file loads with ``torch.load(weights_only=True)``."""
-    return save_stage_file(path, {
-        "format": FORMAT, "state_dict": {k: v.detach().cpu() for k, v in model.net.state_dict().items()},
-        "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(model.settings).items()},
-        "trained_on": list(model.trained_on), "classes": list(model.classes), **extra})
+    return save_stage_file(path, FORMAT, model.net, model.settings, model.trained_on, classes=list(model.classes),
+                           **extra)
 
 
 def read_crop_file(path: str | Path) -> dict[str, Any]:

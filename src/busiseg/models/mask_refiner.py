@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from busiseg.data.crops import Box, lesion_box, paste_crop, square_crop
 from busiseg.inference import InferenceOptions, postprocess_mask
 from busiseg.models.crop_classifier import to_grey
-from busiseg.models.stage_file import read_stage_file, save_stage_file
+from busiseg.models.stage_file import read_stage_file, refuse_trained_on, save_stage_file
 
 FORMAT = "busiseg.mask_refiner/1"
 BLENDS = ("replace", "mean")
@@ -223,19 +223,14 @@ def train_mask_refiner(images: Sequence[np.ndarray], masks: Sequence[np.ndarray]
 
 def check_not_trained_on(model: MaskRefiner, names: Sequence[str], source: str | Path) -> None:
     """Refuse to score images the mask refiner was trained on (names are class/file)."""
-    seen = sorted(set(names) & set(model.trained_on))
-    if seen:
-        raise MaskRefinerError(f"{source}: the mask refiner was trained on {len(seen)} of the {len(names)} images "
-                               f"evaluated (e.g. {seen[0]}); train it on the run's own training part")
+    refuse_trained_on(model.trained_on, names, source, MaskRefinerError, "mask refiner",
+                      "train it on the run's own training part")
 
 
 def save_mask_refiner(model: MaskRefiner, path: str | Path, **extra: Any) -> Path:
     """Write the weights, settings, training image names and ``extra`` (plain values) to ``path``, atomically;
     the file loads with ``torch.load(weights_only=True)``."""
-    return save_stage_file(path, {
-        "format": FORMAT, "state_dict": {k: v.detach().cpu() for k, v in model.net.state_dict().items()},
-        "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(model.settings).items()},
-        "trained_on": list(model.trained_on), **extra})
+    return save_stage_file(path, FORMAT, model.net, model.settings, model.trained_on, **extra)
 
 
 def load_mask_refiner(path: str | Path) -> MaskRefiner:

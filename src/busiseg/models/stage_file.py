@@ -7,16 +7,22 @@ One ``torch.save`` dictionary with a ``format`` tag, written atomically and read
 from __future__ import annotations
 
 import io
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from busiseg.atomic import write_bytes_atomic
 
 
-def save_stage_file(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write ``state`` (tensors and plain values, with its ``format``) to ``path`` atomically."""
+def save_stage_file(path: str | Path, fmt: str, net: torch.nn.Module, settings: Any, trained_on: Sequence[str],
+                    **extra: Any) -> Path:
+    """Write ``net``'s weights, its ``settings`` (a dataclass), the names of the images it was trained on and
+    ``extra`` (plain values) under the format tag ``fmt`` to ``path``, atomically."""
+    state = {"format": fmt, "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+             "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()},
+             "trained_on": list(trained_on), **extra}
     buffer = io.BytesIO()
     torch.save(state, buffer)
     path = Path(path)
@@ -38,3 +44,12 @@ def read_stage_file(path: str | Path, fmt: str, error: type[Exception], noun: st
     if not isinstance(state, dict) or state.get("format") != fmt:
         raise error(f"{path}: not a busiseg {noun} (expected format {fmt!r}; a network checkpoint goes to ckpt_path=)")
     return state
+
+
+def refuse_trained_on(trained_on: Sequence[str], names: Sequence[str], source: str | Path, error: type[Exception],
+                      noun: str, how_to_train: str) -> None:
+    """``error`` when any of ``names`` (images about to be scored) is among those the ``noun`` was trained on."""
+    seen = sorted(set(names) & set(trained_on))
+    if seen:
+        raise error(f"{source}: the {noun} was trained on {len(seen)} of the {len(names)} images evaluated "
+                    f"(e.g. {seen[0]}); {how_to_train}")
