@@ -168,7 +168,7 @@ def main() -> int:
                 scores[f"{w}_full"].append(d_full)
                 row[w], row[f"{w}_full"] = f"{d:.4f}", f"{d_full:.4f}"
             rows.append(row)
-            if args.figure:
+            if args.figure and truth_full.any():
                 delta = float(row["refined_full"]) - float(row["network_full"])
                 examples.append((delta, n, views(image, truth_full, {w: probs[w] for w in ("network", "refined")})))
         for k in per_fold:
