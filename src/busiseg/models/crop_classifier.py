@@ -31,7 +31,7 @@ import torchvision
 
 from busiseg.data.crops import Box, lesion_box, square_crop
 from busiseg.inference import InferenceOptions, postprocess_mask
-from busiseg.models.stage_file import read_stage_file, refuse_trained_on, save_stage_file
+from busiseg.models.stage_file import crop_training_problems, read_stage_file, refuse_trained_on, save_stage_file
 
 FORMAT = "busiseg.crop_classifier/1"
 # the crop classifier's two outputs are the multi-task labels 1 and 2
@@ -69,16 +69,7 @@ class CropSettings:
         problems = []
         if self.size < 16:
             problems.append(f"size={self.size} (at least 16 px)")
-        if self.epochs < 1 or self.batch_size < 1:
-            problems.append(f"epochs={self.epochs}, batch_size={self.batch_size} (at least 1)")
-        if len(self.train_margin) != 2 or not 0 < self.train_margin[0] <= self.train_margin[1]:
-            problems.append(f"train_margin={list(self.train_margin)} (two values, 0 < lo <= hi)")
-        if not self.test_margins or min(self.test_margins) <= 0:
-            problems.append(f"test_margins={list(self.test_margins)} (one or more positive values)")
-        if not 0 <= self.jitter < 0.5:
-            problems.append(f"jitter={self.jitter} (0 <= jitter < 0.5)")
-        if self.lr <= 0 or self.weight_decay < 0:
-            problems.append(f"lr={self.lr}, weight_decay={self.weight_decay}")
+        problems += crop_training_problems(self)
         if problems:
             raise CropClassifierError("crop classifier settings out of range: " + "; ".join(problems))
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from busiseg.data.crops import Box, lesion_box, paste_crop, square_crop
 from busiseg.inference import InferenceOptions, postprocess_mask
 from busiseg.models.crop_classifier import to_grey
-from busiseg.models.stage_file import read_stage_file, refuse_trained_on, save_stage_file
+from busiseg.models.stage_file import crop_training_problems, read_stage_file, refuse_trained_on, save_stage_file
 
 FORMAT = "busiseg.mask_refiner/1"
 BLENDS = ("replace", "mean")
@@ -72,16 +72,7 @@ class RefinerSettings:
             problems.append(f"size={self.size} (a multiple of 32, the encoder's stride)")
         if len(self.decoder_channels) != 5 or min(self.decoder_channels) < 1:
             problems.append(f"decoder_channels={list(self.decoder_channels)} (five positive widths)")
-        if self.epochs < 1 or self.batch_size < 1:
-            problems.append(f"epochs={self.epochs}, batch_size={self.batch_size} (at least 1)")
-        if len(self.train_margin) != 2 or not 0 < self.train_margin[0] <= self.train_margin[1]:
-            problems.append(f"train_margin={list(self.train_margin)} (two values, 0 < lo <= hi)")
-        if not self.test_margins or min(self.test_margins) <= 0:
-            problems.append(f"test_margins={list(self.test_margins)} (one or more positive values)")
-        if not 0 <= self.jitter < 0.5:
-            problems.append(f"jitter={self.jitter} (0 <= jitter < 0.5)")
-        if self.lr <= 0 or self.weight_decay < 0:
-            problems.append(f"lr={self.lr}, weight_decay={self.weight_decay}")
+        problems += crop_training_problems(self)
         if self.blend not in BLENDS:
             problems.append(f"blend={self.blend!r} (one of {', '.join(BLENDS)})")
         if problems:

@@ -1,6 +1,7 @@
-"""The file of a second-stage network (the crop classifier, the mask refiner): weights and plain values.
+"""What the second-stage networks (the crop classifier, the mask refiner) share: the checks of their
+crop-training settings, and their file.
 
-One ``torch.save`` dictionary with a ``format`` tag, written atomically and read with
+The file is one ``torch.save`` dictionary with a ``format`` tag, written atomically and read with
 ``weights_only=True`` (no pickled objects run); every error is one line naming the file.
 """
 
@@ -14,6 +15,23 @@ from typing import Any, Sequence
 import torch
 
 from busiseg.atomic import write_bytes_atomic
+
+
+def crop_training_problems(s: Any) -> list[str]:
+    """What is out of range among the crop-training settings both stages have (``epochs``, ``batch_size``,
+    ``train_margin``, ``test_margins``, ``jitter``, ``lr``, ``weight_decay``), one phrase each naming the key."""
+    problems = []
+    if s.epochs < 1 or s.batch_size < 1:
+        problems.append(f"epochs={s.epochs}, batch_size={s.batch_size} (at least 1)")
+    if len(s.train_margin) != 2 or not 0 < s.train_margin[0] <= s.train_margin[1]:
+        problems.append(f"train_margin={list(s.train_margin)} (two values, 0 < lo <= hi)")
+    if not s.test_margins or min(s.test_margins) <= 0:
+        problems.append(f"test_margins={list(s.test_margins)} (one or more positive values)")
+    if not 0 <= s.jitter < 0.5:
+        problems.append(f"jitter={s.jitter} (0 <= jitter < 0.5)")
+    if s.lr <= 0 or s.weight_decay < 0:
+        problems.append(f"lr={s.lr}, weight_decay={s.weight_decay}")
+    return problems
 
 
 def save_stage_file(path: str | Path, fmt: str, net: torch.nn.Module, settings: Any, trained_on: Sequence[str],
