@@ -18,7 +18,6 @@ docs/results.md (e46-e49); entry points: ``python -m busiseg.crop_stage train|cv
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -31,7 +30,14 @@ import torchvision
 
 from busiseg.data.crops import Box, lesion_box, square_crop
 from busiseg.inference import InferenceOptions, postprocess_mask
-from busiseg.models.stage_file import crop_training_problems, read_stage_file, refuse_trained_on, save_stage_file
+from busiseg.models.stage_file import (
+    autocast_context,
+    crop_batch,
+    crop_training_problems,
+    read_stage_file,
+    refuse_trained_on,
+    save_stage_file,
+)
 
 FORMAT = "busiseg.crop_classifier/1"
 # the crop classifier's two outputs are the multi-task labels 1 and 2
@@ -86,15 +92,6 @@ def to_grey(image: np.ndarray) -> np.ndarray:
     return image if image.ndim == 2 else cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
 
 
-def _batch(crops: Sequence[np.ndarray]) -> torch.Tensor:
-    """Crops in [0, 1] (float32) -> a normalised (N, 1, S, S) batch."""
-    return (torch.from_numpy(np.stack([np.ascontiguousarray(c, dtype=np.float32) for c in crops]))[:, None] - 0.5) / 0.25
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
 class CropClassifier(torch.nn.Module):
     """The trained network with the settings it reads crops by, and the images it was trained on.
 
@@ -127,10 +124,10 @@ class CropClassifier(torch.nn.Module):
             greys = {i: to_grey(images[i]) for i in chunk}  # once per image, not once per margin
             total = 0
             for margin in margins:
-                x = _batch([square_crop(greys[i], boxes[i], margin, self.settings.size).astype(np.float32) / 255.0
+                x = crop_batch([square_crop(greys[i], boxes[i], margin, self.settings.size).astype(np.float32) / 255.0
                             for i in chunk])
                 x = x.to(device)
-                with _autocast(device, autocast):
+                with autocast_context(device, autocast):
                     total = total + torch.softmax(self(x).float(), 1) + torch.softmax(self(torch.flip(x, [-1])).float(), 1)
             out[start:start + len(chunk)] = (total / (2 * len(margins))).cpu().numpy()
         return out
@@ -219,9 +216,9 @@ def train_crop_classifier(images: Sequence[np.ndarray], boxes: Sequence[Box], la
                 if g.random() < 0.8:  # brightness/contrast around the crop's mean
                     x = np.clip((x - x.mean()) * g.uniform(0.7, 1.3) + x.mean() + g.uniform(-0.2, 0.2), 0, 1)
                 crops.append(x)
-            xb = _batch(crops).to(device).contiguous(memory_format=torch.channels_last)
+            xb = crop_batch(crops).to(device).contiguous(memory_format=torch.channels_last)
             yb = torch.from_numpy(labels[idx]).to(device)
-            with _autocast(device, autocast):
+            with autocast_context(device, autocast):
                 logits = model(xb)
             loss = F.cross_entropy(logits.float(), yb)
             opt.zero_grad(set_to_none=True)

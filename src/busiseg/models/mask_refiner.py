@@ -15,7 +15,6 @@ images where the network draws nothing, the network's mask stands. Measured in d
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -27,7 +26,14 @@ import torch.nn.functional as F
 from busiseg.data.crops import Box, lesion_box, paste_crop, square_crop
 from busiseg.inference import InferenceOptions, postprocess_mask
 from busiseg.models.crop_classifier import to_grey
-from busiseg.models.stage_file import crop_training_problems, read_stage_file, refuse_trained_on, save_stage_file
+from busiseg.models.stage_file import (
+    autocast_context,
+    crop_batch,
+    crop_training_problems,
+    read_stage_file,
+    refuse_trained_on,
+    save_stage_file,
+)
 
 FORMAT = "busiseg.mask_refiner/1"
 BLENDS = ("replace", "mean")
@@ -79,15 +85,6 @@ class RefinerSettings:
             raise MaskRefinerError("mask refiner settings out of range: " + "; ".join(problems))
 
 
-def _batch(crops: Sequence[np.ndarray]) -> torch.Tensor:
-    """Crops in [0, 1] (float32) -> a normalised (N, 1, S, S) batch."""
-    return (torch.from_numpy(np.stack([np.ascontiguousarray(c, dtype=np.float32) for c in crops]))[:, None] - 0.5) / 0.25
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
 class MaskRefiner(torch.nn.Module):
     """The trained U-Net with the settings it reads crops by, and the images it was trained on."""
 
@@ -112,8 +109,9 @@ class MaskRefiner(torch.nn.Module):
         self.eval()
         device = next(self.parameters()).device
         s = self.settings
-        x = _batch([square_crop(grey, box, m, s.size).astype(np.float32) / 255.0 for m in s.test_margins]).to(device)
-        with _autocast(device, autocast):
+        crops = [square_crop(grey, box, m, s.size).astype(np.float32) / 255.0 for m in s.test_margins]
+        x = crop_batch(crops).to(device)
+        with autocast_context(device, autocast):
             p = torch.sigmoid(self(x).float()) + torch.flip(torch.sigmoid(self(torch.flip(x, [-1])).float()), [-1])
         p = (p / 2)[:, 0].cpu().numpy()
         total = np.zeros(grey.shape, np.float32)
@@ -195,9 +193,9 @@ def train_mask_refiner(images: Sequence[np.ndarray], masks: Sequence[np.ndarray]
                     x = np.clip((x - x.mean()) * g.uniform(0.7, 1.3) + x.mean() + g.uniform(-0.2, 0.2), 0, 1)
                 xs.append(x)
                 ys.append(y)
-            xb = _batch(xs).to(device).contiguous(memory_format=torch.channels_last)
+            xb = crop_batch(xs).to(device).contiguous(memory_format=torch.channels_last)
             yb = torch.from_numpy(np.stack([np.ascontiguousarray(y) for y in ys]))[:, None].to(device)
-            with _autocast(device, autocast):
+            with autocast_context(device, autocast):
                 logits = model(xb)
             loss = dice_bce_loss(logits.float(), yb)
             opt.zero_grad(set_to_none=True)

@@ -1,5 +1,5 @@
-"""What the second-stage networks (the crop classifier, the mask refiner) share: the checks of their
-crop-training settings, and their file.
+"""What the second-stage networks (the crop classifier, the mask refiner) share: their input batches and
+autocast, the checks of their crop-training settings, and their file.
 
 The file is one ``torch.save`` dictionary with a ``format`` tag, written atomically and read with
 ``weights_only=True`` (no pickled objects run); every error is one line naming the file.
@@ -8,13 +8,26 @@ The file is one ``torch.save`` dictionary with a ``format`` tag, written atomica
 from __future__ import annotations
 
 import io
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from busiseg.atomic import write_bytes_atomic
+
+
+def crop_batch(crops: Sequence[np.ndarray]) -> torch.Tensor:
+    """Crops in [0, 1] (float32) -> a normalised (N, 1, S, S) batch."""
+    batch = np.stack([np.ascontiguousarray(c, dtype=np.float32) for c in crops])
+    return (torch.from_numpy(batch)[:, None] - 0.5) / 0.25
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` on ``device`` with ``dtype``, or nothing where ``dtype`` is None (full precision)."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def crop_training_problems(s: Any) -> list[str]:
