@@ -187,12 +187,13 @@ def save_with_figure(model: CropClassifier, path: Path, figure: np.ndarray, **in
 def for_training_run(settings: CropSettings, root: Path, split_file: Path, net: torch.nn.Module,
                      parts: dict[str, list[Record]], image_size: int, in_channels: int, batch_size: int, *,
                      precision: str, channels_last: bool, device: str, out: Path,
-                     progress: bool = True) -> tuple[dict[str, Any], dict[str, EvalResults]]:
+                     progress: bool = True, mask_refiner: Any = None) -> tuple[dict[str, Any], dict[str, EvalResults]]:
     """The crop stage inside ``busiseg.train`` (``crop_stage=default``): train the crop classifier on the
     lesion images of ``split_file``'s training part, write it to ``out`` (with its figure), and evaluate
     ``net`` with it on each part of ``parts`` (``{part: records}``, e.g. the test part) by the runner, at
     ``precision`` (the run's resolved ``trainer.precision``), on the CPU. Returns what the run's
-    ``metrics.json`` records about the stage, and ``{part: results}``."""
+    ``metrics.json`` records about the stage, and ``{part: results}``. ``mask_refiner``: the run's refine stage
+    (``busiseg.models.mask_refiner.MaskRefiner``): the crops are then cut around its masks, which are scored."""
     dtype = "bf16-mixed" if precision.startswith("bf16") else "32"
     model, info, figure = train_for_split(root, split_file, settings, device, dtype, progress)
     save_with_figure(model, out, figure, **info)
@@ -202,7 +203,7 @@ def for_training_run(settings: CropSettings, root: Path, split_file: Path, net: 
         check_not_trained_on(model, [r.name for r in records], out)
         results[part] = run_network(cpu_net, records, image_size, in_channels, batch_size, InferenceOptions(),
                                     progress=progress, channels_last=channels_last, autocast=autocast_dtype(precision),
-                                    crop_classifier=model)
+                                    crop_classifier=model, mask_refiner=mask_refiner)
     return {"file": str(out), "fit_seconds": info["fit_seconds"], "images": len(model.trained_on),
             "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(settings).items()}}, results
 

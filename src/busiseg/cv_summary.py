@@ -12,7 +12,9 @@ split.fold=0,1,2,3,4``): every run dir under SWEEP_DIR holding ``metrics.json`` 
 Runs trained with the crop stage (``crop_stage=default``) also hold ``test_two_stage/*`` metrics and
 ``predictions_two_stage.csv``: the headline then sets them beside the network's ``test/*`` with the paired
 per-fold gain, and the summary pools their out-of-fold classes too (``oof_two_stage``,
-``cv_confusion_matrix_two_stage.png``).
+``cv_confusion_matrix_two_stage.png``). Runs trained with the refine stage (``refine_stage=default``) hold
+``test_refined/*`` and ``predictions_refined.csv`` (the refined masks' Dice per image): the headline sets them
+beside the network's too, with the paired per-fold gain in Dice.
 
 The fold runs write their per-image predictions (``predictions.csv``, see
 ``write_predictions``) after testing the best checkpoint. ``CVSummaryCallback`` runs the
@@ -186,6 +188,9 @@ def summarize(directory: str | Path, out_dir: str | Path | None = None) -> dict[
         metrics = dict(_read_json(run / "metrics.json").get("metrics", {}))
         predictions = _read_predictions(run / "predictions.csv")
         metrics.update(_per_class_dice(predictions or []))
+        refined = _read_predictions(run / REFINED_PREDICTIONS)
+        if refined is not None:
+            metrics.update(_per_class_dice(refined, "test_refined"))
         folds[fold] = {"dir": run, "meta": meta, "metrics": metrics, "predictions": predictions,
                        "two_stage": _read_predictions(run / TWO_STAGE_PREDICTIONS), "machine": machine_of(run)}
     if len(ks) > 1 or len(assignments) > 1:
@@ -251,7 +256,8 @@ def summarize(directory: str | Path, out_dir: str | Path | None = None) -> dict[
         },
         "oof_two_stage": ({"images": len(two_stage_rows), "metrics": _oof_metrics(two_stage_rows)}
                           if with_two_stage else None),
-        "two_stage_gain": _two_stage_gain(per_fold, order),
+        "two_stage_gain": _stage_gain(per_fold, order, "test_two_stage", TWO_STAGE_PAIRED),
+        "refined_gain": _stage_gain(per_fold, order, "test_refined", REFINED_PAIRED),
     }
     out_dir = Path(out_dir) if out_dir else directory
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -269,14 +275,23 @@ def summarize(directory: str | Path, out_dir: str | Path | None = None) -> dict[
 
 
 # the cross-validation's headline: lesion-image Dice and the diagnosis (README, docs/results.md)
-# and, for runs with the crop stage (crop_stage=default), the two-stage classes (the masks are the network's)
+# and, for runs with the refine stage (refine_stage=default), the refined masks' Dice, and for runs with the crop
+# stage (crop_stage=default), the two-stage classes
 HEADLINE = ("test/dice_per_image_lesion", "test/dice_per_image_benign", "test/dice_per_image_malignant",
             "test/dice", "test/iou", "test/accuracy", "test/recall_normal", "test/recall_benign",
-            "test/recall_malignant", "test/f1_macro", "test/auroc_macro", "test_two_stage/accuracy",
-            "test_two_stage/recall_normal", "test_two_stage/recall_benign", "test_two_stage/recall_malignant",
-            "test_two_stage/f1_macro", "test_two_stage/auroc_macro")
+            "test/recall_malignant", "test/f1_macro", "test/auroc_macro",
+            "test_refined/dice_per_image_lesion", "test_refined/dice_per_image_benign",
+            "test_refined/dice_per_image_malignant", "test_refined/dice", "test_refined/iou",
+            "test_two_stage/accuracy", "test_two_stage/recall_normal", "test_two_stage/recall_benign",
+            "test_two_stage/recall_malignant", "test_two_stage/f1_macro", "test_two_stage/auroc_macro")
 # the crop stage's per-image predictions beside a run's predictions.csv (busiseg.train, crop_stage=default)
 TWO_STAGE_PREDICTIONS = "predictions_two_stage.csv"
+# the refine stage's (refine_stage=default): the refined masks' Dice per image
+REFINED_PREDICTIONS = "predictions_refined.csv"
+# the second stages a headline sets beside the network's test/*: (metric prefix, column title, the summary's
+# key of its paired per-fold gain)
+STAGES = (("test_refined", "with the refine stage", "refined_gain"),
+          ("test_two_stage", "with the crop stage", "two_stage_gain"))
 
 
 def _read_predictions(path: Path) -> list[dict[str, str]] | None:
@@ -291,17 +306,18 @@ def _read_predictions(path: Path) -> list[dict[str, str]] | None:
         return list(reader)
 
 
-def _per_class_dice(predictions: Sequence[Mapping[str, str]]) -> dict[str, float]:
+def _per_class_dice(predictions: Sequence[Mapping[str, str]], prefix: str = "test") -> dict[str, float]:
     """Mean per-image Dice of a run's test part from its predictions.csv rows: on lesion images
     (benign and malignant: ``test/dice_per_image_lesion``, the figure papers on BUSI report)
-    and per class (``test/dice_per_image_<class>``; on normal images 1 = nothing predicted)."""
+    and per class (``test/dice_per_image_<class>``; on normal images 1 = nothing predicted).
+    ``prefix``: ``test_refined`` for the refine stage's predictions_refined.csv."""
     rows = [r for r in predictions if r["part"] == "test"]
     out: dict[str, float] = {}
     groups = {c: [r for r in rows if r["true_class"] == c] for c in CLASS_NAMES}
     groups["lesion"] = [r for r in rows if r["true_class"] != CLASS_NAMES[0]]
     for name, group in groups.items():
         if group:
-            out[f"test/dice_per_image_{name}"] = sum(float(r["dice"]) for r in group) / len(group)
+            out[f"{prefix}/dice_per_image_{name}"] = sum(float(r["dice"]) for r in group) / len(group)
     return out
 
 
@@ -310,24 +326,39 @@ def headline_rows(summary: Mapping[str, Any]) -> list[tuple[str, float, float]]:
     return [(m, summary["mean"][m], summary["std"][m]) for m in HEADLINE if m in summary["mean"]]
 
 
-def headline_table(summary: Mapping[str, Any]) -> list[tuple[str, str, str, str]] | None:
-    """The headline side by side for runs with the crop stage: rows of (metric, network ``test/<m>``, two-stage
-    ``test_two_stage/<m>``, the paired per-fold gain), every cell formatted ("" where there is none). None
-    unless the runs have two-stage metrics (then the plain ``headline_rows`` are the headline)."""
-    mean, std, gain = summary["mean"], summary["std"], summary.get("two_stage_gain") or {}
-    if not any(m.startswith("test_two_stage/") for m in HEADLINE if m in mean):
+def headline_stages(summary: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """The second stages (``STAGES`` entries) whose headline metrics the summary holds."""
+    mean = summary["mean"]
+    return [st for st in STAGES if any(m.startswith(st[0] + "/") for m in HEADLINE if m in mean)]
+
+
+def headline_table(summary: Mapping[str, Any]) -> list[tuple[str, ...]] | None:
+    """The headline side by side for runs with a second stage: a header row, then rows of (metric, network
+    ``test/<m>``, each stage's ``<prefix>/<m>``, each stage's paired per-fold gain), every cell formatted ("" where
+    there is none; a stage's cell only where the headline lists it). None unless the runs have a stage's
+    metrics (then the plain ``headline_rows`` are the headline)."""
+    mean, std = summary["mean"], summary["std"]
+    stages = headline_stages(summary)
+    if not stages:
         return None
-    rows = []
+    header = ("metric", "network (`test/*`)", *(f"{title} (`{prefix}/*`)" for prefix, title, _ in stages),
+              *(f"{title.split()[-2]} stage minus network, paired per fold" for _, title, _ in stages))
+    rows = [header]
     for m in (h.split("/", 1)[1] for h in HEADLINE if h.startswith("test/")):
-        net, two = f"test/{m}", f"test_two_stage/{m}"
-        if net not in mean and two not in mean:
+        net = f"test/{m}"
+        named = [f"{prefix}/{m}" for prefix, _, _ in stages]
+        if net not in mean and not any(n in mean and n in HEADLINE for n in named):
             continue
-        g = gain.get(m)
-        paired = "" if g is None else (f"{g['mean']:+.4f}" + (f" +- {g['std']:.4f}" if g["std"] is not None else "")
-                                       + f" ({g['folds_better']} better, {g['folds_worse']} worse"
-                                       + f" of {len(g['per_fold'])})")
-        rows.append((m, _fmt_pm(mean[net], std[net]) + _coverage(summary, net) if net in mean else "",
-                     _fmt_pm(mean[two], std[two]) + _coverage(summary, two) if two in mean else "", paired))
+        cells = [_fmt_pm(mean[net], std[net]) + _coverage(summary, net) if net in mean else ""]
+        cells += [_fmt_pm(mean[n], std[n]) + _coverage(summary, n) if n in mean and n in HEADLINE else ""
+                  for n in named]
+        for _, _, key in stages:
+            g = (summary.get(key) or {}).get(m)
+            cells.append("" if g is None else (f"{g['mean']:+.4f}" + (f" +- {g['std']:.4f}" if g["std"] is not None
+                                                                      else "")
+                                               + f" ({g['folds_better']} better, {g['folds_worse']} worse"
+                                               + f" of {len(g['per_fold'])})"))
+        rows.append((m, *cells))
     return rows
 
 
@@ -445,14 +476,17 @@ def _fmt_pm(mean: Any, std: Any) -> str:
 
 
 TWO_STAGE_PAIRED = ("accuracy", "recall_normal", "recall_benign", "recall_malignant", "f1_macro", "auroc_macro")
+REFINED_PAIRED = ("dice_per_image_lesion", "dice_per_image_benign", "dice_per_image_malignant", "dice", "iou")
 
 
-def _two_stage_gain(per_fold: Mapping[int, Mapping[str, Any]], folds: Sequence[int]) -> dict[str, Any] | None:
-    """Per fold, the crop stage's ``test_two_stage/<m>`` minus the network's ``test/<m>`` (the same images,
-    the same masks): ``{m: {"per_fold", "mean", "std", "folds_better"}}``; None unless every fold has both."""
+def _stage_gain(per_fold: Mapping[int, Mapping[str, Any]], folds: Sequence[int], prefix: str,
+                metrics: Sequence[str]) -> dict[str, Any] | None:
+    """Per fold, a second stage's ``<prefix>/<m>`` minus the network's ``test/<m>`` (the same images), for each
+    of ``metrics``: ``{m: {"per_fold", "mean", "std", "folds_better", "folds_worse"}}``; None unless every fold
+    has both of some metric."""
     out: dict[str, Any] = {}
-    for m in TWO_STAGE_PAIRED:
-        pairs = {f: (per_fold[f].get(f"test_two_stage/{m}"), per_fold[f].get(f"test/{m}")) for f in folds}
+    for m in metrics:
+        pairs = {f: (per_fold[f].get(f"{prefix}/{m}"), per_fold[f].get(f"test/{m}")) for f in folds}
         if not folds or any(a is None or b is None for a, b in pairs.values()):
             continue
         diffs = {f: float(a) - float(b) for f, (a, b) in pairs.items()}
@@ -492,12 +526,15 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
                   "model): " + "; ".join(f"fold {f}: {m or 'not recorded'}" for f, m in machines.items()) + "."]
     head, table = headline_rows(s), headline_table(s)
     if table:
-        lines += ["", "## Headline", "", "| metric | network (`test/*`) | with the crop stage (`test_two_stage/*`) "
-                  "| crop stage minus network, paired per fold |", "|---|---|---|---|"]
-        lines += ["| " + " | ".join(row) + " |" for row in table]
+        lines += ["", "## Headline", "", "| " + " | ".join(table[0]) + " |", "|---" * len(table[0]) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in table[1:]]
     elif head:
         lines += ["", "## Headline", "", "| metric | mean +- std |", "|---|---|"]
         lines += [f"| {m} | {_fmt_pm(mu, sd)} |" for m, mu, sd in head]
+    if s.get("refined_gain"):
+        lines += ["", "The refine stage against the network alone, paired per fold (`test_refined/*` minus `test/*`):",
+                  ""]
+        lines += [f"- {_gain_line(m, g)}" for m, g in s["refined_gain"].items()]
     if s.get("two_stage_gain"):
         lines += ["", "The crop stage against the network alone, paired per fold (`test_two_stage/*` minus `test/*`):", ""]
         lines += [f"- {_gain_line(m, g)}" for m, g in s["two_stage_gain"].items()]
@@ -568,11 +605,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{len(summary['folds'])} of {summary['k']} folds, mean +- std over folds")
     table = headline_table(summary)
     if table:
-        table = [("metric", "network (test/*)", "with the crop stage (test_two_stage/*)",
-                  "crop stage minus network, paired")] + table
-        widths = [max(len(row[i]) for row in table) for i in range(3)]
+        table = [tuple(cell.replace("`", "") for cell in row) for row in table]
+        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
         for row in table:
-            print(("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3]).rstrip())
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     else:
         rows = headline_rows(summary) or [(m, summary["mean"][m], summary["std"][m]) for m in summary["mean"]
                                           if m.startswith(("test/", "val/"))]
@@ -583,6 +619,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         oof = summary["oof"]["metrics"]
         print(f"out-of-fold ({summary['oof']['images']} images): accuracy {_fmt(oof['accuracy'])}, "
               f"confusion (rows true {'/'.join(CLASS_NAMES)}): {oof['confusion_matrix']}")
+    if "dice_per_image_lesion" in (summary.get("refined_gain") or {}):
+        print(f"refine stage minus network, {_gain_line('dice_per_image_lesion', summary['refined_gain']['dice_per_image_lesion'])}")
     for m in ("accuracy", "recall_malignant"):
         if m in (summary.get("two_stage_gain") or {}):
             print(f"crop stage minus network, {_gain_line(m, summary['two_stage_gain'][m])}")

@@ -48,6 +48,8 @@ from busiseg.evaluation.runner import (  # noqa: E402
     run_precision,
 )
 from busiseg.inference import InferenceOptions  # noqa: E402
+from busiseg.models.mask_refiner import MaskRefiner, MaskRefinerError, load_mask_refiner  # noqa: E402
+from busiseg.models.mask_refiner import check_not_trained_on as check_refiner_not_trained_on  # noqa: E402
 from busiseg.models.crop_classifier import (  # noqa: E402
     CropClassifier,
     CropClassifierError,
@@ -137,7 +139,8 @@ def check_against_training(inputs: EvalInputs, results: EvalResults) -> dict[str
 
 
 def build_metrics(inputs: EvalInputs, options: InferenceOptions, results: EvalResults,
-                  ece_bins: int = ECE_BINS, crop_classifier: Path | None = None) -> dict[str, Any]:
+                  ece_bins: int = ECE_BINS, crop_classifier: Path | None = None,
+                  mask_refiner: Path | None = None) -> dict[str, Any]:
     """The content of metrics.json (schema in docs/evaluation.md)."""
     final = results.final
     true_area = results.scores[(final, "original")].true_area
@@ -148,6 +151,8 @@ def build_metrics(inputs: EvalInputs, options: InferenceOptions, results: EvalRe
         "ensemble": [str(p) for p in inputs.ckpt_paths] if inputs.is_ensemble else None,
         # the crop stage (busiseg.models.crop_classifier): class probabilities are the two-stage ones
         "crop_classifier": str(crop_classifier) if crop_classifier else None,
+        # the refine stage (busiseg.models.mask_refiner): masks are the refined ones
+        "mask_refiner": str(mask_refiner) if mask_refiner else None,
         "training_run_dir": str(inputs.run_dir),
         "data_root": str(inputs.data_root.resolve()),
         "part": inputs.part,
@@ -172,8 +177,8 @@ def build_metrics(inputs: EvalInputs, options: InferenceOptions, results: EvalRe
             "segmentation": {s: segmentation_summary(results.scores[(p, s)], results.labels) for s in SIZES},
         }
     payload["raw"]["as_training"] = results.as_training
-    # with the crop stage the classes are no longer the training test step's: nothing to reproduce
-    check = None if crop_classifier else check_against_training(inputs, results)
+    # with a second stage the classes or masks are no longer the training test step's: nothing to reproduce
+    check = None if crop_classifier or mask_refiner else check_against_training(inputs, results)
     if check is not None:
         payload["training_check"] = check
     return _finite(payload)
@@ -301,6 +306,7 @@ def write_report(path: Path, cfg: DictConfig, inputs: EvalInputs, metrics: dict[
                    + (f" of {metrics['split_file']}" if metrics["split_file"] else "")),
         ("network input", f"{S}×{S}, {metrics['in_channels']} channel(s)"),
         ("crop stage", metrics.get("crop_classifier") or "none (the network's classes)"),
+        ("refine stage", metrics.get("mask_refiner") or "none (the network's masks)"),
         ("inference options", opts + ("" if final != "raw" else " (all off: raw only)")),
     ]
     notes = (
@@ -357,6 +363,25 @@ def load_crop_stage(cfg: DictConfig, inputs: EvalInputs) -> tuple[CropClassifier
     return model, path
 
 
+def load_refine_stage(cfg: DictConfig, inputs: EvalInputs) -> tuple[MaskRefiner | None, Path | None]:
+    """``mask_refiner=FILE``: the refine stage, refused when it was trained on an evaluated image."""
+    value = cfg.get("mask_refiner")
+    if value in (None, ""):
+        beside = inputs.run_dir / "mask_refiner.pt"
+        if beside.is_file() and not inputs.is_ensemble:  # a run trained with refine_stage=default
+            log.info("the network's masks; for the run's refined ones add mask_refiner=%s", beside)
+        return None, None
+    path = Path(str(value)).expanduser()
+    try:
+        model = load_mask_refiner(path)
+        if inputs.part != "train":
+            check_refiner_not_trained_on(model, [r.name for r in inputs.records], path)
+    except MaskRefinerError as exc:
+        raise EvalError(str(exc)) from exc
+    log.info("refine stage: %s (trained on %d lesion images)", path, len(model.trained_on))
+    return model, path
+
+
 # --------------------------------------------------------------------------- entry
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the evaluation the config describes and write every output; returns metrics.json's content."""
@@ -372,12 +397,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
              ", ".join(f"{c} {n}" for c, n in counts.items()), inputs.data_root, inputs.part)
     precision = eval_precision(cfg, inputs.train_config)
     crop_model, crop_path = load_crop_stage(cfg, inputs)
+    refiner, refiner_path = load_refine_stage(cfg, inputs)
     results = run_network(inputs.net, inputs.records, inputs.image_size, inputs.in_channels, inputs.batch_size,
                           options, progress=bool(cfg.get("progress", True)),
                           channels_last=bool(inputs.train_config.get("channels_last", False)),
-                          autocast=autocast_dtype(precision), crop_classifier=crop_model)
+                          autocast=autocast_dtype(precision), crop_classifier=crop_model, mask_refiner=refiner)
     ece_bins = int(cfg.get("ece_bins") or ECE_BINS)
-    metrics = build_metrics(inputs, options, results, ece_bins, crop_path)
+    metrics = build_metrics(inputs, options, results, ece_bins, crop_path, refiner_path)
     metrics["precision"] = precision
     write_json(output_dir / "metrics.json", metrics)
     write_per_image_csv(output_dir / "per_image.csv", results)

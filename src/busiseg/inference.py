@@ -145,6 +145,14 @@ def restore_size(mask_prob: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(mask_prob.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
 
 
+def area_resize(mask_prob: np.ndarray, size: int) -> np.ndarray:
+    """A probability map at an image's own size back down to the preprocessing size (``size`` x ``size``),
+    area-averaged (``cv2.INTER_AREA``): the mask refiner's output, scored where the network's is."""
+    if mask_prob.shape == (size, size):
+        return mask_prob.astype(np.float32)
+    return cv2.resize(mask_prob.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+
+
 def _components(mask: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
     n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
     return n, labels, stats

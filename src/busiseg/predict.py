@@ -30,6 +30,7 @@ from busiseg.cli import fail  # noqa: E402
 from busiseg.data.labels import CLASS_NAMES  # noqa: E402
 from busiseg.inference import Ensemble, InferenceOptions, postprocess_mask, predict_probs, prepare_image, restore_size  # noqa: E402
 from busiseg.models.crop_classifier import CropClassifier, CropClassifierError, load_crop_classifier  # noqa: E402
+from busiseg.models.mask_refiner import MaskRefiner, MaskRefinerError, load_mask_refiner  # noqa: E402
 from busiseg.onnx_predictor import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, InputError, PredictionSummary, find_images, predict_files  # noqa: E402
 
 log = logging.getLogger("busiseg.predict")
@@ -46,7 +47,7 @@ class TorchPredictor:
 
     def __init__(self, net: torch.nn.Module, image_size: int, in_channels: int, options: InferenceOptions,
                  device: str | torch.device = "cpu", class_names: tuple[str, ...] = CLASS_NAMES,
-                 crop_classifier: CropClassifier | None = None):
+                 crop_classifier: CropClassifier | None = None, mask_refiner: MaskRefiner | None = None):
         self.net = net.to(device).eval()
         self.image_size = image_size
         self.in_channels = in_channels
@@ -55,12 +56,16 @@ class TorchPredictor:
         self.class_names = class_names
         # the crop stage: class probabilities from the network and the lesion-crop classifier
         self.crop_classifier = crop_classifier.to(device) if crop_classifier is not None else None
+        # the refine stage: masks re-drawn on the lesion crop at the image's own size (before the crop stage)
+        self.mask_refiner = mask_refiner.to(device) if mask_refiner is not None else None
 
     def __call__(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         batch = torch.stack([prepare_image(im, self.image_size) for im in images]).to(self.device)
         mask_probs, class_probs = predict_probs(self.net, batch, self.options)
         mask_probs, class_probs = mask_probs.cpu().numpy(), class_probs.cpu().numpy()
         full = [restore_size(mask_probs[i, 0], image.shape[:2]) for i, image in enumerate(images)]
+        if self.mask_refiner is not None:
+            full = self.mask_refiner.refine(images, full, self.options.threshold)
         if self.crop_classifier is not None:
             class_probs, _ = self.crop_classifier.refine(images, full, class_probs, self.options.threshold)
             class_probs = class_probs.astype(np.float32)
@@ -97,11 +102,13 @@ def _skip_masks(value: Any) -> bool | str:
 
 
 def load_predictor(ckpt_path: str | Path | Sequence[str | Path], options: InferenceOptions,
-                   device: str = "cpu", crop_classifier: str | Path | None = None) -> TorchPredictor:
+                   device: str = "cpu", crop_classifier: str | Path | None = None,
+                   mask_refiner: str | Path | None = None) -> TorchPredictor:
     """The checkpoint's network with its training image size and channels. A list of checkpoints is
     one ensemble (:class:`busiseg.inference.Ensemble`: mask and class probabilities averaged); its
     members must have been trained at the same ``data.image_size`` and ``data.in_channels``.
-    ``crop_classifier``: a crop-stage file (``busiseg.crop_stage train``), or None."""
+    ``crop_classifier``: a crop-stage file (``busiseg.crop_stage train``), or None. ``mask_refiner``: a
+    refine-stage file (``refine_stage=default`` in busiseg.train, ``busiseg.refine_stage train``), or None."""
     crop = None
     if crop_classifier not in (None, ""):
         try:
@@ -109,6 +116,13 @@ def load_predictor(ckpt_path: str | Path | Sequence[str | Path], options: Infere
         except CropClassifierError as exc:
             raise ConfigError(str(exc)) from exc
         log.info("crop stage: %s", crop_classifier)
+    refiner = None
+    if mask_refiner not in (None, ""):
+        try:
+            refiner = load_mask_refiner(str(mask_refiner))
+        except MaskRefinerError as exc:
+            raise ConfigError(str(exc)) from exc
+        log.info("refine stage: %s", mask_refiner)
     paths = [str(p) for p in ckpt_path] if isinstance(ckpt_path, (list, tuple, ListConfig)) else [str(ckpt_path)]
     if not paths:
         raise ConfigError("ckpt_path is an empty list: pass ckpt_path=CKPT or ckpt_path=[A.ckpt,B.ckpt]")
@@ -119,7 +133,7 @@ def load_predictor(ckpt_path: str | Path | Sequence[str | Path], options: Infere
     in_channels = _data_setting(config, "in_channels", paths[0])
     if len(paths) > 1:
         net = load_ensemble(net, paths, image_size, in_channels)
-    return TorchPredictor(net, image_size, in_channels, options, device, crop_classifier=crop)
+    return TorchPredictor(net, image_size, in_channels, options, device, crop_classifier=crop, mask_refiner=refiner)
 
 
 def predict(cfg: DictConfig) -> PredictionSummary:
@@ -143,7 +157,8 @@ def predict(cfg: DictConfig) -> PredictionSummary:
     if not images:
         raise InputError(f"input {input_path}: no images found ({', '.join(IMAGE_SUFFIXES)}; hidden files and "
                          f"mask files are skipped)")
-    predictor = load_predictor(ckpt_path, options, _device(str(cfg.get("device", "auto"))), cfg.get("crop_classifier"))
+    predictor = load_predictor(ckpt_path, options, _device(str(cfg.get("device", "auto"))), cfg.get("crop_classifier"),
+                               cfg.get("mask_refiner"))
     members = len(predictor.net.members) if isinstance(predictor.net, Ensemble) else 1
     log.info("%d image(s) from %s, %s %s, image size %d", len(images), input_path,
              f"ensemble of {members} checkpoints" if members > 1 else "checkpoint", ckpt_path, predictor.image_size)

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 from busiseg.atomic import write_csv_atomic, write_json_atomic  # noqa: E402
 from busiseg.checkpoint import CheckpointError, load_init_weights  # noqa: E402
 from busiseg.cli import fail  # noqa: E402
-from busiseg.cv_summary import PREDICTION_COLUMNS, TWO_STAGE_PREDICTIONS, write_predictions  # noqa: E402
+from busiseg.cv_summary import PREDICTION_COLUMNS, REFINED_PREDICTIONS, TWO_STAGE_PREDICTIONS, write_predictions  # noqa: E402
 from busiseg.data.busi import DatasetError, summarize  # noqa: E402
 from busiseg.data.device_augment import from_augment_config  # noqa: E402
 from busiseg.data.mixing import BatchMix  # noqa: E402
@@ -36,6 +36,7 @@ from busiseg.distributed import adopt_parent_run, end_ddp_job, share_run_dir  # 
 from busiseg.models.guards import (NONFINITE_ACTIONS, AtomicCheckpointIO, GracefulInterrupt,  # noqa: E402
                                    NonFiniteLossError, ResumeState, TrainingInterrupted, fit_or_raise_interrupted)
 from busiseg.models.crop_classifier import CropClassifierError, CropSettings  # noqa: E402
+from busiseg.models.mask_refiner import MaskRefinerError, RefinerSettings  # noqa: E402
 from busiseg.models.module import MultiTaskModule  # noqa: E402
 from busiseg.run_info import CONFIG_NAME, cpu_has_bf16, record_run  # noqa: E402
 from busiseg.models.net import EncoderWeightsUnavailable  # noqa: E402
@@ -96,6 +97,7 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.get("test_ckpt", "best") not in ("best", "last"):
         raise ConfigError(f"test_ckpt must be best or last, got {cfg.get('test_ckpt')!r}")
     crop_settings(cfg)
+    refine_settings(cfg)
     split = cfg.get("split") or {}
     if "fold" in split and not 0 <= int(split.fold) < int(split.k):
         raise ConfigError(f"split.fold must be in 0..{int(split.k) - 1} (split.k={split.k}), got {split.fold}")
@@ -117,31 +119,84 @@ def crop_settings(cfg: DictConfig) -> CropSettings | None:
         raise ConfigError(f"crop_stage: {exc}") from exc
 
 
-def run_crop_stage(cfg: DictConfig, module: MultiTaskModule, datamodule: L.LightningDataModule, output_dir: Path,
-                   evaluate: bool) -> tuple[dict[str, Any], dict[str, float]]:
-    """``crop_stage=default``: the crop classifier trained on the run's training part (RUN/crop_classifier.pt
-    and .png) and, with ``evaluate``, the two-stage classes of the test part (and of the validation part,
-    for cv_summary's out-of-fold rows) with the weights the test part was scored with, written to
-    RUN/predictions_two_stage.csv. Returns what metrics.json records about the stage and the
-    ``test_two_stage/*`` metrics."""
-    from busiseg.crop_stage import FILE_NAME, for_training_run
+def refine_settings(cfg: DictConfig) -> RefinerSettings | None:
+    """The ``refine_stage`` group's settings (None with ``refine_stage=null``); a bad value names its key. Its
+    ``seed: null`` is the run's seed plus the k-fold fold (``busiseg.refine_stage.stage_seed``)."""
+    stage = cfg.get("refine_stage")
+    if not stage:
+        return None
+    from busiseg.refine_stage import stage_seed
 
+    values = OmegaConf.to_container(stage, resolve=True)
+    fields = {f.name for f in dataclasses.fields(RefinerSettings)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ConfigError(f"refine_stage.{unknown[0]} is not a refine-stage setting (known: {', '.join(sorted(fields))})")
+    if values.get("seed") is None:
+        values["seed"] = stage_seed(int(cfg.get("seed", 42)), cfg.get("split"))
+    try:
+        return RefinerSettings(**values)
+    except (MaskRefinerError, TypeError, ValueError) as exc:
+        raise ConfigError(f"refine_stage: {exc}") from exc
+
+
+def _stage_parts(datamodule: L.LightningDataModule, evaluate: bool) -> tuple[dict[str, list], bool]:
+    """The parts a second stage scores (``{part: records}``: the test part, and the validation part when it is
+    another one) and whether the test part is the validation fold (k-fold)."""
     names = {p: [datamodule.records[i] for i in getattr(datamodule, f"{p}_dataset").indices] for p in ("val", "test")}
     same = [r.name for r in names["val"]] == [r.name for r in names["test"]]  # k-fold: the test part is the val fold
     parts = {} if not evaluate else {"test": names["test"]} if same else {p: v for p, v in names.items() if v}
+    return parts, same
+
+
+def _stage_outputs(results: dict[str, Any], same: bool, prefix: str, path: Path) -> dict[str, float]:
+    """``{prefix}/*`` metrics of the test part, and every scored part's per-image rows written to ``path``."""
+    metrics = {f"{prefix}/{k}": v for k, v in results["test"].as_training.items()} if "test" in results else {}
+    rows = [row for part, result in results.items()
+            for row in result.prediction_rows(("val", "test") if same else (part,))]
+    if rows:
+        write_csv_atomic(path, rows, PREDICTION_COLUMNS)
+    return metrics
+
+
+def run_refine_stage(cfg: DictConfig, module: MultiTaskModule, datamodule: L.LightningDataModule, output_dir: Path,
+                     evaluate: bool) -> tuple[Any, dict[str, Any], dict[str, float]]:
+    """``refine_stage=default``: the mask refiner trained on the run's training part (RUN/mask_refiner.pt and
+    .png) and, with ``evaluate``, the test part (and the validation part when it is another one) scored with its
+    masks, with the weights the test part was scored with, written to RUN/predictions_refined.csv. Returns the
+    refiner, what metrics.json records about the stage and the ``test_refined/*`` metrics."""
+    from busiseg.refine_stage import FILE_NAME, for_training_run
+
+    parts, same = _stage_parts(datamodule, evaluate)
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    progress = bool((cfg.get("callbacks") or {}).get("progress_bar")) and bool(cfg.trainer.get("enable_progress_bar", True))
+    refiner, info, results = for_training_run(
+        refine_settings(cfg), Path(datamodule.root), output_dir / "split.json", module.net, parts,
+        int(cfg.data.image_size), int(cfg.data.in_channels), int(datamodule.eval_batch_size),
+        precision=str(cfg.trainer.precision), channels_last=bool(cfg.get("channels_last", False)),
+        device="cpu" if accelerator == "cpu" else "auto", out=output_dir / FILE_NAME, progress=progress)
+    return refiner, info, _stage_outputs(results, same, "test_refined", output_dir / REFINED_PREDICTIONS)
+
+
+def run_crop_stage(cfg: DictConfig, module: MultiTaskModule, datamodule: L.LightningDataModule, output_dir: Path,
+                   evaluate: bool, mask_refiner: Any = None) -> tuple[dict[str, Any], dict[str, float]]:
+    """``crop_stage=default``: the crop classifier trained on the run's training part (RUN/crop_classifier.pt
+    and .png) and, with ``evaluate``, the two-stage classes of the test part (and of the validation part,
+    for cv_summary's out-of-fold rows) with the weights the test part was scored with, written to
+    RUN/predictions_two_stage.csv. ``mask_refiner``: the run's refine stage, whose masks the crops are then cut
+    around (and scored). Returns what metrics.json records about the stage and the ``test_two_stage/*`` metrics."""
+    from busiseg.crop_stage import FILE_NAME, for_training_run
+
+    parts, same = _stage_parts(datamodule, evaluate)
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
     progress = bool((cfg.get("callbacks") or {}).get("progress_bar")) and bool(cfg.trainer.get("enable_progress_bar", True))
     info, results = for_training_run(
         crop_settings(cfg), Path(datamodule.root), output_dir / "split.json", module.net, parts,
         int(cfg.data.image_size), int(cfg.data.in_channels), int(datamodule.eval_batch_size),
         precision=str(cfg.trainer.precision), channels_last=bool(cfg.get("channels_last", False)),
-        device="cpu" if accelerator == "cpu" else "auto", out=output_dir / FILE_NAME, progress=progress)
-    metrics = {f"test_two_stage/{k}": v for k, v in results["test"].as_training.items()} if "test" in results else {}
-    rows = [row for part, result in results.items()
-            for row in result.prediction_rows(("val", "test") if same else (part,))]
-    if rows:
-        write_csv_atomic(output_dir / TWO_STAGE_PREDICTIONS, rows, PREDICTION_COLUMNS)
-    return info, metrics
+        device="cpu" if accelerator == "cpu" else "auto", out=output_dir / FILE_NAME, progress=progress,
+        mask_refiner=mask_refiner)
+    return info, _stage_outputs(results, same, "test_two_stage", output_dir / TWO_STAGE_PREDICTIONS)
 
 
 def _on_gpu(trainer_cfg: DictConfig) -> bool:
@@ -371,9 +426,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                               forward_context=trainer.precision_plugin.forward_context)
 
     metrics = {**_scalars(fit_metrics, "val/"), **_scalars(fit_metrics, "train/"), **_scalars(test_metrics, "test/")}
-    crop_stage = None
+    crop_stage = refine_stage = refiner = None
+    if cfg.get("refine_stage") and trainer.is_global_zero:
+        refiner, refine_stage, refined = run_refine_stage(cfg, module, datamodule, output_dir, bool(cfg.get("test", True)))
+        metrics.update(refined)
+        if refined:
+            log.info("refine stage: test lesion-image Dice %.4f, Dice %.4f (the network alone: %.4f); refiner %s",
+                     refined.get("test_refined/dice_per_image_lesion") or float("nan"), refined["test_refined/dice"],
+                     metrics.get("test/dice", float("nan")), refine_stage["file"])
     if cfg.get("crop_stage") and trainer.is_global_zero:
-        crop_stage, two_stage = run_crop_stage(cfg, module, datamodule, output_dir, bool(cfg.get("test", True)))
+        crop_stage, two_stage = run_crop_stage(cfg, module, datamodule, output_dir, bool(cfg.get("test", True)),
+                                               refiner)
         metrics.update(two_stage)
         if two_stage:
             log.info("crop stage: test accuracy %.4f (the network alone: %.4f); classifier %s",
@@ -395,10 +458,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "data_root": str(datamodule.root),
         # crop_stage=default: the crop classifier's file, training time and settings (test_two_stage/* above)
         "crop_stage": crop_stage,
+        # refine_stage=default: the mask refiner's file, training time and settings (test_refined/* above; with
+        # the crop stage too, test_two_stage/* are scored on the refined masks)
+        "refine_stage": refine_stage,
     }
     if trainer.is_global_zero:
         write_json(output_dir / "metrics.json", summary)
-        hparam_metrics = {k: v for k, v in metrics.items() if k.startswith(("test/", "val/", "test_two_stage/")) and "loss" not in k}
+        hparam_metrics = {k: v for k, v in metrics.items() if k.startswith(("test/", "val/", "test_two_stage/", "test_refined/")) and "loss" not in k}
         params = _flatten(_plain(cfg))
         for lg in trainer.loggers:
             if isinstance(lg, TensorBoardLogger):  # the HPARAMS tab pairs params with these metrics
@@ -407,7 +473,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 lg.log_hyperparams(params)
             lg.save()
         log.info("metrics: %s", json.dumps({k: round(v, 4) for k, v in metrics.items()
-                                             if k.startswith(("test/", "test_two_stage/")) and v is not None}))
+                                             if k.startswith(("test/", "test_two_stage/", "test_refined/")) and v is not None}))
         log.info("run dir: %s", output_dir)
     end_ddp_job()  # the next job of a sweep starts its own DDP ranks
     return summary
@@ -417,7 +483,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def main(cfg: DictConfig) -> float | None:
     try:
         summary = train(cfg)
-    except (DatasetError, ConfigError, CheckpointError, EncoderWeightsUnavailable, CropClassifierError) as exc:
+    except (DatasetError, ConfigError, CheckpointError, EncoderWeightsUnavailable, CropClassifierError,
+            MaskRefinerError) as exc:
         fail(log, exc, 2)
     except NonFiniteLossError as exc:
         fail(log, exc, 1)

@@ -31,8 +31,9 @@ from busiseg.data.dataset import resize_pair
 from busiseg.data.labels import CLASS_NAMES
 from busiseg.data.splits import PARTS, load_split
 from busiseg.evaluation.metrics_table import MaskScore, MaskScores, score_mask
-from busiseg.inference import InferenceOptions, postprocess_mask, predict_probs, restore_size
+from busiseg.inference import InferenceOptions, area_resize, postprocess_mask, predict_probs, restore_size
 from busiseg.models.crop_classifier import CropClassifier
+from busiseg.models.mask_refiner import MaskRefiner
 from busiseg.models.metrics import SEG_THRESHOLD, classification_metrics, segmentation_metrics
 
 log = logging.getLogger(__name__)
@@ -292,7 +293,8 @@ def autocast_dtype(precision: Any) -> torch.dtype | None:
 
 def run_network(net: torch.nn.Module, records: list[Record], image_size: int, in_channels: int, batch_size: int,
                 options: InferenceOptions, progress: bool = True, channels_last: bool = False,
-                autocast: torch.dtype | None = None, crop_classifier: CropClassifier | None = None) -> EvalResults:
+                autocast: torch.dtype | None = None, crop_classifier: CropClassifier | None = None,
+                mask_refiner: MaskRefiner | None = None) -> EvalResults:
     """Run the network over the records in batches of ``batch_size`` (the training run's
     eval batch size by default, so the test step's batches are reproduced exactly) and
     score every view. ``channels_last``: NHWC memory format, as a run trained with
@@ -301,7 +303,11 @@ def run_network(net: torch.nn.Module, records: list[Record], image_size: int, in
     tested (None: full precision). ``crop_classifier``: the crop stage
     (:class:`busiseg.models.crop_classifier.CropClassifier`) turns each view's class probabilities
     into the two-stage ones (from the crop around that view's largest predicted component, at the
-    original size) before anything is scored; the masks are the network's."""
+    original size) before anything is scored; the masks are the network's. ``mask_refiner``: the refine
+    stage (:class:`busiseg.models.mask_refiner.MaskRefiner`) re-draws each view's mask probabilities at the
+    image's own size inside the crops around its largest component, before anything else reads them (the
+    crop stage then crops around the refined mask); at the preprocessing size the refined map is
+    area-averaged down (``cv2.INTER_AREA``), so every score, at both sizes, is the refined mask's."""
     pipelines = PIPELINES if inference_active(options) else PIPELINES[:1]
     seg_metrics = segmentation_metrics("")
     cls_metrics = classification_metrics("")
@@ -337,6 +343,16 @@ def run_network(net: torch.nn.Module, records: list[Record], image_size: int, in
             for p in pipelines:
                 full[p] = full["raw"] if p != "raw" and out[p][0] is out["raw"][0] else [
                     restore_size(out[p][0][i, 0].numpy(), d[1].shape) for i, d in enumerate(decoded)]
+            if mask_refiner is not None:
+                shared = {p: p != "raw" and full[p] is full["raw"] for p in pipelines}  # no TTA: one map, refined once
+                for p in pipelines:
+                    if shared[p]:
+                        full[p], out[p] = full["raw"], (out["raw"][0], out[p][1])
+                        continue
+                    threshold = SEG_THRESHOLD if p == "raw" else options.threshold
+                    full[p] = mask_refiner.refine([d[0] for d in decoded], full[p], threshold, autocast)
+                    small = np.stack([area_resize(f, image_size) for f in full[p]])[:, None]
+                    out[p] = (torch.from_numpy(small).float(), out[p][1])
             if crop_classifier is not None:
                 for p in pipelines:
                     threshold = SEG_THRESHOLD if p == "raw" else options.threshold

@@ -1,0 +1,214 @@
+"""The refine stage (``busiseg.models.mask_refiner``): train the mask refiner for a training run.
+
+    python -m busiseg.refine_stage train RUN [--out FILE] [--seed N] [settings]
+
+trains the mask refiner on the lesion images of RUN's training part (RUN/split.json, images from the run's
+data root, ground-truth masks at each scan's own size) and writes ``RUN/mask_refiner.pt`` (+ ``.png``: its
+loss curve and training crops); ``python -m busiseg.eval ckpt_path=RUN/checkpoints/last.ckpt
+mask_refiner=RUN/mask_refiner.pt`` and ``busiseg.predict ... mask_refiner=...`` then use it. Inside
+``busiseg.train`` the ``refine_stage`` config group does the same after the fit (:func:`for_training_run`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from busiseg.checkpoint import CheckpointError  # noqa: E402
+from busiseg.crop_stage import run_data_root, training_lesions, training_precision  # noqa: E402
+from busiseg.data.busi import DatasetError, Record, load_record  # noqa: E402
+from busiseg.evaluation.runner import EvalResults, autocast_dtype, run_network  # noqa: E402
+from busiseg.inference import InferenceOptions  # noqa: E402
+from busiseg.models.crop_classifier import CropClassifier, CropClassifierError  # noqa: E402
+from busiseg.models.mask_refiner import (  # noqa: E402
+    MaskRefiner,
+    MaskRefinerError,
+    RefinerSettings,
+    check_not_trained_on,
+    save_mask_refiner,
+    train_mask_refiner,
+)
+
+log = logging.getLogger("busiseg.refine_stage")
+
+FILE_NAME = "mask_refiner.pt"
+
+
+def train_for_split(root: Path, split_file: Path, settings: RefinerSettings, device: str = "auto",
+                    precision: str = "auto", progress: bool = True) -> tuple[MaskRefiner, dict[str, Any], np.ndarray]:
+    """Train the mask refiner on the lesion images of ``split_file``'s training part under ``root``; returns it,
+    what to store beside its weights (time, loss per epoch, where the images came from) and :func:`refiner_figure`."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    if device != "auto" and device != "cpu" and not device.startswith("cuda"):
+        raise MaskRefinerError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MaskRefinerError(f"--device {device} but no CUDA device is visible; use --device cpu or auto")
+    try:
+        records = training_lesions(root, split_file)
+    except CropClassifierError as exc:
+        raise MaskRefinerError(str(exc)) from exc
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    dtype = training_precision(dev, precision)
+    started = time.perf_counter()
+    images, masks = [], []
+    for r in records:
+        image, mask = load_record(r)
+        if not mask.any():
+            raise MaskRefinerError(f"{r.masks[0] if r.masks else r.image}: a {r.class_name} image with an empty "
+                                   "mask cannot train the mask refiner")
+        images.append(image)
+        masks.append(mask)
+    log.info("mask refiner: %d lesion images of %s (%s), %d epochs on %s%s, seed %d", len(records), split_file, root,
+             settings.epochs, dev, ", bf16" if dtype is not None else "", settings.seed)
+    columns = (TextColumn("[bold]mask refiner"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+               TimeRemainingColumn())
+    with Progress(*columns, disable=not progress, transient=True) as bar:
+        task = bar.add_task("train", total=settings.epochs, loss="-")
+        model, history = train_mask_refiner(
+            images, masks, settings, [r.name for r in records], dev, dtype,
+            on_epoch=lambda epoch, loss: bar.update(task, advance=1, loss=f"{loss:.3f}"))
+    info = {"fit_seconds": round(time.perf_counter() - started, 2), "loss_per_epoch": [round(v, 5) for v in history],
+            "data_root": str(root), "split_file": str(split_file), "device": str(dev),
+            "precision": "bf16-mixed" if dtype is not None else "32"}
+    log.info("mask refiner trained in %.0f s, last epoch's loss %.3f", info["fit_seconds"], history[-1])
+    figure = refiner_figure(history, images, masks, settings,
+                            f"mask refiner: {len(records)} lesion images of {split_file}, {info['fit_seconds']:.0f} s")
+    return model.cpu(), info, figure
+
+
+def refiner_figure(history: Sequence[float], images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
+                   settings: RefinerSettings, title: str, shown: int = 8) -> np.ndarray:
+    """RGB picture: the training loss per epoch, and what the refiner learns from (the first ``shown`` training
+    crops at the middle test margin, as fed to the network, the ground-truth outline in green)."""
+    from matplotlib.figure import Figure
+
+    from busiseg.data.crops import lesion_box, square_crop
+    from busiseg.evaluation.figures import _render
+    from busiseg.models.crop_classifier import to_grey
+
+    margin = sorted(settings.test_margins)[len(settings.test_margins) // 2]
+    per_row = max(1, (min(shown, len(images)) + 1) // 2)
+    fig = Figure(figsize=(4.2 + 1.6 * per_row, 4.0), dpi=100, facecolor="white", layout="constrained")
+    grid = fig.add_gridspec(2, per_row + 2)
+    ax = fig.add_subplot(grid[:, :2])
+    ax.plot(range(1, len(history) + 1), history, lw=1.8)
+    ax.set(xlabel="epoch", ylabel="Dice + BCE", title="training loss")
+    ax.grid(alpha=0.3)
+    for n in range(min(shown, len(images))):
+        box = lesion_box(masks[n])
+        a = fig.add_subplot(grid[n // per_row, 2 + n % per_row])
+        a.imshow(square_crop(to_grey(images[n]), box, margin, settings.size), cmap="gray", vmin=0, vmax=255)
+        truth = square_crop(masks[n].astype(np.float32), box, margin, settings.size)
+        if (truth > 0.5).any():
+            a.contour(truth, levels=[0.5], colors="#55a868", linewidths=1.0)
+        a.axis("off")
+    fig.suptitle(title, fontsize=10)
+    return _render(fig)
+
+
+def save_with_figure(model: MaskRefiner, path: Path, figure: np.ndarray, **info: Any) -> Path:
+    """The mask-refiner file, and beside it ``<stem>.png`` (:func:`refiner_figure`)."""
+    from busiseg.models.reporting import save_png
+
+    path = save_mask_refiner(model, path, **info)
+    save_png(figure, path.with_suffix(".png"))
+    return path
+
+
+def for_training_run(settings: RefinerSettings, root: Path, split_file: Path, net: torch.nn.Module,
+                     parts: dict[str, list[Record]], image_size: int, in_channels: int, batch_size: int, *,
+                     precision: str, channels_last: bool, device: str, out: Path, progress: bool = True,
+                     crop_classifier: CropClassifier | None = None
+                     ) -> tuple[MaskRefiner, dict[str, Any], dict[str, EvalResults]]:
+    """The refine stage inside ``busiseg.train`` (``refine_stage=default``): train the mask refiner on the lesion
+    images of ``split_file``'s training part, write it to ``out`` (with its figure), and evaluate ``net`` with it on
+    each part of ``parts`` (``{part: records}``) by the runner, at ``precision`` (the run's resolved
+    ``trainer.precision``), on the CPU. Returns the refiner (for the crop stage to read its masks), what the run's
+    ``metrics.json`` records about the stage, and ``{part: results}``."""
+    dtype = "bf16-mixed" if precision.startswith("bf16") else "32"
+    model, info, figure = train_for_split(root, split_file, settings, device, dtype, progress)
+    save_with_figure(model, out, figure, **info)
+    results = {}
+    cpu_net = copy.deepcopy(net).cpu().float()  # the runner evaluates on the CPU
+    for part, records in parts.items():
+        check_not_trained_on(model, [r.name for r in records], out)
+        results[part] = run_network(cpu_net, records, image_size, in_channels, batch_size, InferenceOptions(),
+                                    progress=progress, channels_last=channels_last, autocast=autocast_dtype(precision),
+                                    crop_classifier=crop_classifier, mask_refiner=model)
+    stage = {"file": str(out), "fit_seconds": info["fit_seconds"], "images": len(model.trained_on),
+             "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(settings).items()}}
+    return model, stage, results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m busiseg.refine_stage", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train the mask refiner on a run's training part")
+    train.add_argument("run", type=Path, help="a training run dir (split.json, checkpoints/)")
+    train.add_argument("--out", type=Path, help=f"output file (default RUN/{FILE_NAME})")
+    train.add_argument("--data-root", type=Path, help="the images (default: the run's data.root)")
+    train.add_argument("--device", default="auto", help="auto (CUDA when visible), cpu, cuda[:N]")
+    train.add_argument("--checkpoint", default="last.ckpt", help="file name in the run's checkpoints/ (its config "
+                       "names the data root)")
+    defaults = RefinerSettings()
+    train.add_argument("--size", type=int, default=defaults.size, help="crop side fed to the refiner (px)")
+    train.add_argument("--epochs", type=int, default=defaults.epochs)
+    train.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    train.add_argument("--lr", type=float, default=defaults.lr)
+    train.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    train.add_argument("--blend", choices=("replace", "mean"), default=defaults.blend)
+    train.add_argument("--seed", type=int, default=None,
+                       help="default: the run's seed + its fold (what refine_stage=default uses inside busiseg.train)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        split_file = args.run / "split.json"
+        if not split_file.is_file():
+            raise MaskRefinerError(f"{split_file}: not found (RUN is a training run dir: split.json, checkpoints/)")
+        seed = args.seed if args.seed is not None else run_seed(args.run, args.checkpoint)
+        settings = RefinerSettings(size=args.size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                   weight_decay=args.weight_decay, blend=args.blend, seed=seed)
+        root = args.data_root or run_data_root(args.run, args.checkpoint)
+        model, info, figure = train_for_split(root, split_file, settings, args.device, progress=not args.no_progress)
+        path = save_with_figure(model, args.out or args.run / FILE_NAME, figure, run=str(args.run), **info)
+        print(f"mask refiner: {path} ({len(model.trained_on)} lesion images, {info['fit_seconds']:.0f} s); "
+              f"use it with: python -m busiseg.eval ckpt_path={args.run / 'checkpoints' / args.checkpoint} "
+              f"mask_refiner={path}")
+    except (MaskRefinerError, CropClassifierError, CheckpointError, DatasetError) as exc:
+        print(f"busiseg: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def stage_seed(seed: int, split: Any) -> int:
+    """The refiner's seed when ``refine_stage.seed`` is null: the run's seed plus its k-fold fold (0 otherwise),
+    so each fold's refiner draws its own crops (as the e54 probe, docs/results.md)."""
+    fold = (split or {}).get("fold") if hasattr(split, "get") else None
+    return int(seed) + (int(fold) if fold is not None else 0)
+
+
+def run_seed(run: Path, checkpoint: str = "last.ckpt") -> int:
+    """:func:`stage_seed` of a training run, from its checkpoint's stored config."""
+    from busiseg.checkpoint import read_checkpoint
+
+    config = (read_checkpoint(run / "checkpoints" / checkpoint).get("hyper_parameters") or {}).get("config") or {}
+    return stage_seed(int(config.get("seed", 42)), config.get("split"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
