@@ -29,6 +29,6 @@ for fold in $FOLDS; do
     args=$(overrides "$arm")
     # shellcheck disable=SC2086
     # the ablation compares the network's tasks: busi_cpu's crop stage is left out of every arm
-    FOLDS="$fold" "$CV" "$OUT/$arm" crop_stage=null $args "$@"
+    FOLDS="$fold" "$CV" "$OUT/$arm" crop_stage=null refine_stage=null $args "$@"
   done
 done

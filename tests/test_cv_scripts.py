@@ -61,7 +61,7 @@ def test_ablation_pairs_arms_fold_by_fold(tmp_path):
     assert proc.returncode == 0, proc.stderr
     runs = [c.split("hydra.run.dir=")[1] for c in calls]
     assert runs == [f"{out}/seg_only/3", f"{out}/ce/3", f"{out}/seg_only/4", f"{out}/ce/4"]
-    assert "split.fold=3 crop_stage=null loss=fixed loss.classification.kind=ce " in calls[1]
+    assert "split.fold=3 crop_stage=null refine_stage=null loss=fixed loss.classification.kind=ce " in calls[1]
     # extra overrides reach every arm, after the arm's own
     proc, calls = _run(tmp_path, "ablation.sh", str(tmp_path / "abl2"), "scheduler=warmup_cosine", "data.batch_size=8",
                        ARMS="seg_only mse", FOLDS="0")

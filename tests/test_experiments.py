@@ -33,6 +33,12 @@ def test_experiment_presets_compose(tmp_path, data_dir, name, monkeypatch):
         assert cfg.scheduler._target_.endswith("one_cycle") and cfg.model.encoder_name == "resnet34"
         assert cfg.loss.segmentation.dice_reduction == "lesion_images"  # e19
         assert cfg.crop_stage.epochs == 40 and list(cfg.crop_stage.test_margins) == [1.5, 2.0, 2.5]  # e49/e50
+        # the refine stage's settings are RefinerSettings' defaults, the e54 probe's
+        assert cfg.refine_stage.blend == "replace" and cfg.refine_stage.seed is None
+        from busiseg.models.mask_refiner import RefinerSettings
+        from busiseg.train import refine_settings
+
+        assert refine_settings(cfg) == RefinerSettings(seed=42 + 4)  # the run's seed + its fold
     if name == "busi_gpu":
         assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
         assert cfg.data.image_size == 256 and cfg.trainer.max_epochs > 30
