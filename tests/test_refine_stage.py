@@ -155,3 +155,7 @@ def test_stage_seed_and_the_cli_refusals(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "busiseg.refine_stage", "train", str(tmp_path / "run")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "split.json: not found" in proc.stderr and "Traceback" not in proc.stderr
+    (tmp_path / "run" / "split.json").write_text("{}")
+    proc = subprocess.run([sys.executable, "-m", "busiseg.refine_stage", "train", str(tmp_path / "run"), "--seed", "0",
+                           "--data-root", str(tmp_path), "--device", "gpu"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--device must be auto, cpu or cuda[:N], got 'gpu'" in proc.stderr

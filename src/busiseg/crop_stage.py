@@ -75,6 +75,17 @@ def training_precision(device: torch.device, requested: str = "auto") -> torch.d
     return torch.bfloat16 if native else None
 
 
+def stage_device(device: str, error: type[Exception] = CropClassifierError) -> torch.device:
+    """``--device`` of a second stage's training: auto (CUDA when visible), cpu or cuda[:N]; ``error`` names a bad
+    one."""
+    if device != "auto" and device != "cpu" and not device.startswith("cuda"):
+        raise error(f"--device must be auto, cpu or cuda[:N], got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise error(f"--device {device} but no CUDA device is visible; use --device cpu or auto")
+    return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                        ("cpu" if device == "auto" else device))
+
+
 def run_data_root(run: Path, checkpoint: str = "last.ckpt") -> Path:
     """The data root RUN was trained on, from its checkpoint's stored config (the synthetic phantom is
     written again when it is gone, as eval does)."""
@@ -112,13 +123,8 @@ def train_for_split(root: Path, split_file: Path, settings: CropSettings, device
     :func:`crop_figure`."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    if device != "auto" and device != "cpu" and not device.startswith("cuda"):
-        raise CropClassifierError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CropClassifierError(f"--device {device} but no CUDA device is visible; use --device cpu or auto")
+    dev = stage_device(device)
     records = training_lesions(root, split_file)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
     dtype = training_precision(dev, precision)
     started = time.perf_counter()
     images, boxes = [], []

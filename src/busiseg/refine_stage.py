@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from busiseg.checkpoint import CheckpointError  # noqa: E402
-from busiseg.crop_stage import run_data_root, training_lesions, training_precision  # noqa: E402
+from busiseg.crop_stage import run_data_root, stage_device, training_lesions, training_precision  # noqa: E402
 from busiseg.data.busi import DatasetError, Record, load_record  # noqa: E402
 from busiseg.evaluation.runner import EvalResults, autocast_dtype, run_network  # noqa: E402
 from busiseg.inference import InferenceOptions  # noqa: E402
@@ -51,16 +51,11 @@ def train_for_split(root: Path, split_file: Path, settings: RefinerSettings, dev
     what to store beside its weights (time, loss per epoch, where the images came from) and :func:`refiner_figure`."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    if device != "auto" and device != "cpu" and not device.startswith("cuda"):
-        raise MaskRefinerError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MaskRefinerError(f"--device {device} but no CUDA device is visible; use --device cpu or auto")
+    dev = stage_device(device, MaskRefinerError)
     try:
         records = training_lesions(root, split_file)
     except CropClassifierError as exc:
         raise MaskRefinerError(str(exc)) from exc
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
     dtype = training_precision(dev, precision)
     started = time.perf_counter()
     images, masks = [], []

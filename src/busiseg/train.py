@@ -103,41 +103,38 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"split.fold must be in 0..{int(split.k) - 1} (split.k={split.k}), got {split.fold}")
 
 
-def crop_settings(cfg: DictConfig) -> CropSettings | None:
-    """The ``crop_stage`` group's settings (None with ``crop_stage=null``); a bad value names its key."""
-    stage = cfg.get("crop_stage")
+def _stage_settings(cfg: DictConfig, group: str, settings_class: type, errors: tuple[type, ...],
+                    **when_null: Any) -> Any:
+    """A second stage's config group as its settings dataclass (None when the group is null); an unknown key or
+    a value out of range is a ConfigError naming it. ``when_null``: values for keys left null in the group."""
+    stage = cfg.get(group)
     if not stage:
         return None
     values = OmegaConf.to_container(stage, resolve=True)
-    fields = {f.name for f in dataclasses.fields(CropSettings)}
+    fields = {f.name for f in dataclasses.fields(settings_class)}
     unknown = sorted(set(values) - fields)
     if unknown:
-        raise ConfigError(f"crop_stage.{unknown[0]} is not a crop-stage setting (known: {', '.join(sorted(fields))})")
+        label = group.replace("_", "-")
+        raise ConfigError(f"{group}.{unknown[0]} is not a {label} setting (known: {', '.join(sorted(fields))})")
+    values.update({k: v for k, v in when_null.items() if values.get(k) is None})
     try:
-        return CropSettings(**values)
-    except CropClassifierError as exc:
-        raise ConfigError(f"crop_stage: {exc}") from exc
+        return settings_class(**values)
+    except (*errors, TypeError, ValueError) as exc:
+        raise ConfigError(f"{group}: {exc}") from exc
+
+
+def crop_settings(cfg: DictConfig) -> CropSettings | None:
+    """The ``crop_stage`` group's settings (None with ``crop_stage=null``); a bad value names its key."""
+    return _stage_settings(cfg, "crop_stage", CropSettings, (CropClassifierError,))
 
 
 def refine_settings(cfg: DictConfig) -> RefinerSettings | None:
     """The ``refine_stage`` group's settings (None with ``refine_stage=null``); a bad value names its key. Its
     ``seed: null`` is the run's seed plus the k-fold fold (``busiseg.refine_stage.stage_seed``)."""
-    stage = cfg.get("refine_stage")
-    if not stage:
-        return None
     from busiseg.refine_stage import stage_seed
 
-    values = OmegaConf.to_container(stage, resolve=True)
-    fields = {f.name for f in dataclasses.fields(RefinerSettings)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise ConfigError(f"refine_stage.{unknown[0]} is not a refine-stage setting (known: {', '.join(sorted(fields))})")
-    if values.get("seed") is None:
-        values["seed"] = stage_seed(int(cfg.get("seed", 42)), cfg.get("split"))
-    try:
-        return RefinerSettings(**values)
-    except (MaskRefinerError, TypeError, ValueError) as exc:
-        raise ConfigError(f"refine_stage: {exc}") from exc
+    return _stage_settings(cfg, "refine_stage", RefinerSettings, (MaskRefinerError,),
+                           seed=stage_seed(int(cfg.get("seed", 42)), cfg.get("split")))
 
 
 def _stage_parts(datamodule: L.LightningDataModule, evaluate: bool) -> tuple[dict[str, list], bool]:
