@@ -21,6 +21,7 @@ crop classifier's. The sweep itself is only read. docs/two_stage.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -86,6 +87,73 @@ def stage_device(device: str, error: type[Exception] = CropClassifierError) -> t
                         ("cpu" if device == "auto" else device))
 
 
+@contextlib.contextmanager
+def epoch_bar(label: str, epochs: int, progress: bool = True):
+    """A rich progress bar over a second stage's training epochs; yields the ``on_epoch(epoch, loss)`` callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+               TimeRemainingColumn())
+    with Progress(*columns, disable=not progress, transient=True) as bar:
+        task = bar.add_task("train", total=epochs, loss="-")
+        yield lambda epoch, loss: bar.update(task, advance=1, loss=f"{loss:.3f}")
+
+
+def stage_info(started: float, history: Sequence[float], root: Path, split_file: Path, device: torch.device,
+               dtype: torch.dtype | None) -> dict[str, Any]:
+    """What a second stage's file stores about its training: time, loss per epoch, images, device, precision."""
+    return {"fit_seconds": round(time.perf_counter() - started, 2), "loss_per_epoch": [round(v, 5) for v in history],
+            "data_root": str(root), "split_file": str(split_file), "device": str(device),
+            "precision": "bf16-mixed" if dtype is not None else "32"}
+
+
+def stage_figure(history: Sequence[float], ylabel: str, panels: Sequence[tuple[np.ndarray, np.ndarray | None,
+                 str | None, str | None]], title: str, per_row: int) -> np.ndarray:
+    """RGB picture of a second stage's training: the loss per epoch, and two rows of ``per_row`` crops as fed to
+    the network; each panel is (crop uint8, an outline to draw at 0.5 or None, a title or None, its colour)."""
+    from matplotlib.figure import Figure
+
+    from busiseg.evaluation.figures import _render
+
+    fig = Figure(figsize=(4.2 + 1.6 * per_row, 4.0), dpi=100, facecolor="white", layout="constrained")
+    grid = fig.add_gridspec(2, per_row + 2)
+    ax = fig.add_subplot(grid[:, :2])
+    ax.plot(range(1, len(history) + 1), history, lw=1.8)
+    ax.set(xlabel="epoch", ylabel=ylabel, title="training loss")
+    ax.grid(alpha=0.3)
+    for n, (crop, outline, label, colour) in enumerate(panels):
+        a = fig.add_subplot(grid[n // per_row, 2 + n % per_row])
+        a.imshow(crop, cmap="gray", vmin=0, vmax=255)
+        if outline is not None and (outline > 0.5).any():
+            a.contour(outline, levels=[0.5], colors="#55a868", linewidths=1.0)
+        if label:
+            a.set_title(label, fontsize=9, color=colour)
+        a.axis("off")
+    fig.suptitle(title, fontsize=10)
+    return _render(fig)
+
+
+def score_parts(net: torch.nn.Module, parts: dict[str, list[Record]], image_size: int, in_channels: int,
+                batch_size: int, *, precision: str, channels_last: bool, progress: bool,
+                check: Any, **stages: Any) -> dict[str, EvalResults]:
+    """Each part of ``parts`` scored by the runner with a copy of ``net`` on the CPU at ``precision`` and the second
+    stages ``stages`` (``crop_classifier=``, ``mask_refiner=``), after ``check(names)`` (the trained-on refusal)."""
+    results = {}
+    cpu_net = copy.deepcopy(net).cpu().float()  # the runner evaluates on the CPU
+    for part, records in parts.items():
+        check([r.name for r in records])
+        results[part] = run_network(cpu_net, records, image_size, in_channels, batch_size, InferenceOptions(),
+                                    progress=progress, channels_last=channels_last, autocast=autocast_dtype(precision),
+                                    **stages)
+    return results
+
+
+def stage_record(out: Path, info: dict[str, Any], trained_on: Sequence[str], settings: Any) -> dict[str, Any]:
+    """What a run's ``metrics.json`` records about a second stage: its file, training time, images, settings."""
+    return {"file": str(out), "fit_seconds": info["fit_seconds"], "images": len(trained_on),
+            "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(settings).items()}}
+
+
 def run_data_root(run: Path, checkpoint: str = "last.ckpt") -> Path:
     """The data root RUN was trained on, from its checkpoint's stored config (the synthetic phantom is
     written again when it is gone, as eval does)."""
@@ -121,8 +189,6 @@ def train_for_split(root: Path, split_file: Path, settings: CropSettings, device
     """Train the crop classifier on the lesion images of ``split_file``'s training part under ``root``;
     returns it, what to store beside its weights (time, loss per epoch, where the images came from) and
     :func:`crop_figure`."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     dev = stage_device(device)
     records = training_lesions(root, split_file)
     dtype = training_precision(dev, precision)
@@ -138,16 +204,11 @@ def train_for_split(root: Path, split_file: Path, settings: CropSettings, device
         boxes.append(box)
     log.info("crop classifier: %d lesion images of %s (%s), %d epochs on %s%s", len(records), split_file, root,
              settings.epochs, dev, ", bf16" if dtype is not None else "")
-    columns = (TextColumn("[bold]crop classifier"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-               TimeRemainingColumn())
-    with Progress(*columns, disable=not progress, transient=True) as bar:
-        task = bar.add_task("train", total=settings.epochs, loss="-")
+    with epoch_bar("crop classifier", settings.epochs, progress) as on_epoch:
         model, history = train_crop_classifier(
             images, boxes, [r.label - 1 for r in records], settings, [r.name for r in records], dev, dtype,
-            on_epoch=lambda epoch, loss: bar.update(task, advance=1, loss=f"{loss:.3f}"))
-    info = {"fit_seconds": round(time.perf_counter() - started, 2), "loss_per_epoch": [round(v, 5) for v in history],
-            "data_root": str(root), "split_file": str(split_file), "device": str(dev),
-            "precision": "bf16-mixed" if dtype is not None else "32"}
+            on_epoch=on_epoch)
+    info = stage_info(started, history, root, split_file, dev, dtype)
     log.info("crop classifier trained in %.0f s, last epoch's loss %.3f", info["fit_seconds"], history[-1])
     figure = crop_figure(history, images, boxes, [r.label - 1 for r in records], settings,
                          f"crop classifier: {len(records)} lesion images of {split_file}, {info['fit_seconds']:.0f} s")
@@ -158,27 +219,13 @@ def crop_figure(history: Sequence[float], images: Sequence[np.ndarray], boxes: S
                 settings: CropSettings, title: str, per_class: int = 4) -> np.ndarray:
     """RGB picture: the training loss per epoch, and what the classifier reads (the first ``per_class`` benign
     and malignant training crops at the middle test margin, as fed to the network)."""
-    from matplotlib.figure import Figure
-
     from busiseg.data.crops import square_crop
-    from busiseg.evaluation.figures import _render
 
     picks = [i for k in (0, 1) for i in [j for j, lab in enumerate(labels) if lab == k][:per_class]]
     margin = sorted(settings.test_margins)[len(settings.test_margins) // 2]
-    fig = Figure(figsize=(4.2 + 1.6 * per_class, 4.0), dpi=100, facecolor="white", layout="constrained")
-    grid = fig.add_gridspec(2, per_class + 2)
-    ax = fig.add_subplot(grid[:, :2])
-    ax.plot(range(1, len(history) + 1), history, lw=1.8)
-    ax.set(xlabel="epoch", ylabel="cross-entropy", title="training loss")
-    ax.grid(alpha=0.3)
-    for n, i in enumerate(picks):
-        a = fig.add_subplot(grid[n // per_class, 2 + n % per_class])
-        crop = square_crop(to_grey(images[i]), boxes[i], margin, settings.size)
-        a.imshow(crop, cmap="gray", vmin=0, vmax=255)
-        a.set_title(("benign", "malignant")[labels[i]], fontsize=9, color=("#55a868", "#c44e52")[labels[i]])
-        a.axis("off")
-    fig.suptitle(title, fontsize=10)
-    return _render(fig)
+    panels = [(square_crop(to_grey(images[i]), boxes[i], margin, settings.size), None,
+               ("benign", "malignant")[labels[i]], ("#55a868", "#c44e52")[labels[i]]) for i in picks]
+    return stage_figure(history, "cross-entropy", panels, title, per_class)
 
 
 def save_with_figure(model: CropClassifier, path: Path, figure: np.ndarray, **info: Any) -> Path:
@@ -203,15 +250,11 @@ def for_training_run(settings: CropSettings, root: Path, split_file: Path, net: 
     dtype = "bf16-mixed" if precision.startswith("bf16") else "32"
     model, info, figure = train_for_split(root, split_file, settings, device, dtype, progress)
     save_with_figure(model, out, figure, **info)
-    results = {}
-    cpu_net = copy.deepcopy(net).cpu().float()  # the runner evaluates on the CPU
-    for part, records in parts.items():
-        check_not_trained_on(model, [r.name for r in records], out)
-        results[part] = run_network(cpu_net, records, image_size, in_channels, batch_size, InferenceOptions(),
-                                    progress=progress, channels_last=channels_last, autocast=autocast_dtype(precision),
-                                    crop_classifier=model, mask_refiner=mask_refiner)
-    return {"file": str(out), "fit_seconds": info["fit_seconds"], "images": len(model.trained_on),
-            "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(settings).items()}}, results
+    results = score_parts(net, parts, image_size, in_channels, batch_size, precision=precision,
+                          channels_last=channels_last, progress=progress,
+                          check=lambda names: check_not_trained_on(model, names, out),
+                          crop_classifier=model, mask_refiner=mask_refiner)
+    return stage_record(out, info, model.trained_on, settings), results
 
 
 def _reusable(path: Path, settings: CropSettings, trained_on: list[str]) -> dict[str, Any] | None:

@@ -12,7 +12,6 @@ mask_refiner=RUN/mask_refiner.pt`` and ``busiseg.predict ... mask_refiner=...`` 
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import os
 import sys
@@ -26,10 +25,19 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from busiseg.checkpoint import CheckpointError  # noqa: E402
-from busiseg.crop_stage import run_data_root, stage_device, training_lesions, training_precision  # noqa: E402
+from busiseg.crop_stage import (  # noqa: E402
+    epoch_bar,
+    run_data_root,
+    score_parts,
+    stage_device,
+    stage_figure,
+    stage_info,
+    stage_record,
+    training_lesions,
+    training_precision,
+)
 from busiseg.data.busi import DatasetError, Record, load_record  # noqa: E402
-from busiseg.evaluation.runner import EvalResults, autocast_dtype, run_network  # noqa: E402
-from busiseg.inference import InferenceOptions  # noqa: E402
+from busiseg.evaluation.runner import EvalResults  # noqa: E402
 from busiseg.models.crop_classifier import CropClassifier, CropClassifierError  # noqa: E402
 from busiseg.models.mask_refiner import (  # noqa: E402
     MaskRefiner,
@@ -49,8 +57,6 @@ def train_for_split(root: Path, split_file: Path, settings: RefinerSettings, dev
                     precision: str = "auto", progress: bool = True) -> tuple[MaskRefiner, dict[str, Any], np.ndarray]:
     """Train the mask refiner on the lesion images of ``split_file``'s training part under ``root``; returns it,
     what to store beside its weights (time, loss per epoch, where the images came from) and :func:`refiner_figure`."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     dev = stage_device(device, MaskRefinerError)
     try:
         records = training_lesions(root, split_file)
@@ -68,16 +74,10 @@ def train_for_split(root: Path, split_file: Path, settings: RefinerSettings, dev
         masks.append(mask)
     log.info("mask refiner: %d lesion images of %s (%s), %d epochs on %s%s, seed %d", len(records), split_file, root,
              settings.epochs, dev, ", bf16" if dtype is not None else "", settings.seed)
-    columns = (TextColumn("[bold]mask refiner"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-               TimeRemainingColumn())
-    with Progress(*columns, disable=not progress, transient=True) as bar:
-        task = bar.add_task("train", total=settings.epochs, loss="-")
-        model, history = train_mask_refiner(
-            images, masks, settings, [r.name for r in records], dev, dtype,
-            on_epoch=lambda epoch, loss: bar.update(task, advance=1, loss=f"{loss:.3f}"))
-    info = {"fit_seconds": round(time.perf_counter() - started, 2), "loss_per_epoch": [round(v, 5) for v in history],
-            "data_root": str(root), "split_file": str(split_file), "device": str(dev),
-            "precision": "bf16-mixed" if dtype is not None else "32"}
+    with epoch_bar("mask refiner", settings.epochs, progress) as on_epoch:
+        model, history = train_mask_refiner(images, masks, settings, [r.name for r in records], dev, dtype,
+                                            on_epoch=on_epoch)
+    info = stage_info(started, history, root, split_file, dev, dtype)
     log.info("mask refiner trained in %.0f s, last epoch's loss %.3f", info["fit_seconds"], history[-1])
     figure = refiner_figure(history, images, masks, settings,
                             f"mask refiner: {len(records)} lesion images of {split_file}, {info['fit_seconds']:.0f} s")
@@ -88,30 +88,15 @@ def refiner_figure(history: Sequence[float], images: Sequence[np.ndarray], masks
                    settings: RefinerSettings, title: str, shown: int = 8) -> np.ndarray:
     """RGB picture: the training loss per epoch, and what the refiner learns from (the first ``shown`` training
     crops at the middle test margin, as fed to the network, the ground-truth outline in green)."""
-    from matplotlib.figure import Figure
-
     from busiseg.data.crops import lesion_box, square_crop
-    from busiseg.evaluation.figures import _render
     from busiseg.models.crop_classifier import to_grey
 
     margin = sorted(settings.test_margins)[len(settings.test_margins) // 2]
-    per_row = max(1, (min(shown, len(images)) + 1) // 2)
-    fig = Figure(figsize=(4.2 + 1.6 * per_row, 4.0), dpi=100, facecolor="white", layout="constrained")
-    grid = fig.add_gridspec(2, per_row + 2)
-    ax = fig.add_subplot(grid[:, :2])
-    ax.plot(range(1, len(history) + 1), history, lw=1.8)
-    ax.set(xlabel="epoch", ylabel="Dice + BCE", title="training loss")
-    ax.grid(alpha=0.3)
-    for n in range(min(shown, len(images))):
-        box = lesion_box(masks[n])
-        a = fig.add_subplot(grid[n // per_row, 2 + n % per_row])
-        a.imshow(square_crop(to_grey(images[n]), box, margin, settings.size), cmap="gray", vmin=0, vmax=255)
-        truth = square_crop(masks[n].astype(np.float32), box, margin, settings.size)
-        if (truth > 0.5).any():
-            a.contour(truth, levels=[0.5], colors="#55a868", linewidths=1.0)
-        a.axis("off")
-    fig.suptitle(title, fontsize=10)
-    return _render(fig)
+    boxes = [lesion_box(m) for m in masks[:shown]]
+    panels = [(square_crop(to_grey(images[n]), box, margin, settings.size),
+               square_crop(masks[n].astype(np.float32), box, margin, settings.size), None, None)
+              for n, box in enumerate(boxes)]
+    return stage_figure(history, "Dice + BCE", panels, title, max(1, (len(panels) + 1) // 2))
 
 
 def save_with_figure(model: MaskRefiner, path: Path, figure: np.ndarray, **info: Any) -> Path:
@@ -136,16 +121,11 @@ def for_training_run(settings: RefinerSettings, root: Path, split_file: Path, ne
     dtype = "bf16-mixed" if precision.startswith("bf16") else "32"
     model, info, figure = train_for_split(root, split_file, settings, device, dtype, progress)
     save_with_figure(model, out, figure, **info)
-    results = {}
-    cpu_net = copy.deepcopy(net).cpu().float()  # the runner evaluates on the CPU
-    for part, records in parts.items():
-        check_not_trained_on(model, [r.name for r in records], out)
-        results[part] = run_network(cpu_net, records, image_size, in_channels, batch_size, InferenceOptions(),
-                                    progress=progress, channels_last=channels_last, autocast=autocast_dtype(precision),
-                                    crop_classifier=crop_classifier, mask_refiner=model)
-    stage = {"file": str(out), "fit_seconds": info["fit_seconds"], "images": len(model.trained_on),
-             "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(settings).items()}}
-    return model, stage, results
+    results = score_parts(net, parts, image_size, in_channels, batch_size, precision=precision,
+                          channels_last=channels_last, progress=progress,
+                          check=lambda names: check_not_trained_on(model, names, out),
+                          crop_classifier=crop_classifier, mask_refiner=model)
+    return model, stage_record(out, info, model.trained_on, settings), results
 
 
 def main(argv: Sequence[str] | None = None) -> int:
