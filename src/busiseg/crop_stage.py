@@ -228,11 +228,12 @@ def crop_figure(history: Sequence[float], images: Sequence[np.ndarray], boxes: S
     return stage_figure(history, "cross-entropy", panels, title, per_class)
 
 
-def save_with_figure(model: CropClassifier, path: Path, figure: np.ndarray, **info: Any) -> Path:
-    """The crop-classifier file, and beside it ``<stem>.png`` (:func:`crop_figure`)."""
+def save_with_figure(model: Any, path: Path, figure: np.ndarray, save: Any = save_crop_classifier, **info: Any) -> Path:
+    """A second stage's file (``save``: the crop classifier's by default, ``save_mask_refiner`` for the refine
+    stage), and beside it ``<stem>.png`` (:func:`stage_figure`)."""
     from busiseg.models.reporting import save_png
 
-    path = save_crop_classifier(model, path, **info)
+    path = save(model, path, **info)
     save_png(figure, path.with_suffix(".png"))
     return path
 

@@ -28,6 +28,7 @@ from busiseg.checkpoint import CheckpointError  # noqa: E402
 from busiseg.crop_stage import (  # noqa: E402
     epoch_bar,
     run_data_root,
+    save_with_figure,
     score_parts,
     stage_device,
     stage_figure,
@@ -99,15 +100,6 @@ def refiner_figure(history: Sequence[float], images: Sequence[np.ndarray], masks
     return stage_figure(history, "Dice + BCE", panels, title, max(1, (len(panels) + 1) // 2))
 
 
-def save_with_figure(model: MaskRefiner, path: Path, figure: np.ndarray, **info: Any) -> Path:
-    """The mask-refiner file, and beside it ``<stem>.png`` (:func:`refiner_figure`)."""
-    from busiseg.models.reporting import save_png
-
-    path = save_mask_refiner(model, path, **info)
-    save_png(figure, path.with_suffix(".png"))
-    return path
-
-
 def for_training_run(settings: RefinerSettings, root: Path, split_file: Path, net: torch.nn.Module,
                      parts: dict[str, list[Record]], image_size: int, in_channels: int, batch_size: int, *,
                      precision: str, channels_last: bool, device: str, out: Path, progress: bool = True,
@@ -120,7 +112,7 @@ def for_training_run(settings: RefinerSettings, root: Path, split_file: Path, ne
     ``metrics.json`` records about the stage, and ``{part: results}``."""
     dtype = "bf16-mixed" if precision.startswith("bf16") else "32"
     model, info, figure = train_for_split(root, split_file, settings, device, dtype, progress)
-    save_with_figure(model, out, figure, **info)
+    save_with_figure(model, out, figure, save_mask_refiner, **info)
     results = score_parts(net, parts, image_size, in_channels, batch_size, precision=precision,
                           channels_last=channels_last, progress=progress,
                           check=lambda names: check_not_trained_on(model, names, out),
@@ -160,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    weight_decay=args.weight_decay, blend=args.blend, seed=seed)
         root = args.data_root or run_data_root(args.run, args.checkpoint)
         model, info, figure = train_for_split(root, split_file, settings, args.device, progress=not args.no_progress)
-        path = save_with_figure(model, args.out or args.run / FILE_NAME, figure, run=str(args.run), **info)
+        path = save_with_figure(model, args.out or args.run / FILE_NAME, figure, save_mask_refiner, run=str(args.run),
+                                **info)
         print(f"mask refiner: {path} ({len(model.trained_on)} lesion images, {info['fit_seconds']:.0f} s); "
               f"use it with: python -m busiseg.eval ckpt_path={args.run / 'checkpoints' / args.checkpoint} "
               f"mask_refiner={path}")
