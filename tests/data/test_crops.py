@@ -2,7 +2,7 @@ import cv2
 import numpy as np
 import pytest
 
-from busiseg.data.crops import lesion_box, paste_crop, square_crop
+from busiseg.data.crops import lesion_box, normal_boxes, paste_crop, peak_box, square_crop
 
 
 def _image(h=100, w=120, seed=0):
@@ -78,3 +78,29 @@ def test_paste_crop_lays_a_crop_back_where_it_was_cut(box, margin, size, shift):
 def test_paste_crop_refuses_a_non_square_map():
     with pytest.raises(ValueError, match="square"):
         paste_crop(np.zeros((4, 5), np.float32), (10.0, 10.0, 4.0), 1.0, (20, 20))
+
+
+def test_peak_box_is_the_component_around_the_peak_at_half_its_height():
+    prob = np.zeros((100, 120), np.float32)
+    prob[10:50, 10:50] = 0.4  # the larger region, but below half the peak
+    prob[60:80, 70:90] = 0.7
+    prob[70, 80] = 0.9  # the peak: its component at >= 0.45 is the 20 x 20 square
+    prob[5:8, 100:103] = 0.6  # above half the peak but not connected to it
+    assert peak_box(prob) == (70.0, 80.0, 20.0)
+    assert peak_box(np.zeros((10, 10), np.float32)) is None
+
+
+def test_normal_boxes_random_then_dark_spots_with_lesion_sides():
+    h, w = 100, 200
+    grey = np.full((h, w), 180, np.uint8)
+    grey[:, :100] = 60  # the left half is dark: every dark-spot box lands there
+    sides = np.array([0.1, 0.2])
+    boxes = normal_boxes(grey, 4, sides, np.random.default_rng(0))
+    assert len(boxes) == 4
+    assert all(side in (20.0, 40.0) for _, _, side in boxes)  # a lesion's share of the width, times the width
+    cy, cx, _ = boxes[0]
+    assert 0.1 * h <= cy <= 0.9 * h and 0.1 * w <= cx <= 0.9 * w
+    assert all(cx < 100 for _, cx, _ in boxes[1:])
+    assert boxes == normal_boxes(grey, 4, sides, np.random.default_rng(0))  # drawn by the generator alone
+    tiny = normal_boxes(grey, 1, np.array([0.01, 2.0]), np.random.default_rng(1))
+    assert 8.0 <= tiny[0][2] <= h  # clipped to 8 px .. the scan

@@ -11,7 +11,9 @@ from busiseg.models.crop_classifier import (
     CropClassifierError,
     CropSettings,
     check_not_trained_on,
+    NONE_CLASSES,
     combine_class_probs,
+    combine_none_probs,
     load_crop_classifier,
     save_crop_classifier,
     train_crop_classifier,
@@ -34,8 +36,33 @@ def test_combine_by_hand():
         combine_class_probs(class_probs, crop[:2])
 
 
+def test_combine_with_none_by_hand():
+    class_probs = np.array([[0.2, 0.5, 0.3],   # lesion 0.8, P(type | lesion) 0.625 / 0.375
+                            [0.6, 0.3, 0.1],   # no crop: unchanged
+                            [1.0, 0.0, 0.0]])  # no lesion mass: the crop's split of what it leaves
+    crop = np.array([[0.6, 0.08, 0.32], [np.nan] * 3, [0.5, 0.1, 0.4]])
+    out = combine_none_probs(class_probs, crop)
+    normal = (0.2 + 0.6) / 2  # the mean of the network's P(normal) and the crop's P(none)
+    benign, malignant = 0.8 * (0.625 + 0.2) / 2, 0.8 * (0.375 + 0.8) / 2  # combine_class_probs on the crop's 0.2/0.8
+    np.testing.assert_allclose(out[0], [normal, (1 - normal) * benign / 0.8, (1 - normal) * malignant / 0.8])
+    np.testing.assert_allclose(out[0], [0.4, 0.6 * 0.4125, 0.6 * 0.5875])
+    np.testing.assert_array_equal(out[1], class_probs[1])
+    np.testing.assert_allclose(out[2], [0.75, 0.25 * 0.2, 0.25 * 0.8])
+    np.testing.assert_allclose(out.sum(1), 1.0)
+    assert class_probs[0].argmax() == 1 and out[0].argmax() == 0  # the crop's "none" turned the call
+    with pytest.raises(ValueError, match=r"\(N, 3\) and \(N, 3\)"):
+        combine_none_probs(class_probs, crop[:, :2])
+
+
+def test_settings_classes_follow_normal_boxes():
+    assert CropSettings().classes == ("benign", "malignant")
+    assert CropSettings(normal_boxes=3).classes == NONE_CLASSES == ("none", "benign", "malignant")
+
+
 @pytest.mark.parametrize("kwargs, text", [
     ({"size": 8}, "size=8"),
+    ({"normal_boxes": -1}, "normal_boxes=-1"),
+    ({"normal_boxes": 1.5}, "normal_boxes=1.5"),
     ({"train_margin": (3.0, 1.2)}, "train_margin"),
     ({"test_margins": ()}, "test_margins"),
     ({"jitter": 0.5}, "jitter=0.5"),
@@ -95,11 +122,11 @@ def test_training_refusals():
         train_crop_classifier(images, [None, *boxes[1:]], labels, SMALL)
 
 
-def test_other_classes_train_read_and_round_trip_but_do_not_refine(tmp_path):
-    """A probe's three-class crop classifier (no lesion, benign, malignant): (N, 3) probabilities, its classes
-    kept in its file, and refused where the crop stage combines two (benign, malignant) with the network's."""
+def test_three_classes_train_read_round_trip_and_refine(tmp_path):
+    """The crop stage with normal_boxes (none, benign, malignant): (N, 3) probabilities, its classes kept in its
+    file, joined with the network's by combine_none_probs; a class set the stage does not know is refused."""
     images, boxes, _ = _scans(6, seed=4)
-    classes = ("none", "benign", "malignant")
+    classes = NONE_CLASSES
     with pytest.raises(CropClassifierError, match=r"every class \['none', 'benign', 'malignant'\]"):
         train_crop_classifier(images, boxes, [0, 1, 0, 1, 0, 1], SMALL, classes=classes)
     model, _ = train_crop_classifier(images, boxes, [0, 1, 2, 0, 1, 2], SMALL, classes=classes)
@@ -110,8 +137,17 @@ def test_other_classes_train_read_and_round_trip_but_do_not_refine(tmp_path):
     assert loaded.classes == classes
     np.testing.assert_array_equal(loaded.lesion_probs(images, boxes), probs)
     masks = [np.zeros(im.shape, np.float32) for im in images]
+    for mask, (cy, cx, side) in zip(masks[:4], boxes):  # the last two draw nothing
+        mask[int(cy - side / 2):int(cy + side / 2), int(cx - side / 2):int(cx + side / 2)] = 0.9
+    class_probs = np.tile([[0.5, 0.3, 0.2]], (6, 1))
+    combined, crop = loaded.refine(images, masks, class_probs)
+    assert crop.shape == (6, 3) and np.isnan(crop[4:]).all() and not np.isnan(crop[:4]).any()
+    np.testing.assert_allclose(crop[:4], probs[:4], atol=1e-6)  # read on the drawn masks' boxes
+    np.testing.assert_allclose(combined, combine_none_probs(class_probs, crop))
+    np.testing.assert_array_equal(combined[4:], class_probs[4:])
+    other = CropClassifier(SMALL, classes=("lesion", "none"))
     with pytest.raises(CropClassifierError, match=r"does not combine with the network's"):
-        model.refine(images, masks, np.full((6, 3), 1 / 3))
+        other.refine(images, masks, class_probs)
 
 
 def test_refine_reads_the_largest_component_and_leaves_empty_masks_alone():

@@ -4,8 +4,9 @@ A box is ``(cy, cx, side)`` in pixels of the original image: the centre of the l
 box and the longer of its two sides. ``square_crop`` cuts a square of ``side * margin`` around the
 centre (zero where it leaves the image) and resizes it to ``size`` pixels, so a lesion fills the
 same share of every crop whatever its size in the scan; ``paste_crop`` lays a crop-sized map back over the
-scan. Used by the crop stage (``busiseg.models.crop_classifier``) and the probes in ``scripts/``
-(docs/results.md, e46).
+scan. A normal scan has no lesion box: ``peak_box`` (the network's most suspicious spot) and
+``normal_boxes`` (random and dark spots) give the boxes the crop stage learns "no lesion" on. Used by the
+crop stage (``busiseg.models.crop_classifier``) and the probes in ``scripts/`` (docs/results.md, e46, e57).
 """
 
 from __future__ import annotations
@@ -80,3 +81,35 @@ def paste_crop(values: np.ndarray, box: Box, margin: float, shape: tuple[int, in
     coverage = cv2.warpAffine(ones, to_padded, (width, height), flags=flags, borderMode=cv2.BORDER_CONSTANT,
                               borderValue=0)
     return pasted * (coverage > 0), coverage
+
+
+def peak_box(prob: np.ndarray) -> Box | None:
+    """The box of the component around the peak of a mask-probability map, at half the peak (the region
+    ``InferenceOptions.class_gating`` keeps): where a network would draw a lesion on a scan. None for an
+    all-zero map."""
+    if not prob.max() > 0:
+        return None
+    peak = np.unravel_index(int(np.argmax(prob)), prob.shape)
+    _, labels = cv2.connectedComponents((prob >= 0.5 * prob.max()).astype(np.uint8))
+    return lesion_box(labels == labels[peak])
+
+
+def normal_boxes(grey: np.ndarray, n: int, sides: np.ndarray, g: np.random.Generator) -> list[Box]:
+    """``n`` boxes on a scan without a lesion: the first at a random centre in the middle 80 %, the others on
+    the darkest spot of the blurred scan inside a random half-size window (a network's false lesions are dark
+    blobs). Each side is one of ``sides`` (lesion sides as shares of the scan's width) drawn by ``g``, times
+    the width, clipped to 8 px .. the scan."""
+    h, w = grey.shape
+    blurred = cv2.GaussianBlur(grey.astype(np.float32), (0, 0), max(2.0, w / 40))
+    boxes = []
+    for k in range(n):
+        side = float(np.clip(g.choice(sides) * w, 8, min(h, w)))
+        if k == 0:
+            cy, cx = g.uniform(0.1 * h, 0.9 * h), g.uniform(0.1 * w, 0.9 * w)
+        else:
+            y0, x0 = int(g.uniform(0, 0.5 * h)), int(g.uniform(0, 0.5 * w))
+            window = blurred[y0:y0 + h // 2, x0:x0 + w // 2]
+            dy, dx = np.unravel_index(int(window.argmin()), window.shape)
+            cy, cx = float(y0 + dy), float(x0 + dx)
+        boxes.append((cy, cx, side))
+    return boxes

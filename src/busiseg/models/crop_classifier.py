@@ -10,8 +10,12 @@ the two opinions are joined by :func:`combine_class_probs`:
 
     P(normal) = the network's;  P(benign), P(malignant) = P(lesion) x mean(network's P(type | lesion), crop's)
 
-on every image with a drawn mask (the others keep the network's probabilities). Measured in
-docs/results.md (e46-e49); entry points: ``python -m busiseg.crop_stage train|cv`` and the
+on every image with a drawn mask (the others keep the network's probabilities). With
+``CropSettings.normal_boxes`` > 0 it learns a third class, "none", on crops of the normal training images
+(the first around the network's own most suspicious spot on each, the others on random and dark spots:
+``busiseg.data.crops.peak_box``, ``normal_boxes``), and :func:`combine_none_probs` also takes P(normal) as
+the mean of the network's and the crop's P(none) (e57). Measured in docs/results.md (e46-e49, e57); entry
+points: ``python -m busiseg.crop_stage train|cv`` and the
 ``crop_classifier=`` key of eval and predict (docs/two_stage.md).
 """
 
@@ -42,6 +46,8 @@ from busiseg.models.stage_file import (
 FORMAT = "busiseg.crop_classifier/1"
 # the crop classifier's two outputs are the multi-task labels 1 and 2
 LESION_CLASSES = ("benign", "malignant")
+# with normal_boxes > 0: three outputs, the multi-task labels 0 (no lesion in the crop), 1 and 2
+NONE_CLASSES = ("none", "benign", "malignant")
 
 
 class CropClassifierError(ValueError):
@@ -56,7 +62,10 @@ class CropSettings:
     one-cycle schedule (20 % warm-up). train_margin: a training crop's side is the lesion box's side
     times U(lo, hi); jitter: its centre moves by up to this share of the side (each axis); flips and
     brightness/contrast too. test_margins: at inference, one crop per margin, each also mirrored,
-    probabilities averaged. seed: the training's random seed.
+    probabilities averaged. seed: the training's random seed. normal_boxes: 0, the classifier tells benign
+    from malignant and P(normal) stays the network's; N > 0, it also learns "none" on N crops of each normal
+    training image (the first around the network's peak region on it, the others on random and dark spots)
+    and joins P(normal) too (:func:`combine_none_probs`).
     """
 
     size: int = 128
@@ -68,6 +77,12 @@ class CropSettings:
     jitter: float = 0.2
     test_margins: tuple[float, ...] = (1.5, 2.0, 2.5)
     seed: int = 0
+    normal_boxes: int = 0
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The classifier's outputs under these settings."""
+        return NONE_CLASSES if self.normal_boxes > 0 else LESION_CLASSES
 
     def __post_init__(self) -> None:
         self.train_margin = tuple(float(v) for v in self.train_margin)  # type: ignore[assignment]
@@ -75,6 +90,8 @@ class CropSettings:
         problems = []
         if self.size < 16:
             problems.append(f"size={self.size} (at least 16 px)")
+        if not isinstance(self.normal_boxes, int) or isinstance(self.normal_boxes, bool) or self.normal_boxes < 0:
+            problems.append(f"normal_boxes={self.normal_boxes!r} (a whole number, 0 or more)")
         problems += crop_training_problems(self)
         if problems:
             raise CropClassifierError("crop classifier settings out of range: " + "; ".join(problems))
@@ -95,8 +112,8 @@ def to_grey(image: np.ndarray) -> np.ndarray:
 class CropClassifier(torch.nn.Module):
     """The trained network with the settings it reads crops by, and the images it was trained on.
 
-    ``classes``: its outputs, (benign, malignant) for the crop stage; other sets (a probe's "no lesion" class,
-    scripts/probe_normal_crops.py) train and read crops alike but do not combine with the network's classes."""
+    ``classes``: its outputs, (benign, malignant) or (none, benign, malignant) for the crop stage
+    (``CropSettings.classes``); other sets train and read crops alike but do not combine with the network's."""
 
     def __init__(self, settings: CropSettings | None = None, trained_on: Sequence[str] = (),
                  classes: Sequence[str] = LESION_CLASSES) -> None:
@@ -136,17 +153,19 @@ class CropClassifier(torch.nn.Module):
                threshold: float = 0.5, autocast: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The two-stage class probabilities of a batch: ``images`` uint8 at their own size, ``mask_probs`` the
         network's mask probabilities at that size, ``class_probs`` its (N, 3) class probabilities. Returns
-        (the combined (N, 3) probabilities, the crop classifier's (N, 2), NaN where no mask is drawn)."""
-        if self.classes != LESION_CLASSES:
+        (the combined (N, 3) probabilities, the crop classifier's (N, C), NaN where no mask is drawn)."""
+        if self.classes not in (LESION_CLASSES, NONE_CLASSES):
             raise CropClassifierError(f"a crop classifier of classes {list(self.classes)} does not combine with the "
-                                      f"network's; the crop stage needs {list(LESION_CLASSES)}")
+                                      f"network's; the crop stage needs {list(LESION_CLASSES)} or "
+                                      f"{list(NONE_CLASSES)}")
         options = InferenceOptions(threshold=threshold, keep_largest=True)
         boxes = [lesion_box(postprocess_mask(np.asarray(p), None, options)) for p in mask_probs]
         drawn = [i for i, b in enumerate(boxes) if b is not None]
-        crop = np.full((len(images), len(LESION_CLASSES)), np.nan)
+        crop = np.full((len(images), len(self.classes)), np.nan)
         if drawn:
             crop[drawn] = self.lesion_probs([images[i] for i in drawn], [boxes[i] for i in drawn], autocast)
-        return combine_class_probs(class_probs, crop), crop
+        combine = combine_none_probs if self.classes == NONE_CLASSES else combine_class_probs
+        return combine(class_probs, crop), crop
 
 
 def combine_class_probs(class_probs: np.ndarray, crop_probs: np.ndarray) -> np.ndarray:
@@ -163,6 +182,28 @@ def combine_class_probs(class_probs: np.ndarray, crop_probs: np.ndarray) -> np.n
                              where=lesion[:, None] > 0)
     rows = ~np.isnan(crop_probs).any(1)
     out[rows, 1:] = lesion[rows, None] * (given_lesion[rows] + crop_probs[rows]) / 2
+    return out
+
+
+def combine_none_probs(class_probs: np.ndarray, crop_probs: np.ndarray) -> np.ndarray:
+    """(N, 3) normal/benign/malignant probabilities from the network's and a 3-class crop classifier's (N, 3)
+    none/benign/malignant probabilities: P(normal) the mean of the network's P(normal) and the crop's P(none);
+    P(benign) and P(malignant) share the rest in the proportion :func:`combine_class_probs` gives with the
+    crop's benign-vs-malignant part. Rows where ``crop_probs`` is NaN (no mask drawn) keep the network's."""
+    class_probs = np.asarray(class_probs, dtype=np.float64)
+    crop_probs = np.asarray(crop_probs, dtype=np.float64)
+    if class_probs.ndim != 2 or class_probs.shape[1] != 3 or crop_probs.shape != (len(class_probs), 3):
+        raise ValueError(f"combine_none_probs needs (N, 3) and (N, 3), got {class_probs.shape} and {crop_probs.shape}")
+    rows = ~np.isnan(crop_probs).any(1)
+    type_given_lesion = np.full((len(crop_probs), 2), np.nan)
+    type_given_lesion[rows] = crop_probs[rows, 1:] / crop_probs[rows, 1:].sum(1, keepdims=True)
+    out = combine_class_probs(class_probs, type_given_lesion)
+    normal = (class_probs[rows, 0] + crop_probs[rows, 0]) / 2
+    lesion = out[rows, 1:]
+    total = lesion.sum(1, keepdims=True)  # 0 where the network's P(lesion) is: the crop's split then
+    split = np.divide(lesion, total, out=type_given_lesion[rows], where=total > 0)
+    out[rows, 0] = normal
+    out[rows, 1:] = (1 - normal)[:, None] * split
     return out
 
 
