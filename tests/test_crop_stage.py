@@ -214,3 +214,51 @@ def test_crop_stage_config_errors_name_the_key(tmp_path):
     with pytest.raises(TrainConfigError, match=r"crop_stage.depth is not a crop-stage setting"):
         train(_compose("train", [*TINY, *STAGE, "+crop_stage.depth=3"], tmp_path, tmp_path / "b"))
     assert not (tmp_path / "a" / "checkpoints").exists()  # refused before any training
+
+
+def test_normal_boxes_train_none_on_the_network_peak_and_join_p_normal(trained_run, tmp_path):  # noqa: F811
+    """``--normal-boxes N``: "none" learnt on N crops of each normal training image, the first around the run's
+    network's peak region on it; eval then joins P(normal) with the crop's P(none) (combine_none_probs)."""
+    from busiseg.crop_stage import StageNetwork, run_network_view, training_crops, training_records
+    from busiseg.data.crops import peak_box
+    from busiseg.inference import predict_probs, prepare_image, restore_size
+    from busiseg.data.busi import load_record
+    from busiseg.models.crop_classifier import NONE_CLASSES
+
+    ckpt, _ = trained_run
+    ckpt = _copy_run(ckpt, tmp_path / "run")
+    run = ckpt.parent.parent
+    settings = CropSettings(size=32, epochs=2, batch_size=8, normal_boxes=2)
+    network = run_network_view(run, ckpt.name, settings)
+    assert isinstance(network, StageNetwork) and run_network_view(run, ckpt.name, FAST_SETTINGS) is None
+    from busiseg.crop_stage import run_data_root
+    records = training_records(run_data_root(run, ckpt.name), run / "split.json")
+    normals = [r for r in records if r.label == 0]
+    assert normals and len(normals) < len(records)
+    images, boxes, labels, names = training_crops(records, settings, network)
+    assert len(labels) == len(records) + len(normals)  # one box per lesion image, two per normal one
+    assert [names.count(r.name) for r in records] == [2 if r.label == 0 else 1 for r in records]  # split order
+    assert set(labels) == {0, 1, 2} and all(lab == r.label for r, lab in zip(
+        [next(r for r in records if r.name == n) for n in names], labels))
+    # the first box of a normal image is the network's peak region on it
+    first = names.index(normals[0].name)
+    image = load_record(normals[0])[0]
+    with torch.no_grad():
+        mask_p, _ = predict_probs(network.net.float().eval(), prepare_image(image, network.image_size)[None])
+    assert boxes[first] == pytest.approx(peak_box(restore_size(mask_p[0, 0].numpy(), image.shape[:2])), abs=1.0)
+    with pytest.raises(CropClassifierError, match="normal_boxes=2 reads the run's network"):
+        training_crops(records, settings, None)
+
+    assert main(["train", str(run), "--checkpoint", ckpt.name, *FAST, "--normal-boxes", "2"]) == 0
+    model = load_crop_classifier(run / FILE_NAME)
+    assert model.classes == NONE_CLASSES and model.settings.normal_boxes == 2
+    split = json.loads((run / "split.json").read_text())
+    assert sorted(model.trained_on) == sorted(split["train"])  # the normal images too
+    plain, plain_out = run_eval(tmp_path / "plain", [f"ckpt_path={ckpt}"])
+    _, staged_out = run_eval(tmp_path / "staged", [f"ckpt_path={ckpt}", f"crop_classifier={run / FILE_NAME}"])
+    before, after = _probs(plain_out / "per_image.csv"), _probs(staged_out / "per_image.csv")
+    assert before.keys() == after.keys() and before
+    moved = [n for n in before if abs(after[n][0] - before[n][0]) > 1e-6]
+    assert moved  # P(normal) is no longer the network's alone where a mask is drawn
+    for name in before:
+        np.testing.assert_allclose(after[name].sum(), 1.0, atol=1e-5)

@@ -4,7 +4,8 @@
     python -m busiseg.crop_stage cv OUT SWEEP [--folds 0 1 2] [settings]
 
 ``train`` trains the benign-or-malignant crop classifier on the lesion images of RUN's training part
-(RUN/split.json, images from the run's data root, ground-truth lesion boxes) and writes
+(RUN/split.json, images from the run's data root, ground-truth lesion boxes; with ``--normal-boxes N`` also
+"none" on N crops of each normal training image, the first around the run's network's peak region) and writes
 ``RUN/crop_classifier.pt``; ``python -m busiseg.eval ckpt_path=RUN/checkpoints/last.ckpt
 crop_classifier=RUN/crop_classifier.pt`` and ``busiseg.predict ... crop_classifier=...`` then use it.
 
@@ -41,12 +42,12 @@ from busiseg.atomic import write_json_atomic, write_text_atomic  # noqa: E402
 from busiseg.checkpoint import CheckpointError, read_checkpoint  # noqa: E402
 from busiseg.cv_summary import CVSummaryError  # noqa: E402
 from busiseg.data.busi import DatasetError, Record, load_record, scan_busi  # noqa: E402
-from busiseg.data.crops import lesion_box  # noqa: E402
+from busiseg.data.crops import Box, lesion_box, normal_boxes, peak_box  # noqa: E402
 from busiseg.data.splits import load_split  # noqa: E402
 from busiseg.ensemble_cv import EnsembleCVError, fold_runs, run_fit_seconds, write_eval_run  # noqa: E402
 from busiseg.evaluation.runner import (EvalError, EvalResults, autocast_dtype, resolve_inputs, run_network,  # noqa: E402
                                       run_precision)
-from busiseg.inference import InferenceOptions  # noqa: E402
+from busiseg.inference import InferenceOptions, predict_probs, prepare_image, restore_size  # noqa: E402
 from busiseg.models.crop_classifier import (  # noqa: E402
     CropClassifier,
     CropClassifierError,
@@ -154,6 +155,17 @@ def stage_record(out: Path, info: dict[str, Any], trained_on: Sequence[str], set
             "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(settings).items()}}
 
 
+def run_network_view(run: Path, checkpoint: str, settings: CropSettings) -> StageNetwork | None:
+    """RUN's network as the crop stage reads it on the normal training images (None when ``normal_boxes`` is 0)."""
+    if not settings.normal_boxes:
+        return None
+    from busiseg.checkpoint import load_model
+
+    net, config = load_model(run / "checkpoints" / checkpoint)
+    data = config.get("data") or {}
+    return StageNetwork(net, int(data["image_size"]), int(data.get("in_channels", 1)), run_precision(config))
+
+
 def run_data_root(run: Path, checkpoint: str = "last.ckpt") -> Path:
     """The data root RUN was trained on, from its checkpoint's stored config (the synthetic phantom is
     written again when it is gone, as eval does)."""
@@ -170,8 +182,34 @@ def run_data_root(run: Path, checkpoint: str = "last.ckpt") -> Path:
     return root
 
 
-def training_lesions(root: Path, split_file: Path) -> list[Record]:
-    """The benign and malignant images of the split's training part."""
+@dataclasses.dataclass
+class StageNetwork:
+    """A run's network as the crop stage reads it on the normal training images (``normal_boxes`` > 0): at the
+    run's input size and channels, under the autocast of its ``trainer.precision``, on the CPU."""
+
+    net: torch.nn.Module
+    image_size: int
+    in_channels: int
+    precision: str
+
+    def peak_boxes(self, records: Sequence[Record], batch_size: int = 256) -> dict[str, Box | None]:
+        """The box of the network's peak region (``busiseg.data.crops.peak_box``) on each image, at its own size."""
+        net = copy.deepcopy(self.net).cpu().float().to(memory_format=torch.contiguous_format).eval()
+        dtype = autocast_dtype(self.precision)
+        out: dict[str, Box | None] = {}
+        for start in range(0, len(records), batch_size):
+            chunk = records[start:start + batch_size]
+            images = [load_record(r, self.in_channels)[0] for r in chunk]
+            x = torch.stack([prepare_image(image, self.image_size) for image in images])
+            with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+                mask_p, _ = predict_probs(net, x)
+            for i, (r, image) in enumerate(zip(chunk, images)):
+                out[r.name] = peak_box(restore_size(mask_p[i, 0].float().numpy(), image.shape[:2]))
+        return out
+
+
+def training_records(root: Path, split_file: Path) -> list[Record]:
+    """The images of the split's training part, in the split's order."""
     try:
         names = load_split(split_file)["train"]
     except ValueError as exc:
@@ -181,51 +219,100 @@ def training_lesions(root: Path, split_file: Path) -> list[Record]:
     if missing:
         raise CropClassifierError(f"{split_file}: {len(missing)} training image(s) are not in {root}, e.g. "
                                   f"{missing[0]} (is --data-root the folder the run used?)")
-    return [by_name[n] for n in names if by_name[n].label > 0]
+    return [by_name[n] for n in names]
+
+
+def training_lesions(root: Path, split_file: Path) -> list[Record]:
+    """The benign and malignant images of the split's training part."""
+    return [r for r in training_records(root, split_file) if r.label > 0]
+
+
+def training_crops(records: Sequence[Record], settings: CropSettings, network: StageNetwork | None
+                   ) -> tuple[list[np.ndarray], list[Box], list[int], list[str]]:
+    """What the crop classifier trains on: (images, boxes, labels indexing ``settings.classes``, image names).
+    Each lesion image gives its ground-truth box; with ``normal_boxes`` N > 0 each normal image gives N boxes
+    (``busiseg.data.crops.normal_boxes``, drawn with ``settings.seed``, sides those of the training lesions),
+    the first replaced by ``network``'s peak region on it. Images in the records' order."""
+    images, boxes, labels, names = [], [], [], []
+    decoded = {}
+    for r in records:
+        if r.label == 0 and not settings.normal_boxes:
+            continue
+        image, mask = load_record(r)
+        decoded[r.name] = image
+        if r.label > 0:
+            box = lesion_box(mask)
+            if box is None:
+                raise CropClassifierError(f"{r.masks[0] if r.masks else r.image}: a {r.class_name} image with an "
+                                          "empty mask cannot train the crop classifier")
+            images.append(image)
+            boxes.append(box)
+            labels.append(r.label - (0 if settings.normal_boxes else 1))
+            names.append(r.name)
+    if not settings.normal_boxes:
+        return images, boxes, labels, names
+    normals = [r for r in records if r.label == 0]
+    if network is None:
+        raise CropClassifierError(f"normal_boxes={settings.normal_boxes} reads the run's network on the normal "
+                                  "training images; none was given")
+    hot = network.peak_boxes(normals)
+    sides = np.array([b[2] / decoded[n].shape[1] for n, b in zip(names, boxes)])
+    g = np.random.default_rng(settings.seed)
+    out: tuple[list, list, list, list] = ([], [], [], [])
+    lesion_at = {n: i for i, n in enumerate(names)}
+    for r in records:  # the split's order, lesion and normal images interleaved (as scripts/probe_normal_crops.py)
+        if r.label > 0:
+            these = [boxes[lesion_at[r.name]]]
+        else:
+            these = normal_boxes(to_grey(decoded[r.name]), settings.normal_boxes, sides, g)
+            if hot[r.name] is not None:
+                these[0] = hot[r.name]
+        for box in these:
+            for dest, value in zip(out, (decoded[r.name], box, r.label, r.name)):
+                dest.append(value)
+    return out
 
 
 def train_for_split(root: Path, split_file: Path, settings: CropSettings, device: str = "auto",
-                    precision: str = "auto", progress: bool = True) -> tuple[CropClassifier, dict[str, Any], np.ndarray]:
-    """Train the crop classifier on the lesion images of ``split_file``'s training part under ``root``;
-    returns it, what to store beside its weights (time, loss per epoch, where the images came from) and
-    :func:`crop_figure`."""
+                    precision: str = "auto", progress: bool = True, network: StageNetwork | None = None
+                    ) -> tuple[CropClassifier, dict[str, Any], np.ndarray]:
+    """Train the crop classifier on the lesion images of ``split_file``'s training part under ``root`` (and on
+    its normal images with ``settings.normal_boxes`` > 0, which needs the run's ``network``); returns it, what
+    to store beside its weights (time, loss per epoch, where the images came from) and :func:`crop_figure`."""
     dev = stage_device(device)
-    records = training_lesions(root, split_file)
+    records = training_records(root, split_file)
+    if not settings.normal_boxes:
+        records = [r for r in records if r.label > 0]
     dtype = training_precision(dev, precision)
     started = time.perf_counter()
-    images, boxes = [], []
-    for r in records:
-        image, mask = load_record(r)
-        box = lesion_box(mask)
-        if box is None:
-            raise CropClassifierError(f"{r.masks[0] if r.masks else r.image}: a {r.class_name} image with an empty "
-                                      "mask cannot train the crop classifier")
-        images.append(image)
-        boxes.append(box)
-    log.info("crop classifier: %d lesion images of %s (%s), %d epochs on %s%s", len(records), split_file, root,
-             settings.epochs, dev, ", bf16" if dtype is not None else "")
+    images, boxes, labels, names = training_crops(records, settings, network)
+    what = (f"{len(records)} images of {split_file}" if settings.normal_boxes else
+            f"{len(records)} lesion images of {split_file}")
+    log.info("crop classifier: %s (%s), %d crops, classes %s, %d epochs on %s%s", what, root, len(labels),
+             "/".join(settings.classes), settings.epochs, dev, ", bf16" if dtype is not None else "")
     with epoch_bar("crop classifier", settings.epochs, progress) as on_epoch:
-        model, history = train_crop_classifier(
-            images, boxes, [r.label - 1 for r in records], settings, [r.name for r in records], dev, dtype,
-            on_epoch=on_epoch)
+        model, history = train_crop_classifier(images, boxes, labels, settings, list(dict.fromkeys(names)), dev, dtype,
+                                               on_epoch=on_epoch, classes=settings.classes)
     info = stage_info(started, history, root, split_file, dev, dtype)
     log.info("crop classifier trained in %.0f s, last epoch's loss %.3f", info["fit_seconds"], history[-1])
-    figure = crop_figure(history, images, boxes, [r.label - 1 for r in records], settings,
-                         f"crop classifier: {len(records)} lesion images of {split_file}, {info['fit_seconds']:.0f} s")
+    figure = crop_figure(history, images, boxes, labels, settings,
+                         f"crop classifier: {what}, {len(labels)} crops, {info['fit_seconds']:.0f} s")
     return model.cpu(), info, figure
 
 
 def crop_figure(history: Sequence[float], images: Sequence[np.ndarray], boxes: Sequence[Any], labels: Sequence[int],
                 settings: CropSettings, title: str, per_class: int = 4) -> np.ndarray:
-    """RGB picture: the training loss per epoch, and what the classifier reads (the first ``per_class`` benign
-    and malignant training crops at the middle test margin, as fed to the network)."""
+    """RGB picture: the training loss per epoch, and what the classifier reads (the first ``per_class`` training
+    crops of each class at the middle test margin, as fed to the network; two rows)."""
     from busiseg.data.crops import square_crop
 
-    picks = [i for k in (0, 1) for i in [j for j, lab in enumerate(labels) if lab == k][:per_class]]
+    classes = settings.classes
+    colours = {"none": "#4c72b0", "benign": "#55a868", "malignant": "#c44e52"}
+    picks = [i for k in range(len(classes)) for i in [j for j, lab in enumerate(labels) if lab == k][:per_class]]
     margin = sorted(settings.test_margins)[len(settings.test_margins) // 2]
     panels = [(square_crop(to_grey(images[i]), boxes[i], margin, settings.size), None,
-               ("benign", "malignant")[labels[i]], ("#55a868", "#c44e52")[labels[i]]) for i in picks]
-    return stage_figure(history, "cross-entropy", panels, title, per_class)
+               classes[labels[i]], colours[classes[labels[i]]]) for i in picks]
+    return stage_figure(history, "cross-entropy", panels, title, -(-len(classes) * per_class // 2))
 
 
 def save_with_figure(model: Any, path: Path, figure: np.ndarray, save: Any = save_crop_classifier, **info: Any) -> Path:
@@ -249,7 +336,8 @@ def for_training_run(settings: CropSettings, root: Path, split_file: Path, net: 
     ``metrics.json`` records about the stage, and ``{part: results}``. ``mask_refiner``: the run's refine stage
     (``busiseg.models.mask_refiner.MaskRefiner``): the crops are then cut around its masks, which are scored."""
     dtype = "bf16-mixed" if precision.startswith("bf16") else "32"
-    model, info, figure = train_for_split(root, split_file, settings, device, dtype, progress)
+    network = StageNetwork(net, image_size, in_channels, precision) if settings.normal_boxes else None
+    model, info, figure = train_for_split(root, split_file, settings, device, dtype, progress, network)
     save_with_figure(model, out, figure, **info)
     results = score_parts(net, parts, image_size, in_channels, batch_size, precision=precision,
                           channels_last=channels_last, progress=progress,
@@ -285,7 +373,8 @@ def crop_cv(out: Path, sweep: Path, settings: CropSettings, folds: Sequence[int]
         inputs = resolve_inputs({"ckpt_path": str(ckpt), "part": "test", "data": {}})
         split_file = run / "split.json"
         crop_file = out / TWO_STAGE / str(fold) / FILE_NAME
-        lesions = sorted(r.name for r in training_lesions(inputs.data_root, split_file))
+        lesions = sorted(r.name for r in training_records(inputs.data_root, split_file)
+                         if r.label > 0 or settings.normal_boxes)
         fold_settings = dataclasses.replace(settings, seed=settings.seed + fold)  # as scripts/probe_lesion_crops.py
         stored = _reusable(crop_file, fold_settings, lesions)
         if stored is not None:
@@ -294,7 +383,10 @@ def crop_cv(out: Path, sweep: Path, settings: CropSettings, folds: Sequence[int]
             crop_seconds = float(stored.get("fit_seconds") or 0.0)
         else:
             log.info("fold %d: training the crop classifier", fold)
-            model, info, figure = train_for_split(inputs.data_root, split_file, fold_settings, progress=progress)
+            network = StageNetwork(inputs.net, inputs.image_size, inputs.in_channels,
+                                   run_precision(inputs.train_config)) if settings.normal_boxes else None
+            model, info, figure = train_for_split(inputs.data_root, split_file, fold_settings, progress=progress,
+                                                  network=network)
             save_with_figure(model, crop_file, figure, run=str(run), **info)
             crop_seconds = info["fit_seconds"]
         check_not_trained_on(model, [r.name for r in inputs.records], crop_file)
@@ -327,7 +419,7 @@ def crop_cv(out: Path, sweep: Path, settings: CropSettings, folds: Sequence[int]
 def _settings(args: argparse.Namespace) -> CropSettings:
     return CropSettings(size=args.size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                         weight_decay=args.weight_decay, train_margin=tuple(args.train_margin), jitter=args.jitter,
-                        test_margins=tuple(args.test_margins), seed=args.seed)
+                        test_margins=tuple(args.test_margins), seed=args.seed, normal_boxes=args.normal_boxes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -357,6 +449,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--test-margins", type=float, nargs="+", default=defaults.test_margins,
                        help="crops at these margins (each also mirrored), probabilities averaged")
         p.add_argument("--seed", type=int, default=defaults.seed)
+        p.add_argument("--normal-boxes", type=int, default=defaults.normal_boxes,
+                       help="0: benign vs malignant; N > 0: also 'none', on N crops per normal training image (the "
+                            "first around the run's network's peak region), joined into P(normal) too")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -370,7 +465,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                           "checkpoints/)")
             root = args.data_root or run_data_root(args.run, args.checkpoint)
             model, info, figure = train_for_split(root, split_file, settings, args.device,
-                                                  progress=not args.no_progress)
+                                                  progress=not args.no_progress,
+                                                  network=run_network_view(args.run, args.checkpoint, settings))
             path = save_with_figure(model, args.out or args.run / FILE_NAME, figure, run=str(args.run), **info)
             print(f"crop classifier: {path} ({len(model.trained_on)} lesion images, {info['fit_seconds']:.0f} s); "
                   f"use it with: python -m busiseg.eval ckpt_path={args.run / 'checkpoints' / args.checkpoint} "
