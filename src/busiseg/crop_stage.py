@@ -192,19 +192,25 @@ class StageNetwork:
     in_channels: int
     precision: str
 
-    def peak_boxes(self, records: Sequence[Record], batch_size: int = 256) -> dict[str, Box | None]:
-        """The box of the network's peak region (``busiseg.data.crops.peak_box``) on each image, at its own size."""
+    @classmethod
+    def when_needed(cls, settings: CropSettings, net: torch.nn.Module, image_size: int, in_channels: int,
+                    precision: str) -> "StageNetwork | None":
+        """The network as ``settings`` needs it: None when ``normal_boxes`` is 0 (nothing reads it then)."""
+        return cls(net, image_size, in_channels, precision) if settings.normal_boxes else None
+
+    def peak_boxes(self, images: Sequence[np.ndarray], batch_size: int = 256) -> list[Box | None]:
+        """The box of the network's peak region (``busiseg.data.crops.peak_box``) on each image (decoded at its
+        own size with the network's ``in_channels``), in the images' order."""
         net = copy.deepcopy(self.net).cpu().float().to(memory_format=torch.contiguous_format).eval()
         dtype = autocast_dtype(self.precision)
-        out: dict[str, Box | None] = {}
-        for start in range(0, len(records), batch_size):
-            chunk = records[start:start + batch_size]
-            images = [load_record(r, self.in_channels)[0] for r in chunk]
-            x = torch.stack([prepare_image(image, self.image_size) for image in images])
+        out: list[Box | None] = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            x = torch.stack([prepare_image(image, self.image_size) for image in chunk])
             with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
                 mask_p, _ = predict_probs(net, x)
-            for i, (r, image) in enumerate(zip(chunk, images)):
-                out[r.name] = peak_box(restore_size(mask_p[i, 0].float().numpy(), image.shape[:2]))
+            out.extend(peak_box(restore_size(mask_p[i, 0].float().numpy(), image.shape[:2]))
+                       for i, image in enumerate(chunk))
         return out
 
 
@@ -255,7 +261,10 @@ def training_crops(records: Sequence[Record], settings: CropSettings, network: S
     if network is None:
         raise CropClassifierError(f"normal_boxes={settings.normal_boxes} reads the run's network on the normal "
                                   "training images; none was given")
-    hot = network.peak_boxes(normals)
+    # the grey images decoded above, unless the network reads three channels
+    seen = [decoded[r.name] if network.in_channels == 1 else load_record(r, network.in_channels)[0]
+            for r in normals]
+    hot = dict(zip((r.name for r in normals), network.peak_boxes(seen)))
     sides = np.array([b[2] / decoded[n].shape[1] for n, b in zip(names, boxes)])
     g = np.random.default_rng(settings.seed)
     out: tuple[list, list, list, list] = ([], [], [], [])
@@ -336,7 +345,7 @@ def for_training_run(settings: CropSettings, root: Path, split_file: Path, net: 
     ``metrics.json`` records about the stage, and ``{part: results}``. ``mask_refiner``: the run's refine stage
     (``busiseg.models.mask_refiner.MaskRefiner``): the crops are then cut around its masks, which are scored."""
     dtype = "bf16-mixed" if precision.startswith("bf16") else "32"
-    network = StageNetwork(net, image_size, in_channels, precision) if settings.normal_boxes else None
+    network = StageNetwork.when_needed(settings, net, image_size, in_channels, precision)
     model, info, figure = train_for_split(root, split_file, settings, device, dtype, progress, network)
     save_with_figure(model, out, figure, **info)
     results = score_parts(net, parts, image_size, in_channels, batch_size, precision=precision,
@@ -383,8 +392,8 @@ def crop_cv(out: Path, sweep: Path, settings: CropSettings, folds: Sequence[int]
             crop_seconds = float(stored.get("fit_seconds") or 0.0)
         else:
             log.info("fold %d: training the crop classifier", fold)
-            network = StageNetwork(inputs.net, inputs.image_size, inputs.in_channels,
-                                   run_precision(inputs.train_config)) if settings.normal_boxes else None
+            network = StageNetwork.when_needed(settings, inputs.net, inputs.image_size, inputs.in_channels,
+                                               run_precision(inputs.train_config))
             model, info, figure = train_for_split(inputs.data_root, split_file, fold_settings, progress=progress,
                                                   network=network)
             save_with_figure(model, crop_file, figure, run=str(run), **info)
