@@ -20,7 +20,6 @@ from busiseg.models.mask_refiner import load_mask_refiner
 sweep, out = Path(sys.argv[1]), Path(sys.argv[2])
 root = Path(os.environ["BUSI_ROOT"])
 by_name = {r.name: r for r in scan_busi(root)}
-rows = []
 for fold in [int(f) for f in sys.argv[3:]]:
     run = sweep / str(fold)
     m = json.load(open(run / "metrics.json"))
@@ -38,5 +37,4 @@ for fold in [int(f) for f in sys.argv[3:]]:
                bm_recall_normal=t["recall_normal"], network_recall_normal=m["metrics"]["test/recall_normal"],
                bm_fit_seconds=info["fit_seconds"], none_fit_seconds=m["crop_stage"]["fit_seconds"])
     print(json.dumps(row), flush=True)
-    rows.append(row)
     (out / str(fold) / "baseline.json").write_text(json.dumps(row, indent=1))
