@@ -113,6 +113,24 @@ def test_the_runner_scores_the_refined_masks(refined_sweep):
     assert np.array_equal(erased.probs["raw"], plain.probs["raw"])  # the classes are untouched
 
 
+def test_eval_reads_beyond_the_crops_as_told(refined_sweep, tmp_path):
+    """mask_refiner_outside overrides the file's refine_stage.outside: erase never draws more than keep does,
+    and a bad value is refused naming the key."""
+    from busiseg.evaluation.runner import EvalError
+
+    _, sweep = refined_sweep
+    run = sweep / "1"
+    args = [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"mask_refiner={run / FILE_NAME}"]
+    kept, kept_dir = run_eval(tmp_path / "keep", args)
+    erased, erased_dir = run_eval(tmp_path / "erase", [*args, "mask_refiner_outside=erase"])
+    assert kept["mask_refiner_outside"] == "keep" and erased["mask_refiner_outside"] == "erase"
+    with open(kept_dir / "per_image.csv", newline="") as a, open(erased_dir / "per_image.csv", newline="") as b:
+        area = [(float(r["pred_area_px"]), float(q["pred_area_px"])) for r, q in zip(csv.DictReader(a), csv.DictReader(b))]
+    assert any(k > 0 for k, _ in area) and all(e <= k + 1e-9 for k, e in area)
+    with pytest.raises(EvalError, match="mask_refiner_outside='drop'"):
+        run_eval(tmp_path / "bad", [*args, "mask_refiner_outside=drop"])
+
+
 def test_predict_with_the_mask_refiner(refined_sweep, tmp_path):
     from tests.test_predict import read_rows, run_predict, write_inputs
 
@@ -122,8 +140,15 @@ def test_predict_with_the_mask_refiner(refined_sweep, tmp_path):
     ckpt = run / "checkpoints" / "last.ckpt"
     summary = run_predict(ckpt, tmp_path / "in", tmp_path / "out", f"mask_refiner='{run / FILE_NAME}'")
     assert summary.failed == [] and summary.exit_code == 0 and read_rows(tmp_path / "out")
+    erased = run_predict(ckpt, tmp_path / "in", tmp_path / "erased", f"mask_refiner='{run / FILE_NAME}'",
+                         "mask_refiner_outside=erase")
+    assert erased.failed == [] and erased.exit_code == 0 and read_rows(tmp_path / "erased")
     (tmp_path / "bad.pt").write_bytes(b"not a file")
     from busiseg.predict import ConfigError
+
+    with pytest.raises(ConfigError, match="mask_refiner_outside='drop'"):
+        run_predict(ckpt, tmp_path / "in", tmp_path / "bad_outside", f"mask_refiner='{run / FILE_NAME}'",
+                    "mask_refiner_outside=drop")
 
     with pytest.raises(ConfigError, match="bad.pt"):
         run_predict(ckpt, tmp_path / "in", tmp_path / "out2", f"mask_refiner='{tmp_path / 'bad.pt'}'")
@@ -144,6 +169,8 @@ def test_refine_stage_config_errors_name_the_key(tmp_path):
 
     with pytest.raises(ConfigError, match=r"refine_stage: mask refiner settings out of range: .*blend='max'"):
         train(_compose("train", [*TINY, *REFINE, "refine_stage.blend=max"], tmp_path, tmp_path / "a"))
+    with pytest.raises(ConfigError, match=r"refine_stage: mask refiner settings out of range: .*outside='drop'"):
+        train(_compose("train", [*TINY, *REFINE, "refine_stage.outside=drop"], tmp_path, tmp_path / "a"))
     with pytest.raises(ConfigError, match=r"refine_stage.depth is not a refine-stage setting"):
         train(_compose("train", [*TINY, *REFINE, "+refine_stage.depth=3"], tmp_path, tmp_path / "b"))
     assert not (tmp_path / "a" / "checkpoints").exists()  # refused before any training

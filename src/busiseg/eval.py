@@ -48,7 +48,7 @@ from busiseg.evaluation.runner import (  # noqa: E402
     run_precision,
 )
 from busiseg.inference import InferenceOptions  # noqa: E402
-from busiseg.models.mask_refiner import MaskRefiner, MaskRefinerError, load_mask_refiner  # noqa: E402
+from busiseg.models.mask_refiner import MaskRefiner, MaskRefinerError, load_mask_refiner, read_outside  # noqa: E402
 from busiseg.models.mask_refiner import check_not_trained_on as check_refiner_not_trained_on  # noqa: E402
 from busiseg.models.crop_classifier import (  # noqa: E402
     CropClassifier,
@@ -140,7 +140,7 @@ def check_against_training(inputs: EvalInputs, results: EvalResults) -> dict[str
 
 def build_metrics(inputs: EvalInputs, options: InferenceOptions, results: EvalResults,
                   ece_bins: int = ECE_BINS, crop_classifier: Path | None = None,
-                  mask_refiner: Path | None = None) -> dict[str, Any]:
+                  mask_refiner: Path | None = None, refiner_outside: str | None = None) -> dict[str, Any]:
     """The content of metrics.json (schema in docs/evaluation.md)."""
     final = results.final
     true_area = results.scores[(final, "original")].true_area
@@ -153,6 +153,7 @@ def build_metrics(inputs: EvalInputs, options: InferenceOptions, results: EvalRe
         "crop_classifier": str(crop_classifier) if crop_classifier else None,
         # the refine stage (busiseg.models.mask_refiner): masks are the refined ones
         "mask_refiner": str(mask_refiner) if mask_refiner else None,
+        "mask_refiner_outside": refiner_outside,
         "training_run_dir": str(inputs.run_dir),
         "data_root": str(inputs.data_root.resolve()),
         "part": inputs.part,
@@ -373,12 +374,13 @@ def load_refine_stage(cfg: DictConfig, inputs: EvalInputs) -> tuple[MaskRefiner 
         return None, None
     path = Path(str(value)).expanduser()
     try:
-        model = load_mask_refiner(path)
+        model = read_outside(load_mask_refiner(path), cfg.get("mask_refiner_outside"))
         if inputs.part != "train":
             check_refiner_not_trained_on(model, [r.name for r in inputs.records], path)
     except MaskRefinerError as exc:
         raise EvalError(str(exc)) from exc
-    log.info("refine stage: %s (trained on %d lesion images)", path, len(model.trained_on))
+    log.info("refine stage: %s (trained on %d lesion images; outside its crops: %s)", path, len(model.trained_on),
+             model.settings.outside)
     return model, path
 
 
@@ -403,7 +405,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                           channels_last=bool(inputs.train_config.get("channels_last", False)),
                           autocast=autocast_dtype(precision), crop_classifier=crop_model, mask_refiner=refiner)
     ece_bins = int(cfg.get("ece_bins") or ECE_BINS)
-    metrics = build_metrics(inputs, options, results, ece_bins, crop_path, refiner_path)
+    metrics = build_metrics(inputs, options, results, ece_bins, crop_path, refiner_path,
+                            refiner.settings.outside if refiner is not None else None)
     metrics["precision"] = precision
     write_json(output_dir / "metrics.json", metrics)
     write_per_image_csv(output_dir / "per_image.csv", results)

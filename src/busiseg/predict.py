@@ -30,7 +30,7 @@ from busiseg.cli import fail  # noqa: E402
 from busiseg.data.labels import CLASS_NAMES  # noqa: E402
 from busiseg.inference import Ensemble, InferenceOptions, postprocess_mask, predict_probs, prepare_image, restore_size  # noqa: E402
 from busiseg.models.crop_classifier import CropClassifier, CropClassifierError, load_crop_classifier  # noqa: E402
-from busiseg.models.mask_refiner import MaskRefiner, MaskRefinerError, load_mask_refiner  # noqa: E402
+from busiseg.models.mask_refiner import MaskRefiner, MaskRefinerError, load_mask_refiner, read_outside  # noqa: E402
 from busiseg.onnx_predictor import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, InputError, PredictionSummary, find_images, predict_files  # noqa: E402
 
 log = logging.getLogger("busiseg.predict")
@@ -103,12 +103,13 @@ def _skip_masks(value: Any) -> bool | str:
 
 def load_predictor(ckpt_path: str | Path | Sequence[str | Path], options: InferenceOptions,
                    device: str = "cpu", crop_classifier: str | Path | None = None,
-                   mask_refiner: str | Path | None = None) -> TorchPredictor:
+                   mask_refiner: str | Path | None = None, mask_refiner_outside: str | None = None) -> TorchPredictor:
     """The checkpoint's network with its training image size and channels. A list of checkpoints is
     one ensemble (:class:`busiseg.inference.Ensemble`: mask and class probabilities averaged); its
     members must have been trained at the same ``data.image_size`` and ``data.in_channels``.
     ``crop_classifier``: a crop-stage file (``busiseg.crop_stage train``), or None. ``mask_refiner``: a
-    refine-stage file (``refine_stage=default`` in busiseg.train, ``busiseg.refine_stage train``), or None."""
+    refine-stage file (``refine_stage=default`` in busiseg.train, ``busiseg.refine_stage train``), or None;
+    ``mask_refiner_outside`` (keep, erase) overrides how it reads beyond its crops (None: as its file stores it)."""
     crop = None
     if crop_classifier not in (None, ""):
         try:
@@ -119,7 +120,7 @@ def load_predictor(ckpt_path: str | Path | Sequence[str | Path], options: Infere
     refiner = None
     if mask_refiner not in (None, ""):
         try:
-            refiner = load_mask_refiner(str(mask_refiner))
+            refiner = read_outside(load_mask_refiner(str(mask_refiner)), mask_refiner_outside)
         except MaskRefinerError as exc:
             raise ConfigError(str(exc)) from exc
         log.info("refine stage: %s", mask_refiner)
@@ -158,7 +159,7 @@ def predict(cfg: DictConfig) -> PredictionSummary:
         raise InputError(f"input {input_path}: no images found ({', '.join(IMAGE_SUFFIXES)}; hidden files and "
                          f"mask files are skipped)")
     predictor = load_predictor(ckpt_path, options, _device(str(cfg.get("device", "auto"))), cfg.get("crop_classifier"),
-                               cfg.get("mask_refiner"))
+                               cfg.get("mask_refiner"), cfg.get("mask_refiner_outside"))
     members = len(predictor.net.members) if isinstance(predictor.net, Ensemble) else 1
     log.info("%d image(s) from %s, %s %s, image size %d", len(images), input_path,
              f"ensemble of {members} checkpoints" if members > 1 else "checkpoint", ckpt_path, predictor.image_size)

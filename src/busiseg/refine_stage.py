@@ -41,6 +41,8 @@ from busiseg.data.busi import DatasetError, Record, load_record  # noqa: E402
 from busiseg.evaluation.runner import EvalResults  # noqa: E402
 from busiseg.models.crop_classifier import CropClassifier, CropClassifierError  # noqa: E402
 from busiseg.models.mask_refiner import (  # noqa: E402
+    BLENDS,
+    OUTSIDES,
     MaskRefiner,
     MaskRefinerError,
     RefinerSettings,
@@ -136,7 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.add_argument("--batch-size", type=int, default=defaults.batch_size)
     train.add_argument("--lr", type=float, default=defaults.lr)
     train.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    train.add_argument("--blend", choices=("replace", "mean"), default=defaults.blend)
+    train.add_argument("--blend", choices=BLENDS, default=defaults.blend)
+    train.add_argument("--outside", choices=OUTSIDES, default=defaults.outside,
+                       help="beyond the crops around the largest component: keep the network's mask, or erase it")
     train.add_argument("--seed", type=int, default=None,
                        help="default: the run's seed + its fold (what refine_stage=default uses inside busiseg.train)")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -149,7 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise MaskRefinerError(f"{split_file}: not found (RUN is a training run dir: split.json, checkpoints/)")
         seed = args.seed if args.seed is not None else run_seed(args.run, args.checkpoint)
         settings = RefinerSettings(size=args.size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                   weight_decay=args.weight_decay, blend=args.blend, seed=seed)
+                                   weight_decay=args.weight_decay, blend=args.blend, outside=args.outside,
+                                   seed=seed)
         root = args.data_root or run_data_root(args.run, args.checkpoint)
         model, info, figure = train_for_split(root, split_file, settings, args.device, progress=not args.no_progress)
         path = save_with_figure(model, args.out or args.run / FILE_NAME, figure, save_mask_refiner, run=str(args.run),

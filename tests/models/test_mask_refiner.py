@@ -28,6 +28,7 @@ SMALL = RefinerSettings(size=32, decoder_channels=(32, 16, 16, 8, 8), epochs=15,
     ({"test_margins": ()}, "test_margins"),
     ({"jitter": 0.5}, "jitter=0.5"),
     ({"blend": "max"}, "blend='max'"),
+    ({"outside": "drop"}, "outside='drop'"),
 ])
 def test_settings_out_of_range_are_named(kwargs, text):
     with pytest.raises(MaskRefinerError, match=text):
@@ -104,6 +105,23 @@ def test_refine_blends_inside_the_crops_only_and_leaves_empty_masks_alone():
     np.testing.assert_array_equal(mean[0][outside], probs[0][outside])
     with pytest.raises(ValueError, match=r"shape \(5, 5\) for an image of"):
         model.refine(images[:1], [np.zeros((5, 5), np.float32)])
+
+
+def test_outside_erase_leaves_only_the_refined_crops_and_empty_masks_alone():
+    images, masks = _scans(2, seed=2)
+    probs = [_coarse(masks[0], 2), np.full(masks[1].shape, 0.3, np.float32)]
+    box = lesion_box(probs[0] > 0.5)
+    probs[0][:3, :3] = 0.95  # a speck far from the lesion: another component
+    keep = MaskRefiner(RefinerSettings(**{**SMALL.__dict__, "blend": "replace"}))
+    erase = MaskRefiner(RefinerSettings(**{**SMALL.__dict__, "blend": "replace", "outside": "erase"}))
+    erase.net.load_state_dict(keep.net.state_dict())
+    kept, erased = keep.refine(images, probs), erase.refine(images, probs)
+    crop, cover = keep.crop_probs(images[0], box)
+    outside = cover == 0
+    np.testing.assert_array_equal(kept[0][outside], probs[0][outside])  # the speck stays with keep
+    assert not erased[0][outside].any()  # and goes with erase
+    np.testing.assert_allclose(erased[0], cover * crop, atol=1e-6)
+    np.testing.assert_array_equal(erased[1], probs[1])  # nothing drawn: the network's map either way
 
 
 def test_training_and_file_refusals(tmp_path):

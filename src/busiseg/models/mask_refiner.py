@@ -7,8 +7,9 @@ at the scan's own scale (:mod:`busiseg.data.crops`), and draws the lesion's mask
 the ground-truth lesion boxes of a run's training images (:func:`train_mask_refiner`); at inference it reads
 the crops around the largest component of the network's own mask (:meth:`MaskRefiner.refine`), and its
 probabilities, laid back over the scan (:func:`busiseg.data.crops.paste_crop`), replace the network's inside
-the crops (``blend="replace"``, the default) or are averaged with them (``"mean"``); outside the crops, and on
-images where the network draws nothing, the network's mask stands. Measured in docs/results.md (e54,
+the crops (``blend="replace"``, the default) or are averaged with them (``"mean"``); outside the crops the
+network's mask stands (``outside="keep"``, the default) or is erased (``"erase"``: the network's other
+components go), and on images where the network draws nothing it stands either way. Measured in docs/results.md (e54,
 ``scripts/probe_crop_refine.py``: over five folds lesion-image Dice +0.017 replacing, +0.012 averaging).
 """
 
@@ -37,6 +38,7 @@ from busiseg.models.stage_file import (
 
 FORMAT = "busiseg.mask_refiner/1"
 BLENDS = ("replace", "mean")
+OUTSIDES = ("keep", "erase")
 
 
 class MaskRefinerError(ValueError):
@@ -52,7 +54,9 @@ class RefinerSettings:
     train_margin: a training crop's side is the lesion box's side times U(lo, hi); jitter: its centre moves
     by up to this share of the side (each axis); mirrors and brightness/contrast too. test_margins: at
     inference, one crop per margin, each also mirrored, probabilities averaged. blend: inside the crops, the
-    refiner's probability alone (``replace``) or the ``mean`` of the refiner's and the network's.
+    refiner's probability alone (``replace``) or the ``mean`` of the refiner's and the network's. outside: beyond
+    the crops, the network's probability as it is (``keep``) or 0 (``erase``: only the refined lesion is left;
+    docs/results.md e61).
     seed: the training's random seed.
     """
 
@@ -67,6 +71,7 @@ class RefinerSettings:
     jitter: float = 0.15
     test_margins: tuple[float, ...] = (1.5, 2.0, 2.5)
     blend: str = "replace"
+    outside: str = "keep"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -81,6 +86,8 @@ class RefinerSettings:
         problems += crop_training_problems(self)
         if self.blend not in BLENDS:
             problems.append(f"blend={self.blend!r} (one of {', '.join(BLENDS)})")
+        if self.outside not in OUTSIDES:
+            problems.append(f"outside={self.outside!r} (one of {', '.join(OUTSIDES)})")
         if problems:
             raise MaskRefinerError("mask refiner settings out of range: " + "; ".join(problems))
 
@@ -126,8 +133,9 @@ class MaskRefiner(torch.nn.Module):
                autocast: torch.dtype | None = None) -> list[np.ndarray]:
         """The refined mask probabilities of a batch: ``images`` uint8 at their own size, ``mask_probs`` the
         network's mask probabilities at that size. Inside the crops around the largest component of each
-        mask (>= ``threshold``) the refiner's probability is blended in (``settings.blend``); elsewhere, and
-        where no mask is drawn, the network's stands."""
+        mask (>= ``threshold``) the refiner's probability is blended in (``settings.blend``); elsewhere the
+        network's stands (``settings.outside``: ``keep``) or is set to 0 (``erase``); where no mask is drawn the
+        network's stands."""
         options = InferenceOptions(threshold=threshold, keep_largest=True)
         out = []
         for image, prob in zip(images, mask_probs):
@@ -141,8 +149,20 @@ class MaskRefiner(torch.nn.Module):
             refined, cover = self.crop_probs(to_grey(image), box, autocast)
             if self.settings.blend == "mean":
                 refined = (refined + prob) / 2
-            out.append(cover * refined + (1 - cover) * prob)
+            out.append(cover * refined if self.settings.outside == "erase" else cover * refined + (1 - cover) * prob)
         return out
+
+
+def read_outside(model: MaskRefiner, outside: str | None) -> MaskRefiner:
+    """``model`` reading beyond its crops as ``outside`` says (``keep`` or ``erase``) instead of as its file stores
+    it; None or "" leaves the stored setting (eval's and predict's ``mask_refiner_outside``)."""
+    if outside in (None, ""):
+        return model
+    if outside not in OUTSIDES:
+        raise MaskRefinerError(f"mask_refiner_outside={outside!r}: one of {', '.join(OUTSIDES)} (null: as the "
+                               "mask-refiner file stores it)")
+    model.settings.outside = str(outside)
+    return model
 
 
 def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
