@@ -45,7 +45,8 @@ from busiseg.checkpoint import load_model  # noqa: E402
 from busiseg.data.busi import load_record, scan_busi  # noqa: E402
 from busiseg.data.crops import lesion_box  # noqa: E402
 from busiseg.data.dataset import resize_pair  # noqa: E402
-from busiseg.evaluation.runner import _to_tensor, autocast_dtype, run_precision  # noqa: E402
+from busiseg.evaluation.metrics_table import score_mask  # noqa: E402
+from busiseg.evaluation.runner import autocast_dtype, run_precision  # noqa: E402
 from busiseg.inference import area_resize, predict_probs, restore_size  # noqa: E402
 from busiseg.models.crop_classifier import to_grey  # noqa: E402
 from busiseg.models.mask_refiner import load_mask_refiner  # noqa: E402
@@ -54,8 +55,8 @@ WAYS = ("network", "refined", "refined_largest", "refined_top", "pick_refiner", 
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    s = pred.sum() + truth.sum()
-    return 1.0 if s == 0 else float(2 * (pred & truth).sum() / s)
+    """Dice of two boolean masks, 1 when both are empty (the runner's score)."""
+    return score_mask(truth, pred, with_hd95=False).dice
 
 
 def components(mask: np.ndarray) -> list[np.ndarray]:
@@ -67,28 +68,30 @@ def components(mask: np.ndarray) -> list[np.ndarray]:
 
 def fold_ways(refiner, image: np.ndarray, prob: np.ndarray, truth: np.ndarray | None, top: int,
               autocast: torch.dtype | None) -> tuple[dict[str, np.ndarray], dict[str, object]]:
-    """Each way's mask probability at the scan's own size, and facts about the components."""
+    """Each way's mask probability at the scan's own size, and facts about the components. The crops around
+    each of the ``top`` largest components are read once; every way blends them in by ``refiner.lay_back``."""
     grey = to_grey(image)
     comps = components(prob >= 0.5)
-    out = {"network": prob, "refined": refiner.refine([image], [prob], 0.5, autocast)[0]}
+    out = {"network": prob}
     info: dict[str, object] = {"components": len(comps)}
     if truth is not None:
         hits = [bool((c & truth).any()) for c in comps]
         info["lesion_under"] = ("none" if not any(hits) else "largest" if hits[0] else "other")
         info["truth_components"] = len(components(truth))
     if not comps:
-        for way in WAYS[2:]:
+        for way in WAYS[1:]:
             out[way] = prob
         return out, info
     views = []  # (refined map, coverage) around each of the top components, largest first
     for c in comps[:top]:
         views.append(refiner.crop_probs(grey, lesion_box(c), autocast))
-    p = prob.copy()
-    for refined, cover in reversed(views):  # the largest last: its crops win where they overlap
-        p = cover * refined + (1 - cover) * p
+    out["refined"] = refiner.lay_back(prob, *views[0], outside="keep")  # the refine stage as it is
+    p = prob
+    for view in reversed(views):  # the largest last: its crops win where they overlap
+        p = refiner.lay_back(p, *view, outside="keep")
     out["refined_top"] = p
-    out["refined_largest"] = views[0][1] * views[0][0]
-    picks = [cover * refined for refined, cover in views]
+    picks = [refiner.lay_back(prob, *view, outside="erase") for view in views]
+    out["refined_largest"] = picks[0]
     conf = [float(r[(r >= 0.5) & (c > 0)].mean()) if ((r >= 0.5) & (c > 0)).any() else 0.0 for r, c in views]
     out["pick_refiner"] = picks[int(np.argmax(conf))]  # picks[0] is refined_largest
     info["picked"] = int(np.argmax(conf))
@@ -136,7 +139,7 @@ def main() -> int:
             names = held[start:start + batch]
             decoded = [load_record(records[n]) for n in names]
             small = [resize_pair(im, m, size) for im, m in decoded]
-            x = torch.stack([_to_tensor(s[0]) for s in small])
+            x = torch.from_numpy(np.stack([s[0] for s in small])).float().div_(255.0)[:, None]
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):

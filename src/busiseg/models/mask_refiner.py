@@ -146,11 +146,19 @@ class MaskRefiner(torch.nn.Module):
             if box is None:
                 out.append(prob)
                 continue
-            refined, cover = self.crop_probs(to_grey(image), box, autocast)
-            if self.settings.blend == "mean":
-                refined = (refined + prob) / 2
-            out.append(cover * refined if self.settings.outside == "erase" else cover * refined + (1 - cover) * prob)
+            out.append(self.lay_back(prob, *self.crop_probs(to_grey(image), box, autocast)))
         return out
+
+    def lay_back(self, prob: np.ndarray, refined: np.ndarray, cover: np.ndarray,
+                 outside: str | None = None) -> np.ndarray:
+        """The network's mask probability ``prob`` with :meth:`crop_probs`' ``refined`` map blended in where
+        ``cover`` says (``settings.blend``), and beyond it kept or erased (``outside``, default
+        ``settings.outside``)."""
+        if self.settings.blend == "mean":
+            refined = (refined + prob) / 2
+        if (outside or self.settings.outside) == "erase":
+            return cover * refined
+        return cover * refined + (1 - cover) * prob
 
 
 def read_outside(model: MaskRefiner, outside: str | None) -> MaskRefiner:
