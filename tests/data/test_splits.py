@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -219,3 +220,45 @@ def test_extra_groups_merge_with_the_audit_groups():
     assert_no_group_straddles(split, GROUPS + extra)
     with pytest.raises(ValueError, match="split.extra_groups"):
         HoldoutSplitter(extra_groups=[["benign/benign (999).png", name("benign", 1)]]).split(records, groups=[])
+
+
+@pytest.mark.parametrize("splitter", [HoldoutSplitter(seed=3), KFoldSplitter(k=4, fold=1, seed=3)])
+def test_exclude_leaves_images_out_after_the_assignment(splitter):
+    records = make_records()
+    full = splitter.split(records, groups=GROUPS)
+    # one image of each part, and one of a duplicate group (its partner stays where it was)
+    dropped = sorted({full[p][0] for p in PARTS if full[p]} | {name("benign", 1)})
+    kwargs = {"seed": 3} if isinstance(splitter, HoldoutSplitter) else {"k": 4, "fold": 1, "seed": 3}
+    cut = type(splitter)(exclude=dropped, **kwargs).split(records, groups=GROUPS)
+    assert cut["meta"]["excluded"] == dropped and full["meta"]["excluded"] == []
+    for p in PARTS:  # every other image keeps its part
+        assert cut[p] == [n for n in full[p] if n not in dropped]
+    if "fold_of" in full["meta"]:
+        assert cut["meta"]["assignment"] == full["meta"]["assignment"]  # the same folds: runs pair
+        assert set(cut["meta"]["fold_of"]) == set(full["meta"]["fold_of"]) - set(dropped)
+
+
+def test_exclude_refuses_unknown_names_and_a_string():
+    with pytest.raises(ValueError, match=r"split.exclude names 1 image\(s\) not in the dataset, e.g. benign/benign \(999\)"):
+        HoldoutSplitter(exclude=["benign/benign (999).png"]).split(make_records(), groups=[])
+    with pytest.raises(ValueError, match="split.exclude must be a list"):
+        HoldoutSplitter(exclude="benign/benign (1).png")
+
+
+@pytest.mark.parametrize("split", ["holdout", "kfold"])
+def test_exclude_busi_axilla_config_sets_split_exclude(split):
+    cfg = _compose([f"split={split}", "exclude=busi_axilla"])
+    names = list(cfg.split.exclude)
+    assert len(names) == 22 and len(set(names)) == 22
+    assert Counter(n.split("/")[0] for n in names) == {"benign": 16, "malignant": 6}
+    assert instantiate(cfg.split).exclude == sorted(names)
+    assert list(_compose([f"split={split}"]).split.exclude) == []
+
+
+def test_exclude_busi_axilla_names_exist_in_the_development_set():
+    root = os.environ.get("BUSI_ROOT")
+    if not root or not Path(root).is_dir():
+        pytest.skip("BUSI_ROOT not set")
+    names = yaml.safe_load((REPO / "conf" / "exclude" / "busi_axilla.yaml").read_text())["exclude"]
+    missing = [n for n in names if not (Path(root) / n).is_file()]
+    assert not missing, missing

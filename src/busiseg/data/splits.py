@@ -15,6 +15,10 @@ conflicts) follow ``label_conflicts``:
 - ``keep``: all kept (one part), stratified under the group's majority class;
 - ``majority``: members of the group's majority class are kept, the others left out; a tie
   drops the whole group.
+
+``exclude`` (a list of names, e.g. ``exclude=busi_axilla``: the scans of the axilla, not the breast) leaves
+images out of every part *after* the assignment: the other images keep the part (and fold) they have
+without the list, so a run with it and one without pair image for image on the images both test.
 """
 
 from __future__ import annotations
@@ -172,7 +176,7 @@ class _GroupedSplitter:
 
     def __init__(self, seed: int, group_duplicates: bool, label_conflicts: str,
                  duplicates: Mapping[str, Any] | None, cache_dir: str | None, file: str | None,
-                 extra_groups: Sequence[Sequence[str]] | None = None):
+                 extra_groups: Sequence[Sequence[str]] | None = None, exclude: Sequence[str] | None = None):
         if label_conflicts not in CONFLICT_POLICIES:
             raise ValueError(
                 f"split.label_conflicts must be one of {', '.join(CONFLICT_POLICIES)}, got {label_conflicts!r}"
@@ -184,6 +188,9 @@ class _GroupedSplitter:
         self.cache_dir = cache_dir
         self.file = file
         self.extra_groups = [list(g) for g in (extra_groups or [])]
+        if isinstance(exclude, str):
+            raise ValueError(f"split.exclude must be a list of image names, got the string {exclude!r}")
+        self.exclude = sorted(set(exclude or []))
         if self.group_duplicates:
             from busiseg.audit import duplicate_params
 
@@ -209,8 +216,17 @@ class _GroupedSplitter:
                     f"split.extra_groups names {len(unknown)} image(s) not in the dataset, e.g. {unknown[0]}"
                 )
             groups = merge_groups(list(groups) + self.extra_groups)
+        if self.exclude:
+            unknown = sorted(set(self.exclude) - {r.name for r in records})
+            if unknown:
+                raise ValueError(
+                    f"split.exclude names {len(unknown)} image(s) not in the dataset, e.g. {unknown[0]}"
+                )
         kept, groups, conflicts = resolve_label_conflicts(records, groups, self.label_conflicts)
         parts, meta = self._split_units(group_units(kept, groups))
+        excluded = self._exclude(parts)
+        if excluded and "fold_of" in meta:  # the assignment's hash stays the one without the list: they pair
+            meta["fold_of"] = {n: f for n, f in meta["fold_of"].items() if n not in set(excluded)}
         meta.update(
             {
                 "splitter": self.kind,
@@ -219,6 +235,7 @@ class _GroupedSplitter:
                 "extra_groups": self.extra_groups,
                 "groups": [sorted(g) for g in groups],
                 "label_conflicts": conflicts,
+                "excluded": excluded,
                 "images": len(records),
             }
         )
@@ -226,6 +243,18 @@ class _GroupedSplitter:
         split["meta"] = meta
         _log_parts(split, kept)
         return split
+
+    def _exclude(self, parts: dict[str, list[str]]) -> list[str]:
+        """Take ``self.exclude`` out of every part (in place), after the assignment; the names taken out."""
+        if not self.exclude:
+            return []
+        drop = set(self.exclude)
+        excluded = sorted({n for p in PARTS for n in parts[p] if n in drop})
+        for p in PARTS:
+            parts[p] = [n for n in parts[p] if n not in drop]
+        log.info("split: split.exclude left out %d image(s) after the assignment (the others keep their parts): %s",
+                 len(excluded), ", ".join(excluded))
+        return excluded
 
     def _split_units(self, units):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -257,6 +286,7 @@ class HoldoutSplitter(_GroupedSplitter):
         file: reuse this saved split instead of computing one.
         extra_groups: more groups (lists of record names) to keep together, e.g. neighbouring
             frames confirmed by eye from the audit's review list; merged with the audit's.
+        exclude: record names left out of every part after the assignment (see the module doc).
     """
 
     kind = "holdout"
@@ -264,7 +294,8 @@ class HoldoutSplitter(_GroupedSplitter):
     def __init__(self, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 42,
                  group_duplicates: bool = True, label_conflicts: str = "drop",
                  duplicates: Mapping[str, Any] | None = None, cache_dir: str | None = None,
-                 file: str | None = None, extra_groups: Sequence[Sequence[str]] | None = None):
+                 file: str | None = None, extra_groups: Sequence[Sequence[str]] | None = None,
+                 exclude: Sequence[str] | None = None):
         for key, value in (("split.val_fraction", val_fraction), ("split.test_fraction", test_fraction)):
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{key} must be in [0, 1), got {value}")
@@ -273,7 +304,7 @@ class HoldoutSplitter(_GroupedSplitter):
                 f"split.val_fraction + split.test_fraction must be < 1 (leaving images to train on), "
                 f"got {val_fraction} + {test_fraction}"
             )
-        super().__init__(seed, group_duplicates, label_conflicts, duplicates, cache_dir, file, extra_groups)
+        super().__init__(seed, group_duplicates, label_conflicts, duplicates, cache_dir, file, extra_groups, exclude)
         self.val_fraction = float(val_fraction)
         self.test_fraction = float(test_fraction)
 
@@ -297,7 +328,8 @@ class KFoldSplitter(_GroupedSplitter):
         test_fraction: share of each class held out as a fixed test set outside the folds
             (same for every fold). 0: no separate test set; the validation fold is also
             the test part, so the run's test metrics and predictions are out-of-fold.
-        seed, group_duplicates, label_conflicts, duplicates, cache_dir, file, extra_groups: as HoldoutSplitter.
+        seed, group_duplicates, label_conflicts, duplicates, cache_dir, file, extra_groups, exclude: as
+            HoldoutSplitter.
     """
 
     kind = "kfold"
@@ -305,14 +337,15 @@ class KFoldSplitter(_GroupedSplitter):
     def __init__(self, k: int = 5, fold: int = 0, test_fraction: float = 0.0, seed: int = 42,
                  group_duplicates: bool = True, label_conflicts: str = "drop",
                  duplicates: Mapping[str, Any] | None = None, cache_dir: str | None = None,
-                 file: str | None = None, extra_groups: Sequence[Sequence[str]] | None = None):
+                 file: str | None = None, extra_groups: Sequence[Sequence[str]] | None = None,
+                 exclude: Sequence[str] | None = None):
         if int(k) < 2:
             raise ValueError(f"split.k must be >= 2, got {k}")
         if not 0 <= int(fold) < int(k):
             raise ValueError(f"split.fold must be in 0..{int(k) - 1} (split.k={k}), got {fold}")
         if not 0.0 <= test_fraction < 1.0:
             raise ValueError(f"split.test_fraction must be in [0, 1), got {test_fraction}")
-        super().__init__(seed, group_duplicates, label_conflicts, duplicates, cache_dir, file, extra_groups)
+        super().__init__(seed, group_duplicates, label_conflicts, duplicates, cache_dir, file, extra_groups, exclude)
         self.k, self.fold, self.test_fraction = int(k), int(fold), float(test_fraction)
 
     def folds(self, units) -> tuple[list[str], list[list[str]]]:
