@@ -65,7 +65,7 @@ def main() -> int:
     for fold in args.folds:
         tables = {}
         for side in (args.a, args.b):
-            for _, file, _ in WAYS:
+            for file in dict.fromkeys(file for _, file, _ in WAYS):  # each file read once
                 tables[side, file] = read_test(side / str(fold) / file)
             if tables[side, "predictions.csv"] is None:
                 print(f"error: {side / str(fold) / 'predictions.csv'} not found", file=sys.stderr)

@@ -208,25 +208,17 @@ class _GroupedSplitter:
             return self._from_file(records)
         if groups is None:
             groups = self.duplicate_groups(records) if self.group_duplicates else []
+        names = {r.name for r in records}
+        for key, listed in (("split.extra_groups", {m for g in self.extra_groups for m in g}),
+                            ("split.exclude", set(self.exclude))):
+            unknown = sorted(listed - names)
+            if unknown:
+                raise ValueError(f"{key} names {len(unknown)} image(s) not in the dataset, e.g. {unknown[0]}")
         if self.extra_groups:
-            names = {r.name for r in records}
-            unknown = sorted({m for g in self.extra_groups for m in g} - names)
-            if unknown:
-                raise ValueError(
-                    f"split.extra_groups names {len(unknown)} image(s) not in the dataset, e.g. {unknown[0]}"
-                )
             groups = merge_groups(list(groups) + self.extra_groups)
-        if self.exclude:
-            unknown = sorted(set(self.exclude) - {r.name for r in records})
-            if unknown:
-                raise ValueError(
-                    f"split.exclude names {len(unknown)} image(s) not in the dataset, e.g. {unknown[0]}"
-                )
         kept, groups, conflicts = resolve_label_conflicts(records, groups, self.label_conflicts)
         parts, meta = self._split_units(group_units(kept, groups))
-        excluded = self._exclude(parts)
-        if excluded and "fold_of" in meta:  # the assignment's hash stays the one without the list: they pair
-            meta["fold_of"] = {n: f for n, f in meta["fold_of"].items() if n not in set(excluded)}
+        excluded = self._exclude(parts, meta)
         meta.update(
             {
                 "splitter": self.kind,
@@ -244,14 +236,17 @@ class _GroupedSplitter:
         _log_parts(split, kept)
         return split
 
-    def _exclude(self, parts: dict[str, list[str]]) -> list[str]:
-        """Take ``self.exclude`` out of every part (in place), after the assignment; the names taken out."""
+    def _exclude(self, parts: dict[str, list[str]], meta: dict[str, Any]) -> list[str]:
+        """Take ``self.exclude`` out of every part and of ``meta["fold_of"]`` (in place), after the assignment
+        (whose hash, ``meta["assignment"]``, stays the one without the list: the runs pair); the names taken out."""
         if not self.exclude:
             return []
         drop = set(self.exclude)
         excluded = sorted({n for p in PARTS for n in parts[p] if n in drop})
         for p in PARTS:
             parts[p] = [n for n in parts[p] if n not in drop]
+        if "fold_of" in meta:
+            meta["fold_of"] = {n: f for n, f in meta["fold_of"].items() if n not in drop}
         log.info("split: split.exclude left out %d image(s) after the assignment (the others keep their parts): %s",
                  len(excluded), ", ".join(excluded))
         return excluded
