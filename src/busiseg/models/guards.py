@@ -227,10 +227,10 @@ def check_loss(module: L.LightningModule, loss: torch.Tensor, batch: dict[str, t
     where = f"global step {trainer.global_step} (epoch {trainer.current_epoch})"
     files = ", ".join(names) if names else "unknown"
     if action == "skip":
-        log.warning("non-finite loss (%s) at %s: batch skipped; its files: %s", float(loss), where, files)
+        log.warning("non-finite loss (%s) at %s: batch skipped; its files: %s", float(loss.detach()), where, files)
         return False
     raise NonFiniteLossError(
-        f"non-finite loss ({float(loss)}) at {where}; the batch's files: {files}. The last good checkpoint "
+        f"non-finite loss ({float(loss.detach())}) at {where}; the batch's files: {files}. The last good checkpoint "
         f"is kept (checkpoints/last.ckpt). Lower optimizer.lr, check those files, or set guard.nonfinite=skip "
         f"to skip such batches"
     )
