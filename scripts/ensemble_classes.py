@@ -19,8 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-PROBS = ("prob_normal", "prob_benign", "prob_malignant")
-CLASSES = np.array(["normal", "benign", "malignant"])
+from busiseg.data.labels import CLASS_NAMES
+
+PROBS = tuple(f"prob_{c}" for c in CLASS_NAMES)  # the predictions CSV's columns (busiseg.cv_summary)
+CLASSES = np.array(CLASS_NAMES)
 FILES = (("network", "predictions.csv"), ("two-stage", "predictions_two_stage.csv"))
 
 
