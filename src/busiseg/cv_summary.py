@@ -14,7 +14,10 @@ Runs trained with the crop stage (``crop_stage=default``) also hold ``test_two_s
 per-fold gain, and the summary pools their out-of-fold classes too (``oof_two_stage``,
 ``cv_confusion_matrix_two_stage.png``). Runs trained with the refine stage (``refine_stage=default``) hold
 ``test_refined/*`` and ``predictions_refined.csv`` (the refined masks' Dice per image): the headline sets them
-beside the network's too, with the paired per-fold gain in Dice.
+beside the network's too, with the paired per-fold gain in Dice. Runs trained with the scan stage
+(``scan_stage=default``) hold ``test_scan_stage/*`` and ``predictions_scan_stage.csv``: the recipe's diagnosis
+with the whole-scan classifier joined, set beside the others and pooled out of fold as the crop stage's
+(``oof_scan_stage``, ``cv_confusion_matrix_scan_stage.png``).
 
 The fold runs write their per-image predictions (``predictions.csv``, see
 ``write_predictions``) after testing the best checkpoint. ``CVSummaryCallback`` runs the
@@ -192,7 +195,8 @@ def summarize(directory: str | Path, out_dir: str | Path | None = None) -> dict[
         if refined is not None:
             metrics.update(_per_class_dice(refined, "test_refined"))
         folds[fold] = {"dir": run, "meta": meta, "metrics": metrics, "predictions": predictions,
-                       "two_stage": _read_predictions(run / TWO_STAGE_PREDICTIONS), "machine": machine_of(run)}
+                       **{key: _read_predictions(run / name) for key, name, _, _ in CLASS_STAGES},
+                       "machine": machine_of(run)}
     if len(ks) > 1 or len(assignments) > 1:
         raise CVSummaryError(
             f"{directory}: the runs use different fold assignments (k {sorted(ks)}; seeds or data differ), "
@@ -232,9 +236,13 @@ def summarize(directory: str | Path, out_dir: str | Path | None = None) -> dict[
     expected = {n for f in order for n, fold in folds[f]["meta"].get("fold_of", {}).items() if fold in folds}
     uncovered = sorted(expected - set(seen)) if not oof_missing_runs else []
 
-    # the crop stage's classes (crop_stage=default): out of fold when every run wrote them
-    two_stage_rows = [{"fold": f, **row} for f in order for row in folds[f]["two_stage"] or [] if row["part"] == "val"]
-    with_two_stage = all(folds[f]["two_stage"] is not None for f in order)
+    # the crop and scan stages' classes (crop_stage=default, scan_stage=default): out of fold when every run
+    # wrote them
+    staged_oof = {}
+    for key, _, _, _ in CLASS_STAGES:
+        rows = [{"fold": f, **row} for f in order for row in folds[f][key] or [] if row["part"] == "val"]
+        with_stage = all(folds[f][key] is not None for f in order)
+        staged_oof[f"oof_{key}"] = {"images": len(rows), "metrics": _oof_metrics(rows)} if with_stage else None
 
     summary = {
         "directory": str(directory),
@@ -254,9 +262,9 @@ def summarize(directory: str | Path, out_dir: str | Path | None = None) -> dict[
             "images_without_prediction": uncovered,
             "predictions": oof_rows,
         },
-        "oof_two_stage": ({"images": len(two_stage_rows), "metrics": _oof_metrics(two_stage_rows)}
-                          if with_two_stage else None),
+        **staged_oof,
         "two_stage_gain": _stage_gain(per_fold, order, "test_two_stage", TWO_STAGE_PAIRED),
+        "scan_stage_gain": _stage_gain(per_fold, order, "test_scan_stage", TWO_STAGE_PAIRED),
         "refined_gain": _stage_gain(per_fold, order, "test_refined", REFINED_PAIRED),
     }
     out_dir = Path(out_dir) if out_dir else directory
@@ -283,15 +291,23 @@ HEADLINE = ("test/dice_per_image_lesion", "test/dice_per_image_benign", "test/di
             "test_refined/dice_per_image_lesion", "test_refined/dice_per_image_benign",
             "test_refined/dice_per_image_malignant", "test_refined/dice", "test_refined/iou",
             "test_two_stage/accuracy", "test_two_stage/recall_normal", "test_two_stage/recall_benign",
-            "test_two_stage/recall_malignant", "test_two_stage/f1_macro", "test_two_stage/auroc_macro")
+            "test_two_stage/recall_malignant", "test_two_stage/f1_macro", "test_two_stage/auroc_macro",
+            "test_scan_stage/accuracy", "test_scan_stage/recall_normal", "test_scan_stage/recall_benign",
+            "test_scan_stage/recall_malignant", "test_scan_stage/f1_macro", "test_scan_stage/auroc_macro")
 # the crop stage's per-image predictions beside a run's predictions.csv (busiseg.train, crop_stage=default)
 TWO_STAGE_PREDICTIONS = "predictions_two_stage.csv"
 # the refine stage's (refine_stage=default): the refined masks' Dice per image
 REFINED_PREDICTIONS = "predictions_refined.csv"
+# the scan stage's (scan_stage=default): the recipe's diagnosis with the whole-scan classifier joined
+SCAN_STAGE_PREDICTIONS = "predictions_scan_stage.csv"
+# the stages that change the classes: (the summary's key, predictions file, name, metric prefix)
+CLASS_STAGES = (("two_stage", TWO_STAGE_PREDICTIONS, "crop stage", "test_two_stage"),
+                ("scan_stage", SCAN_STAGE_PREDICTIONS, "scan stage", "test_scan_stage"))
 # the second stages a headline sets beside the network's test/*: (metric prefix, column title, the summary's
 # key of its paired per-fold gain)
 STAGES = (("test_refined", "with the refine stage", "refined_gain"),
-          ("test_two_stage", "with the crop stage", "two_stage_gain"))
+          ("test_two_stage", "with the crop stage", "two_stage_gain"),
+          ("test_scan_stage", "with the scan stage", "scan_stage_gain"))
 
 
 def _read_predictions(path: Path) -> list[dict[str, str]] | None:
@@ -425,12 +441,13 @@ def write_figures(summary: Mapping[str, Any], out_dir: Path) -> list[str]:
         dice = np.array([float(r["dice"]) for r in oof["predictions"]])
         save_png(dice_distribution_figure(dice, labels, subtitle=sub), out_dir / "cv_dice_distribution.png")
         written += ["cv_confusion_matrix.png", "cv_dice_distribution.png"]
-    staged = summary.get("oof_two_stage")
-    if staged and staged["images"]:
-        sub = f"two-stage (crop stage), out-of-fold, {staged['images']} images, {len(summary['folds'])} fold(s)"
-        save_png(confusion_matrix_figure(np.array(staged["metrics"]["confusion_matrix"]), subtitle=sub),
-                 out_dir / "cv_confusion_matrix_two_stage.png")
-        written.append("cv_confusion_matrix_two_stage.png")
+    for key, _, name, _ in CLASS_STAGES:
+        staged = summary.get(f"oof_{key}")
+        if staged and staged["images"]:
+            sub = f"with the {name}, out-of-fold, {staged['images']} images, {len(summary['folds'])} fold(s)"
+            save_png(confusion_matrix_figure(np.array(staged["metrics"]["confusion_matrix"]), subtitle=sub),
+                     out_dir / f"cv_confusion_matrix_{key}.png")
+            written.append(f"cv_confusion_matrix_{key}.png")
     return written
 
 
@@ -538,6 +555,10 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
     if s.get("two_stage_gain"):
         lines += ["", "The crop stage against the network alone, paired per fold (`test_two_stage/*` minus `test/*`):", ""]
         lines += [f"- {_gain_line(m, g)}" for m, g in s["two_stage_gain"].items()]
+    if s.get("scan_stage_gain"):
+        lines += ["", "The scan stage (with the run's other stages) against the network alone, paired per fold "
+                  "(`test_scan_stage/*` minus `test/*`):", ""]
+        lines += [f"- {_gain_line(m, g)}" for m, g in s["scan_stage_gain"].items()]
     if head:
         lines += ["", "## Every metric"]
     lines += ["", "| metric | mean | std |", "|---|---|---|"]
@@ -563,6 +584,12 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
     if staged and staged["images"]:
         lines += ["", f"With the crop stage (`{TWO_STAGE_PREDICTIONS}`): the same {staged['images']} images, the "
                   "two-stage classes (the masks, so the Dice, are the network's).", ""]
+        lines += _pooled_lines(staged["metrics"])
+    staged = s.get("oof_scan_stage")
+    if staged and staged["images"]:
+        lines += ["", f"With the scan stage (`{SCAN_STAGE_PREDICTIONS}`): the same {staged['images']} images, the "
+                  "recipe's classes (the mean of the two-stage or the network's and the whole-scan classifier's).",
+                  ""]
         lines += _pooled_lines(staged["metrics"])
     lines += ["", "<details><summary>Every image</summary>", "",
               "| image | fold | true | predicted | " + " | ".join(f"p({c})" for c in CLASS_NAMES) + " | dice |",
@@ -624,10 +651,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for m in ("accuracy", "recall_malignant"):
         if m in (summary.get("two_stage_gain") or {}):
             print(f"crop stage minus network, {_gain_line(m, summary['two_stage_gain'][m])}")
-    staged = summary.get("oof_two_stage")
-    if staged and staged["metrics"]:
-        print(f"out-of-fold with the crop stage ({staged['images']} images): accuracy "
-              f"{_fmt(staged['metrics']['accuracy'])}, confusion: {staged['metrics']['confusion_matrix']}")
+    if "accuracy" in (summary.get("scan_stage_gain") or {}):
+        print(f"scan stage minus network, {_gain_line('accuracy', summary['scan_stage_gain']['accuracy'])}")
+    for key, _, name, _ in CLASS_STAGES:
+        staged = summary.get(f"oof_{key}")
+        if staged and staged["metrics"]:
+            print(f"out-of-fold with the {name} ({staged['images']} images): accuracy "
+                  f"{_fmt(staged['metrics']['accuracy'])}, confusion: {staged['metrics']['confusion_matrix']}")
     print(f"summary: {(args.out or args.directory) / 'cv_summary.md'}")
     return 0
 

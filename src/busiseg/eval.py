@@ -53,10 +53,13 @@ from busiseg.models.mask_refiner import check_not_trained_on as check_refiner_no
 from busiseg.models.crop_classifier import (  # noqa: E402
     CropClassifier,
     CropClassifierError,
+    check_crop_classes,
     check_not_trained_on,
     load_crop_classifier,
 )
 from busiseg.models.reporting import save_png  # noqa: E402
+from busiseg.models.scan_classifier import check_not_trained_on as check_scan_not_trained_on  # noqa: E402
+from busiseg.models.scan_classifier import load_scan_classifier  # noqa: E402
 from busiseg.atomic import write_text_atomic  # noqa: E402
 from busiseg.cli import fail  # noqa: E402
 from busiseg.train import CONFIG_DIR, write_json  # noqa: E402
@@ -140,7 +143,8 @@ def check_against_training(inputs: EvalInputs, results: EvalResults) -> dict[str
 
 def build_metrics(inputs: EvalInputs, options: InferenceOptions, results: EvalResults,
                   ece_bins: int = ECE_BINS, crop_classifier: Path | None = None,
-                  mask_refiner: Path | None = None, refiner_outside: str | None = None) -> dict[str, Any]:
+                  mask_refiner: Path | None = None, refiner_outside: str | None = None,
+                  scan_classifier: Path | None = None) -> dict[str, Any]:
     """The content of metrics.json (schema in docs/evaluation.md)."""
     final = results.final
     true_area = results.scores[(final, "original")].true_area
@@ -154,6 +158,8 @@ def build_metrics(inputs: EvalInputs, options: InferenceOptions, results: EvalRe
         # the refine stage (busiseg.models.mask_refiner): masks are the refined ones
         "mask_refiner": str(mask_refiner) if mask_refiner else None,
         "mask_refiner_outside": refiner_outside,
+        # the scan stage (busiseg.models.scan_classifier): class probabilities averaged with its own
+        "scan_classifier": str(scan_classifier) if scan_classifier else None,
         "training_run_dir": str(inputs.run_dir),
         "data_root": str(inputs.data_root.resolve()),
         "part": inputs.part,
@@ -179,7 +185,7 @@ def build_metrics(inputs: EvalInputs, options: InferenceOptions, results: EvalRe
         }
     payload["raw"]["as_training"] = results.as_training
     # with a second stage the classes or masks are no longer the training test step's: nothing to reproduce
-    check = None if crop_classifier or mask_refiner else check_against_training(inputs, results)
+    check = None if crop_classifier or mask_refiner or scan_classifier else check_against_training(inputs, results)
     if check is not None:
         payload["training_check"] = check
     return _finite(payload)
@@ -308,6 +314,7 @@ def write_report(path: Path, cfg: DictConfig, inputs: EvalInputs, metrics: dict[
         ("network input", f"{S}×{S}, {metrics['in_channels']} channel(s)"),
         ("crop stage", metrics.get("crop_classifier") or "none (the network's classes)"),
         ("refine stage", metrics.get("mask_refiner") or "none (the network's masks)"),
+        ("scan stage", metrics.get("scan_classifier") or "none"),
         ("inference options", opts + ("" if final != "raw" else " (all off: raw only)")),
     ]
     notes = (
@@ -356,6 +363,7 @@ def load_crop_stage(cfg: DictConfig, inputs: EvalInputs) -> tuple[CropClassifier
     path = Path(str(value)).expanduser()
     try:
         model = load_crop_classifier(path)
+        check_crop_classes(model.classes, path)
         if inputs.part != "train":
             check_not_trained_on(model, [r.name for r in inputs.records], path)
     except CropClassifierError as exc:
@@ -384,6 +392,25 @@ def load_refine_stage(cfg: DictConfig, inputs: EvalInputs) -> tuple[MaskRefiner 
     return model, path
 
 
+def load_scan_stage(cfg: DictConfig, inputs: EvalInputs) -> tuple[CropClassifier | None, Path | None]:
+    """``scan_classifier=FILE``: the scan stage, refused when it was trained on an evaluated image."""
+    value = cfg.get("scan_classifier")
+    if value in (None, ""):
+        beside = inputs.run_dir / "scan_classifier.pt"
+        if beside.is_file() and not inputs.is_ensemble:  # a run trained with scan_stage=default
+            log.info("without the scan stage; for the run's diagnosis add scan_classifier=%s", beside)
+        return None, None
+    path = Path(str(value)).expanduser()
+    try:
+        model = load_scan_classifier(path)
+        if inputs.part != "train":
+            check_scan_not_trained_on(model, [r.name for r in inputs.records], path)
+    except CropClassifierError as exc:  # ScanClassifierError is one
+        raise EvalError(str(exc)) from exc
+    log.info("scan stage: %s (trained on %d images)", path, len(model.trained_on))
+    return model, path
+
+
 # --------------------------------------------------------------------------- entry
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the evaluation the config describes and write every output; returns metrics.json's content."""
@@ -400,13 +427,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     precision = eval_precision(cfg, inputs.train_config)
     crop_model, crop_path = load_crop_stage(cfg, inputs)
     refiner, refiner_path = load_refine_stage(cfg, inputs)
+    scan_model, scan_path = load_scan_stage(cfg, inputs)
     results = run_network(inputs.net, inputs.records, inputs.image_size, inputs.in_channels, inputs.batch_size,
                           options, progress=bool(cfg.get("progress", True)),
                           channels_last=bool(inputs.train_config.get("channels_last", False)),
-                          autocast=autocast_dtype(precision), crop_classifier=crop_model, mask_refiner=refiner)
+                          autocast=autocast_dtype(precision), crop_classifier=crop_model, mask_refiner=refiner,
+                          scan_classifier=scan_model)
     ece_bins = int(cfg.get("ece_bins") or ECE_BINS)
     metrics = build_metrics(inputs, options, results, ece_bins, crop_path, refiner_path,
-                            refiner.settings.outside if refiner is not None else None)
+                            refiner.settings.outside if refiner is not None else None, scan_path)
     metrics["precision"] = precision
     write_json(output_dir / "metrics.json", metrics)
     write_per_image_csv(output_dir / "per_image.csv", results)

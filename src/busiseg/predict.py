@@ -29,7 +29,9 @@ from busiseg.checkpoint import CheckpointError, load_ensemble, load_model  # noq
 from busiseg.cli import fail  # noqa: E402
 from busiseg.data.labels import CLASS_NAMES  # noqa: E402
 from busiseg.inference import Ensemble, InferenceOptions, postprocess_mask, predict_probs, prepare_image, restore_size  # noqa: E402
-from busiseg.models.crop_classifier import CropClassifier, CropClassifierError, load_crop_classifier  # noqa: E402
+from busiseg.models.crop_classifier import (CropClassifier, CropClassifierError, check_crop_classes,  # noqa: E402
+                                            load_crop_classifier)
+from busiseg.models.scan_classifier import join_scan_probs, load_scan_classifier, scan_probs  # noqa: E402
 from busiseg.models.mask_refiner import MaskRefiner, MaskRefinerError, load_mask_refiner, read_outside  # noqa: E402
 from busiseg.onnx_predictor import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, InputError, PredictionSummary, find_images, predict_files  # noqa: E402
 
@@ -47,7 +49,8 @@ class TorchPredictor:
 
     def __init__(self, net: torch.nn.Module, image_size: int, in_channels: int, options: InferenceOptions,
                  device: str | torch.device = "cpu", class_names: tuple[str, ...] = CLASS_NAMES,
-                 crop_classifier: CropClassifier | None = None, mask_refiner: MaskRefiner | None = None):
+                 crop_classifier: CropClassifier | None = None, mask_refiner: MaskRefiner | None = None,
+                 scan_classifier: CropClassifier | None = None):
         self.net = net.to(device).eval()
         self.image_size = image_size
         self.in_channels = in_channels
@@ -58,6 +61,8 @@ class TorchPredictor:
         self.crop_classifier = crop_classifier.to(device) if crop_classifier is not None else None
         # the refine stage: masks re-drawn on the lesion crop at the image's own size (before the crop stage)
         self.mask_refiner = mask_refiner.to(device) if mask_refiner is not None else None
+        # the scan stage: class probabilities averaged with a whole-scan classifier's (after the crop stage)
+        self.scan_classifier = scan_classifier.to(device) if scan_classifier is not None else None
 
     def __call__(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         batch = torch.stack([prepare_image(im, self.image_size) for im in images]).to(self.device)
@@ -69,6 +74,8 @@ class TorchPredictor:
         if self.crop_classifier is not None:
             class_probs, _ = self.crop_classifier.refine(images, full, class_probs, self.options.threshold)
             class_probs = class_probs.astype(np.float32)
+        if self.scan_classifier is not None:
+            class_probs = join_scan_probs(class_probs, scan_probs(self.scan_classifier, images)).astype(np.float32)
         return [(postprocess_mask(full[i], class_probs[i], self.options), class_probs[i]) for i in range(len(images))]
 
 
@@ -103,17 +110,21 @@ def _skip_masks(value: Any) -> bool | str:
 
 def load_predictor(ckpt_path: str | Path | Sequence[str | Path], options: InferenceOptions,
                    device: str = "cpu", crop_classifier: str | Path | None = None,
-                   mask_refiner: str | Path | None = None, mask_refiner_outside: str | None = None) -> TorchPredictor:
+                   mask_refiner: str | Path | None = None, mask_refiner_outside: str | None = None,
+                   scan_classifier: str | Path | None = None) -> TorchPredictor:
     """The checkpoint's network with its training image size and channels. A list of checkpoints is
     one ensemble (:class:`busiseg.inference.Ensemble`: mask and class probabilities averaged); its
     members must have been trained at the same ``data.image_size`` and ``data.in_channels``.
     ``crop_classifier``: a crop-stage file (``busiseg.crop_stage train``), or None. ``mask_refiner``: a
     refine-stage file (``refine_stage=default`` in busiseg.train, ``busiseg.refine_stage train``), or None;
-    ``mask_refiner_outside`` (keep, erase) overrides how it reads beyond its crops (None: as its file stores it)."""
+    ``mask_refiner_outside`` (keep, erase) overrides how it reads beyond its crops (None: as its file stores it).
+    ``scan_classifier``: a scan-stage file (``scan_stage=default`` in busiseg.train, ``busiseg.scan_stage
+    train``), or None."""
     crop = None
     if crop_classifier not in (None, ""):
         try:
             crop = load_crop_classifier(str(crop_classifier))
+            check_crop_classes(crop.classes, crop_classifier)
         except CropClassifierError as exc:
             raise ConfigError(str(exc)) from exc
         log.info("crop stage: %s", crop_classifier)
@@ -124,6 +135,13 @@ def load_predictor(ckpt_path: str | Path | Sequence[str | Path], options: Infere
         except MaskRefinerError as exc:
             raise ConfigError(str(exc)) from exc
         log.info("refine stage: %s", mask_refiner)
+    scan = None
+    if scan_classifier not in (None, ""):
+        try:
+            scan = load_scan_classifier(str(scan_classifier))
+        except CropClassifierError as exc:  # ScanClassifierError is one
+            raise ConfigError(str(exc)) from exc
+        log.info("scan stage: %s", scan_classifier)
     paths = [str(p) for p in ckpt_path] if isinstance(ckpt_path, (list, tuple, ListConfig)) else [str(ckpt_path)]
     if not paths:
         raise ConfigError("ckpt_path is an empty list: pass ckpt_path=CKPT or ckpt_path=[A.ckpt,B.ckpt]")
@@ -134,7 +152,8 @@ def load_predictor(ckpt_path: str | Path | Sequence[str | Path], options: Infere
     in_channels = _data_setting(config, "in_channels", paths[0])
     if len(paths) > 1:
         net = load_ensemble(net, paths, image_size, in_channels)
-    return TorchPredictor(net, image_size, in_channels, options, device, crop_classifier=crop, mask_refiner=refiner)
+    return TorchPredictor(net, image_size, in_channels, options, device, crop_classifier=crop, mask_refiner=refiner,
+                          scan_classifier=scan)
 
 
 def predict(cfg: DictConfig) -> PredictionSummary:
@@ -159,7 +178,7 @@ def predict(cfg: DictConfig) -> PredictionSummary:
         raise InputError(f"input {input_path}: no images found ({', '.join(IMAGE_SUFFIXES)}; hidden files and "
                          f"mask files are skipped)")
     predictor = load_predictor(ckpt_path, options, _device(str(cfg.get("device", "auto"))), cfg.get("crop_classifier"),
-                               cfg.get("mask_refiner"), cfg.get("mask_refiner_outside"))
+                               cfg.get("mask_refiner"), cfg.get("mask_refiner_outside"), cfg.get("scan_classifier"))
     members = len(predictor.net.members) if isinstance(predictor.net, Ensemble) else 1
     log.info("%d image(s) from %s, %s %s, image size %d", len(images), input_path,
              f"ensemble of {members} checkpoints" if members > 1 else "checkpoint", ckpt_path, predictor.image_size)

@@ -26,7 +26,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 from busiseg.atomic import write_csv_atomic, write_json_atomic  # noqa: E402
 from busiseg.checkpoint import CheckpointError, load_init_weights  # noqa: E402
 from busiseg.cli import fail  # noqa: E402
-from busiseg.cv_summary import PREDICTION_COLUMNS, REFINED_PREDICTIONS, TWO_STAGE_PREDICTIONS, write_predictions  # noqa: E402
+from busiseg.cv_summary import (PREDICTION_COLUMNS, REFINED_PREDICTIONS, SCAN_STAGE_PREDICTIONS,  # noqa: E402
+                                TWO_STAGE_PREDICTIONS, write_predictions)
 from busiseg.data.busi import DatasetError, summarize  # noqa: E402
 from busiseg.data.device_augment import from_augment_config  # noqa: E402
 from busiseg.data.mixing import BatchMix  # noqa: E402
@@ -37,6 +38,7 @@ from busiseg.models.guards import (NONFINITE_ACTIONS, AtomicCheckpointIO, Gracef
                                    NonFiniteLossError, ResumeState, TrainingInterrupted, fit_or_raise_interrupted)
 from busiseg.models.crop_classifier import CropClassifierError, CropSettings  # noqa: E402
 from busiseg.models.mask_refiner import MaskRefinerError, RefinerSettings  # noqa: E402
+from busiseg.models.scan_classifier import ScanClassifierError, ScanSettings  # noqa: E402
 from busiseg.models.module import MultiTaskModule  # noqa: E402
 from busiseg.run_info import CONFIG_NAME, cpu_has_bf16, record_run  # noqa: E402
 from busiseg.models.net import EncoderWeightsUnavailable  # noqa: E402
@@ -98,6 +100,7 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"test_ckpt must be best or last, got {cfg.get('test_ckpt')!r}")
     crop_settings(cfg)
     refine_settings(cfg)
+    scan_settings(cfg)
     split = cfg.get("split") or {}
     if "fold" in split and not 0 <= int(split.fold) < int(split.k):
         raise ConfigError(f"split.fold must be in 0..{int(split.k) - 1} (split.k={split.k}), got {split.fold}")
@@ -134,6 +137,15 @@ def refine_settings(cfg: DictConfig) -> RefinerSettings | None:
     from busiseg.refine_stage import stage_seed
 
     return _stage_settings(cfg, "refine_stage", RefinerSettings, (MaskRefinerError,),
+                           seed=stage_seed(int(cfg.get("seed", 42)), cfg.get("split")))
+
+
+def scan_settings(cfg: DictConfig) -> ScanSettings | None:
+    """The ``scan_stage`` group's settings (None with ``scan_stage=null``); a bad value names its key. Its
+    ``seed: null`` is the run's seed plus the k-fold fold, as the refine stage's."""
+    from busiseg.refine_stage import stage_seed
+
+    return _stage_settings(cfg, "scan_stage", ScanSettings, (ScanClassifierError,),
                            seed=stage_seed(int(cfg.get("seed", 42)), cfg.get("split")))
 
 
@@ -194,6 +206,29 @@ def run_crop_stage(cfg: DictConfig, module: MultiTaskModule, datamodule: L.Light
         device="cpu" if accelerator == "cpu" else "auto", out=output_dir / FILE_NAME, progress=progress,
         mask_refiner=mask_refiner)
     return info, _stage_outputs(results, same, "test_two_stage", output_dir / TWO_STAGE_PREDICTIONS)
+
+
+def run_scan_stage(cfg: DictConfig, module: MultiTaskModule, datamodule: L.LightningDataModule, output_dir: Path,
+                   evaluate: bool, mask_refiner: Any = None, crop_classifier: Any = None
+                   ) -> tuple[dict[str, Any], dict[str, float]]:
+    """``scan_stage=default``: the whole-scan classifier trained on the run's training part
+    (RUN/scan_classifier.pt and .png) and, with ``evaluate``, the recipe's diagnosis of the test part (and of the
+    validation part when it is another one): the mean of its class probabilities and the network's, or the
+    two-stage ones with the run's crop stage, on the run's refined masks with its refine stage; written to
+    RUN/predictions_scan_stage.csv. Returns what metrics.json records about the stage and the
+    ``test_scan_stage/*`` metrics."""
+    from busiseg.scan_stage import FILE_NAME, for_training_run
+
+    parts, same = _stage_parts(datamodule, evaluate)
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    progress = bool((cfg.get("callbacks") or {}).get("progress_bar")) and bool(cfg.trainer.get("enable_progress_bar", True))
+    info, results = for_training_run(
+        scan_settings(cfg), Path(datamodule.root), output_dir / "split.json", module.net, parts,
+        int(cfg.data.image_size), int(cfg.data.in_channels), int(datamodule.eval_batch_size),
+        precision=str(cfg.trainer.precision), channels_last=bool(cfg.get("channels_last", False)),
+        device="cpu" if accelerator == "cpu" else "auto", out=output_dir / FILE_NAME, progress=progress,
+        crop_classifier=crop_classifier, mask_refiner=mask_refiner)
+    return info, _stage_outputs(results, same, "test_scan_stage", output_dir / SCAN_STAGE_PREDICTIONS)
 
 
 def _on_gpu(trainer_cfg: DictConfig) -> bool:
@@ -423,7 +458,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                               forward_context=trainer.precision_plugin.forward_context)
 
     metrics = {**_scalars(fit_metrics, "val/"), **_scalars(fit_metrics, "train/"), **_scalars(test_metrics, "test/")}
-    crop_stage = refine_stage = refiner = None
+    crop_stage = refine_stage = scan_stage = refiner = None
     if cfg.get("refine_stage") and trainer.is_global_zero:
         refiner, refine_stage, refined = run_refine_stage(cfg, module, datamodule, output_dir, bool(cfg.get("test", True)))
         metrics.update(refined)
@@ -438,6 +473,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if two_stage:
             log.info("crop stage: test accuracy %.4f (the network alone: %.4f); classifier %s",
                      two_stage["test_two_stage/accuracy"], metrics.get("test/accuracy", float("nan")), crop_stage["file"])
+    if cfg.get("scan_stage") and trainer.is_global_zero:
+        from busiseg.models.crop_classifier import load_crop_classifier
+
+        # the crop stage as its file stores it (the file loads to the same weights and kernels as the trained one)
+        crop_model = load_crop_classifier(crop_stage["file"]) if crop_stage else None
+        scan_stage, scanned = run_scan_stage(cfg, module, datamodule, output_dir, bool(cfg.get("test", True)),
+                                             refiner, crop_model)
+        metrics.update(scanned)
+        if scanned:
+            log.info("scan stage: test accuracy %.4f (the network alone: %.4f); classifier %s",
+                     scanned["test_scan_stage/accuracy"], metrics.get("test/accuracy", float("nan")), scan_stage["file"])
     summary = {
         "metrics": metrics,
         "best_checkpoint": best_ckpt,
@@ -458,10 +504,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # refine_stage=default: the mask refiner's file, training time and settings (test_refined/* above; with
         # the crop stage too, test_two_stage/* are scored on the refined masks)
         "refine_stage": refine_stage,
+        # scan_stage=default: the whole-scan classifier's file, training time and settings (test_scan_stage/*
+        # above: the recipe's diagnosis, its classes averaged with the two-stage ones when the crop stage ran)
+        "scan_stage": scan_stage,
     }
     if trainer.is_global_zero:
         write_json(output_dir / "metrics.json", summary)
-        hparam_metrics = {k: v for k, v in metrics.items() if k.startswith(("test/", "val/", "test_two_stage/", "test_refined/")) and "loss" not in k}
+        hparam_metrics = {k: v for k, v in metrics.items() if k.startswith(("test/", "val/", "test_two_stage/", "test_refined/", "test_scan_stage/")) and "loss" not in k}
         params = _flatten(_plain(cfg))
         for lg in trainer.loggers:
             if isinstance(lg, TensorBoardLogger):  # the HPARAMS tab pairs params with these metrics
@@ -470,7 +519,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 lg.log_hyperparams(params)
             lg.save()
         log.info("metrics: %s", json.dumps({k: round(v, 4) for k, v in metrics.items()
-                                             if k.startswith(("test/", "test_two_stage/", "test_refined/")) and v is not None}))
+                                             if k.startswith(("test/", "test_two_stage/", "test_refined/", "test_scan_stage/")) and v is not None}))
         log.info("run dir: %s", output_dir)
     end_ddp_job()  # the next job of a sweep starts its own DDP ranks
     return summary

@@ -33,6 +33,7 @@ from busiseg.data.splits import PARTS, load_split
 from busiseg.evaluation.metrics_table import MaskScore, MaskScores, score_mask
 from busiseg.inference import InferenceOptions, area_resize, postprocess_mask, predict_probs, restore_size
 from busiseg.models.crop_classifier import CropClassifier
+from busiseg.models.scan_classifier import join_scan_probs, scan_probs
 from busiseg.models.mask_refiner import MaskRefiner
 from busiseg.models.metrics import SEG_THRESHOLD, classification_metrics, segmentation_metrics
 
@@ -294,7 +295,7 @@ def autocast_dtype(precision: Any) -> torch.dtype | None:
 def run_network(net: torch.nn.Module, records: list[Record], image_size: int, in_channels: int, batch_size: int,
                 options: InferenceOptions, progress: bool = True, channels_last: bool = False,
                 autocast: torch.dtype | None = None, crop_classifier: CropClassifier | None = None,
-                mask_refiner: MaskRefiner | None = None) -> EvalResults:
+                mask_refiner: MaskRefiner | None = None, scan_classifier: CropClassifier | None = None) -> EvalResults:
     """Run the network over the records in batches of ``batch_size`` (the training run's
     eval batch size by default, so the test step's batches are reproduced exactly) and
     score every view. ``channels_last``: NHWC memory format, as a run trained with
@@ -307,7 +308,9 @@ def run_network(net: torch.nn.Module, records: list[Record], image_size: int, in
     stage (:class:`busiseg.models.mask_refiner.MaskRefiner`) re-draws each view's mask probabilities at the
     image's own size inside the crops around its largest component, before anything else reads them (the
     crop stage then crops around the refined mask); at the preprocessing size the refined map is
-    area-averaged down (``cv2.INTER_AREA``), so every score, at both sizes, is the refined mask's."""
+    area-averaged down (``cv2.INTER_AREA``), so every score, at both sizes, is the refined mask's.
+    ``scan_classifier``: the scan stage (:mod:`busiseg.models.scan_classifier`) reads each whole image once and
+    each view's class probabilities (two-stage ones with ``crop_classifier``) become their mean with its own."""
     pipelines = PIPELINES if inference_active(options) else PIPELINES[:1]
     seg_metrics = segmentation_metrics("")
     cls_metrics = classification_metrics("")
@@ -359,6 +362,10 @@ def run_network(net: torch.nn.Module, records: list[Record], image_size: int, in
                     combined, _ = crop_classifier.refine([d[0] for d in decoded], full[p], out[p][1].numpy(),
                                                          threshold, autocast)
                     out[p] = (out[p][0], torch.from_numpy(combined).float())
+            if scan_classifier is not None:
+                scan = scan_probs(scan_classifier, [d[0] for d in decoded], autocast)
+                for p in pipelines:
+                    out[p] = (out[p][0], torch.from_numpy(join_scan_probs(out[p][1].numpy(), scan)).float())
             seg_metrics.update(out["raw"][0], true_s.int())
             cls_metrics.update(out["raw"][1], labels)
 

@@ -154,10 +154,7 @@ class CropClassifier(torch.nn.Module):
         """The two-stage class probabilities of a batch: ``images`` uint8 at their own size, ``mask_probs`` the
         network's mask probabilities at that size, ``class_probs`` its (N, 3) class probabilities. Returns
         (the combined (N, 3) probabilities, the crop classifier's (N, C), NaN where no mask is drawn)."""
-        if self.classes not in (LESION_CLASSES, NONE_CLASSES):
-            raise CropClassifierError(f"a crop classifier of classes {list(self.classes)} does not combine with the "
-                                      f"network's; the crop stage needs {list(LESION_CLASSES)} or "
-                                      f"{list(NONE_CLASSES)}")
+        check_crop_classes(self.classes, "this classifier")
         options = InferenceOptions(threshold=threshold, keep_largest=True)
         boxes = [lesion_box(postprocess_mask(np.asarray(p), None, options)) for p in mask_probs]
         drawn = [i for i, b in enumerate(boxes) if b is not None]
@@ -166,6 +163,15 @@ class CropClassifier(torch.nn.Module):
             crop[drawn] = self.lesion_probs([images[i] for i in drawn], [boxes[i] for i in drawn], autocast)
         combine = combine_none_probs if self.classes == NONE_CLASSES else combine_class_probs
         return combine(class_probs, crop), crop
+
+
+def check_crop_classes(classes: Sequence[str], source: str | Path) -> None:
+    """Refuse a classifier whose classes do not combine with the network's (e.g. a scan-stage file)."""
+    if tuple(classes) not in (LESION_CLASSES, NONE_CLASSES):
+        hint = " (a scan-stage file: pass it as scan_classifier=)" if "normal" in classes else ""
+        raise CropClassifierError(f"{source}: a crop classifier of classes {list(classes)}{hint} does not combine "
+                                  f"with the network's; the crop stage needs {list(LESION_CLASSES)} or "
+                                  f"{list(NONE_CLASSES)}")
 
 
 def combine_class_probs(class_probs: np.ndarray, crop_probs: np.ndarray) -> np.ndarray:
