@@ -39,6 +39,11 @@ def test_experiment_presets_compose(tmp_path, data_dir, name, monkeypatch):
         from busiseg.train import refine_settings
 
         assert refine_settings(cfg) == RefinerSettings(seed=42 + 4)  # the run's seed + its fold
+        # the scan stage (e67/e68): ScanSettings' defaults, the probe's, seeded like the refine stage
+        from busiseg.models.scan_classifier import ScanSettings
+        from busiseg.train import scan_settings
+
+        assert cfg.scan_stage.size == 224 and scan_settings(cfg) == ScanSettings(seed=42 + 4)
     if name == "busi_gpu":
         assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
         assert cfg.data.image_size == 256 and cfg.trainer.max_epochs > 30
