@@ -425,6 +425,27 @@ def crop_cv(out: Path, sweep: Path, settings: CropSettings, folds: Sequence[int]
     return result
 
 
+def add_run_training_arguments(train: argparse.ArgumentParser, file_name: str, defaults: Any, size_help: str,
+                               stage: str) -> None:
+    """The ``train RUN`` arguments a run's second stage shares (the refine and scan stages): RUN, where to write, the
+    images, the device, the checkpoint, the training settings every stage has (defaults from ``defaults``) and
+    the seed, which defaults to the run's seed + fold as ``<stage>=default`` uses inside busiseg.train."""
+    train.add_argument("run", type=Path, help="a training run dir (split.json, checkpoints/)")
+    train.add_argument("--out", type=Path, help=f"output file (default RUN/{file_name})")
+    train.add_argument("--data-root", type=Path, help="the images (default: the run's data.root)")
+    train.add_argument("--device", default="auto", help="auto (CUDA when visible), cpu, cuda[:N]")
+    train.add_argument("--checkpoint", default="last.ckpt", help="file name in the run's checkpoints/ (its config "
+                       "names the data root)")
+    train.add_argument("--size", type=int, default=defaults.size, help=size_help)
+    train.add_argument("--epochs", type=int, default=defaults.epochs)
+    train.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    train.add_argument("--lr", type=float, default=defaults.lr)
+    train.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    train.add_argument("--seed", type=int, default=None,
+                       help=f"default: the run's seed + its fold (what {stage}=default uses inside busiseg.train)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def _settings(args: argparse.Namespace) -> CropSettings:
     return CropSettings(size=args.size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                         weight_decay=args.weight_decay, train_margin=tuple(args.train_margin), jitter=args.jitter,

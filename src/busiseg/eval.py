@@ -352,15 +352,23 @@ def write_report(path: Path, cfg: DictConfig, inputs: EvalInputs, metrics: dict[
     write_text_atomic(path, page)
 
 
+def _stage_path(cfg: DictConfig, inputs: EvalInputs, key: str, without: str) -> Path | None:
+    """The second-stage file given as ``key=FILE``; None when unset, saying so (``without``: what is evaluated
+    then) when the run has its own beside its checkpoint (``RUN/<key>.pt``, from training with the stage)."""
+    value = cfg.get(key)
+    if value in (None, ""):
+        beside = inputs.run_dir / f"{key}.pt"
+        if beside.is_file() and not inputs.is_ensemble:
+            log.info("%s add %s=%s", without, key, beside)
+        return None
+    return Path(str(value)).expanduser()
+
+
 def load_crop_stage(cfg: DictConfig, inputs: EvalInputs) -> tuple[CropClassifier | None, Path | None]:
     """``crop_classifier=FILE``: the crop stage, refused when it was trained on an evaluated image."""
-    value = cfg.get("crop_classifier")
-    if value in (None, ""):
-        beside = inputs.run_dir / "crop_classifier.pt"
-        if beside.is_file() and not inputs.is_ensemble:  # a run trained with crop_stage=default
-            log.info("the network's classes; for the run's two-stage ones add crop_classifier=%s", beside)
+    path = _stage_path(cfg, inputs, "crop_classifier", "the network's classes; for the run's two-stage ones")
+    if path is None:
         return None, None
-    path = Path(str(value)).expanduser()
     try:
         model = load_crop_classifier(path)
         check_crop_classes(model.classes, path)
@@ -374,13 +382,9 @@ def load_crop_stage(cfg: DictConfig, inputs: EvalInputs) -> tuple[CropClassifier
 
 def load_refine_stage(cfg: DictConfig, inputs: EvalInputs) -> tuple[MaskRefiner | None, Path | None]:
     """``mask_refiner=FILE``: the refine stage, refused when it was trained on an evaluated image."""
-    value = cfg.get("mask_refiner")
-    if value in (None, ""):
-        beside = inputs.run_dir / "mask_refiner.pt"
-        if beside.is_file() and not inputs.is_ensemble:  # a run trained with refine_stage=default
-            log.info("the network's masks; for the run's refined ones add mask_refiner=%s", beside)
+    path = _stage_path(cfg, inputs, "mask_refiner", "the network's masks; for the run's refined ones")
+    if path is None:
         return None, None
-    path = Path(str(value)).expanduser()
     try:
         model = read_outside(load_mask_refiner(path), cfg.get("mask_refiner_outside"))
         if inputs.part != "train":
@@ -394,13 +398,9 @@ def load_refine_stage(cfg: DictConfig, inputs: EvalInputs) -> tuple[MaskRefiner 
 
 def load_scan_stage(cfg: DictConfig, inputs: EvalInputs) -> tuple[CropClassifier | None, Path | None]:
     """``scan_classifier=FILE``: the scan stage, refused when it was trained on an evaluated image."""
-    value = cfg.get("scan_classifier")
-    if value in (None, ""):
-        beside = inputs.run_dir / "scan_classifier.pt"
-        if beside.is_file() and not inputs.is_ensemble:  # a run trained with scan_stage=default
-            log.info("without the scan stage; for the run's diagnosis add scan_classifier=%s", beside)
+    path = _stage_path(cfg, inputs, "scan_classifier", "without the scan stage; for the run's diagnosis")
+    if path is None:
         return None, None
-    path = Path(str(value)).expanduser()
     try:
         model = load_scan_classifier(path)
         if inputs.part != "train":

@@ -26,6 +26,7 @@ import torch  # noqa: E402
 
 from busiseg.checkpoint import CheckpointError  # noqa: E402
 from busiseg.crop_stage import (  # noqa: E402
+    add_run_training_arguments,
     epoch_bar,
     run_data_root,
     save_with_figure,
@@ -126,24 +127,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m busiseg.refine_stage", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train the mask refiner on a run's training part")
-    train.add_argument("run", type=Path, help="a training run dir (split.json, checkpoints/)")
-    train.add_argument("--out", type=Path, help=f"output file (default RUN/{FILE_NAME})")
-    train.add_argument("--data-root", type=Path, help="the images (default: the run's data.root)")
-    train.add_argument("--device", default="auto", help="auto (CUDA when visible), cpu, cuda[:N]")
-    train.add_argument("--checkpoint", default="last.ckpt", help="file name in the run's checkpoints/ (its config "
-                       "names the data root)")
     defaults = RefinerSettings()
-    train.add_argument("--size", type=int, default=defaults.size, help="crop side fed to the refiner (px)")
-    train.add_argument("--epochs", type=int, default=defaults.epochs)
-    train.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    train.add_argument("--lr", type=float, default=defaults.lr)
-    train.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    add_run_training_arguments(train, FILE_NAME, defaults, "crop side fed to the refiner (px)",
+                               "refine_stage")
     train.add_argument("--blend", choices=BLENDS, default=defaults.blend)
     train.add_argument("--outside", choices=OUTSIDES, default=defaults.outside,
                        help="beyond the crops around the largest component: keep the network's mask, or erase it")
-    train.add_argument("--seed", type=int, default=None,
-                       help="default: the run's seed + its fold (what refine_stage=default uses inside busiseg.train)")
-    train.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(os.cpu_count() or 1)
