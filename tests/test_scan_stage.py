@@ -182,3 +182,37 @@ def test_the_probe_reads_a_sweep_and_pairs_against_the_two_stage_call(scanned_sw
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "probe_scan_classifier.py"), str(tmp_path),
                            str(tmp_path / "out2")], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 2 and "split.json not found" in proc.stderr
+
+
+def test_the_zoom_probe_reproduces_the_stage_at_zoom_one(scanned_sweep, tmp_path):
+    """scripts/probe_scan_tta.py (x11): the run's own scan classifiers, read at zoom 1, give the run's
+    test_scan_stage/accuracy; other zoom sets are paired against that; a classifier of another fold is refused."""
+    import os
+
+    from tests.conftest import REPO
+
+    _, sweep = scanned_sweep
+    script = str(REPO / "scripts" / "probe_scan_tta.py")
+    root = json.loads((sweep / "0" / "metrics.json").read_text())["data_root"]
+    env = {**os.environ, "BUSI_ROOT": root}
+    proc = subprocess.run([sys.executable, script, str(sweep), str(sweep), "--folds", "0", "1",
+                           "--zooms", "0.8,1.2"], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr
+    table = {line.split("|")[1].strip(): line.split("|") for line in proc.stdout.splitlines() if line.startswith("| ")}
+    stage = [json.loads((sweep / str(f) / "metrics.json").read_text())["metrics"]["test_scan_stage/accuracy"]
+             for f in (0, 1)]
+    assert table["1"][2].strip().startswith(f"{np.mean(stage):.4f}")
+    zoomed = [float(line.split("0.8,1.2: ")[1]) for line in proc.stdout.splitlines() if line.startswith("fold ")]
+    assert len(zoomed) == 2
+    mean = float(table["0.8,1.2"][2].split("+-")[0])
+    assert mean == pytest.approx(np.mean(zoomed), abs=1e-3)
+    assert float(table["0.8,1.2"][3].split("+-")[0]) == pytest.approx(mean - np.mean(stage), abs=1e-4)
+    # fold 0's folder holding fold 1's classifier: it was trained on some of fold 0's test images
+    (tmp_path / "scan" / "0").mkdir(parents=True)
+    (tmp_path / "scan" / "0" / FILE_NAME).symlink_to(sweep / "1" / FILE_NAME)
+    proc = subprocess.run([sys.executable, script, str(sweep), str(tmp_path / "scan"), "--folds", "0"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2 and "fold 0: the scan classifier was trained on" in proc.stderr
+    proc = subprocess.run([sys.executable, script, str(sweep), str(sweep), "--zooms", "0.9,x"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2 and "'0.9,x': zooms are numbers" in proc.stderr
