@@ -14,7 +14,6 @@ zoom. Nothing is trained; the test part's classes are read only for the scores.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -24,12 +23,10 @@ import numpy as np
 import torch
 
 from busiseg.data.busi import load_record, scan_busi
-from busiseg.data.labels import CLASS_NAMES
 from busiseg.models.scan_classifier import join_scan_probs, load_scan_classifier, scan_probs
-from busiseg.run_info import cpu_has_bf16
 
-DTYPE = torch.bfloat16 if cpu_has_bf16() else None
-PROBS = tuple(f"prob_{c}" for c in CLASS_NAMES)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from probe_scan_classifier import DTYPE, read_test  # noqa: E402
 
 
 def zoom_set(text: str) -> tuple[float, ...]:
@@ -41,11 +38,6 @@ def zoom_set(text: str) -> tuple[float, ...]:
     if not zooms or any(not 0 < z <= 3 for z in zooms):
         raise argparse.ArgumentTypeError(f"{text!r}: each zoom must be in (0, 3]")
     return zooms
-
-
-def read_two_stage(path: Path) -> dict[str, np.ndarray]:
-    with open(path, newline="") as f:
-        return {r["image"]: np.array([float(r[k]) for k in PROBS]) for r in csv.DictReader(f) if r["part"] == "test"}
 
 
 def paired_table(acc: dict[str, list[float]], base: str) -> list[str]:
@@ -88,7 +80,7 @@ def main() -> int:
         run = args.sweep / str(fold)
         split = json.loads((run / "split.json").read_text())
         held_out = set(split["val"]) | set(split.get("test", []))
-        two = read_two_stage(run / "predictions_two_stage.csv")
+        two = read_test(run / "predictions_two_stage.csv")
         names = sorted(two)
         if not set(names) <= held_out:
             print(f"error: {run / 'predictions_two_stage.csv'} tests images outside the split's held-out part",
