@@ -17,7 +17,6 @@ it. The scans that carry no label are not found; nor is a label in another font.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import cv2
 import numpy as np
 
 from busiseg.atomic import write_csv_atomic
-from busiseg.data.busi import scan_busi
+from busiseg.data.busi import root_from_env, scan_busi
 
 # (name, image, rows, cols, threshold): the label's box in that image, in its own pixels
 TEMPLATES = (
@@ -59,10 +58,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, help="every image's scores (CSV) here")
     ap.add_argument("--figure", type=Path, help="a PNG of the candidates, to check by eye")
     args = ap.parse_args()
-    root = os.environ.get("BUSI_ROOT")
-    if not root:
-        print("error: set BUSI_ROOT to the Dataset_BUSI_with_GT folder", file=sys.stderr)
-        return 2
+    root = root_from_env()
     records = scan_busi(root)
     templates = []
     for label, image, (r0, r1), (c0, c1), threshold in TEMPLATES:

@@ -10,22 +10,18 @@ of its first fold's config.yaml.
 from __future__ import annotations
 
 import csv
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-from busiseg.data.busi import scan_busi
+from busiseg.data.busi import root_from_env, scan_busi
 from busiseg.data.dataset import DecodedCache
 
 
 def main(sweeps: list[str]) -> int:
-    root = os.environ.get("BUSI_ROOT")
-    if not root:
-        print("error: set BUSI_ROOT to the Dataset_BUSI_with_GT folder", file=sys.stderr)
-        return 2
+    root = root_from_env()
     records = scan_busi(root)
     for sweep in map(Path, sweeps):
         oof = sweep / "oof_predictions.csv"

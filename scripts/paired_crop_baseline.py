@@ -7,18 +7,17 @@ stage's with "none" (from RUN/metrics.json) beside the baseline's, with normal r
     BUSI_ROOT=... python scripts/paired_crop_baseline.py SWEEP OUT FOLD [FOLD ...]
 """
 import json
-import os
 import sys
 from pathlib import Path
 from busiseg.checkpoint import load_model
 from busiseg.crop_stage import for_training_run
-from busiseg.data.busi import scan_busi
+from busiseg.data.busi import root_from_env, scan_busi
 from busiseg.data.splits import load_split
 from busiseg.models.crop_classifier import CropSettings
 from busiseg.models.mask_refiner import load_mask_refiner
 
 sweep, out = Path(sys.argv[1]), Path(sys.argv[2])
-root = Path(os.environ["BUSI_ROOT"])
+root = Path(root_from_env())
 by_name = {r.name: r for r in scan_busi(root)}
 for fold in [int(f) for f in sys.argv[3:]]:
     run = sweep / str(fold)

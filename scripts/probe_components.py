@@ -42,7 +42,7 @@ import torch  # noqa: E402
 
 from busiseg.atomic import write_csv_atomic  # noqa: E402
 from busiseg.checkpoint import load_model  # noqa: E402
-from busiseg.data.busi import load_record, scan_busi  # noqa: E402
+from busiseg.data.busi import load_record, root_from_env, scan_busi  # noqa: E402
 from busiseg.data.crops import lesion_box  # noqa: E402
 from busiseg.data.dataset import resize_pair  # noqa: E402
 from busiseg.evaluation.metrics_table import score_mask  # noqa: E402
@@ -109,10 +109,7 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=3, help="components the refiner reads in refined_top / pick_*")
     ap.add_argument("--out", type=Path, help="per-image rows (CSV) here")
     args = ap.parse_args()
-    root = os.environ.get("BUSI_ROOT")
-    if not root:
-        print("error: set BUSI_ROOT to the Dataset_BUSI_with_GT folder", file=sys.stderr)
-        return 2
+    root = root_from_env()
     for fold in args.folds:
         for need in ("split.json", "checkpoints/last.ckpt", "mask_refiner.pt", "predictions_refined.csv"):
             if not (args.sweep / str(fold) / need).is_file():

@@ -42,7 +42,7 @@ import torch  # noqa: E402
 
 from busiseg.atomic import write_csv_atomic  # noqa: E402
 from busiseg.checkpoint import load_model  # noqa: E402
-from busiseg.data.busi import load_record, scan_busi  # noqa: E402
+from busiseg.data.busi import load_record, root_from_env, scan_busi  # noqa: E402
 from busiseg.data.dataset import resize_pair  # noqa: E402
 from busiseg.data.crops import lesion_box, square_crop  # noqa: E402
 from busiseg.evaluation.runner import autocast_dtype, run_precision  # noqa: E402
@@ -115,10 +115,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, help="per-image Dice (CSV) here")
     ap.add_argument("--figure", type=Path, help="a PNG of the images the refiner helped and hurt most")
     args = ap.parse_args()
-    root = os.environ.get("BUSI_ROOT")
-    if not root:
-        print("error: set BUSI_ROOT to the Dataset_BUSI_with_GT folder", file=sys.stderr)
-        return 2
+    root = root_from_env()
     for fold in args.folds:
         for need in ("split.json", "checkpoints/last.ckpt", "predictions.csv"):
             if not (args.sweep / str(fold) / need).is_file():

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from busiseg.checkpoint import load_model
-from busiseg.data.busi import load_record, scan_busi
+from busiseg.data.busi import load_record, root_from_env, scan_busi
 from busiseg.data.crops import lesion_box
 from busiseg.data.labels import CLASS_NAMES
 from busiseg.evaluation.metrics_table import classification_summary
@@ -155,10 +155,7 @@ def main() -> int:
                     help="held-out crops at these margins (each also mirrored), probabilities averaged")
     ap.add_argument("--out", type=Path, help="write per-image predictions (CSV, one row per sweep and image) here")
     args = ap.parse_args()
-    root = os.environ.get("BUSI_ROOT")
-    if not root:
-        print("error: set BUSI_ROOT to the Dataset_BUSI_with_GT folder", file=sys.stderr)
-        return 2
+    root = root_from_env()
     splits: dict[int, dict] = {}
     for fold in args.folds:
         for sweep in args.sweeps:

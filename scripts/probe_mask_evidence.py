@@ -34,7 +34,7 @@ import torch
 
 from busiseg.atomic import write_csv_atomic
 from busiseg.checkpoint import load_model
-from busiseg.data.busi import scan_busi
+from busiseg.data.busi import root_from_env, scan_busi
 from busiseg.data.labels import CLASS_NAMES
 from busiseg.evaluation.runner import autocast_dtype, run_network, run_precision
 from busiseg.inference import InferenceOptions
@@ -122,10 +122,7 @@ def main() -> int:
     ap.add_argument("--crop", type=Path, nargs="+", help="crop classifier per run (file or folder), same order")
     ap.add_argument("--out", type=Path, help="per-image features and decisions (CSV) here")
     args = ap.parse_args()
-    root = os.environ.get("BUSI_ROOT")
-    if not root:
-        print("error: set BUSI_ROOT to the Dataset_BUSI_with_GT folder", file=sys.stderr)
-        return 2
+    root = root_from_env()
     crops = args.crop or [run / "crop_classifier.pt" for run in args.runs]
     crops = [c / "crop_classifier.pt" if c.is_dir() else c for c in crops]
     if len(crops) != len(args.runs):

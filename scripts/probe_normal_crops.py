@@ -43,7 +43,7 @@ import torch
 
 from busiseg.atomic import write_csv_atomic
 from busiseg.checkpoint import load_model
-from busiseg.data.busi import load_record, scan_busi
+from busiseg.data.busi import load_record, root_from_env, scan_busi
 from busiseg.data.crops import lesion_box, normal_boxes, peak_box
 from busiseg.data.labels import CLASS_NAMES
 from busiseg.evaluation.metrics_table import classification_summary
@@ -102,10 +102,7 @@ def main() -> int:
                          "headline's crop stage does")
     ap.add_argument("--out", type=Path, help="per-image predictions (CSV) here")
     args = ap.parse_args()
-    root = os.environ.get("BUSI_ROOT")
-    if not root:
-        print("error: set BUSI_ROOT to the Dataset_BUSI_with_GT folder", file=sys.stderr)
-        return 2
+    root = root_from_env()
     for fold in args.folds:
         for need in ("split.json", "checkpoints/last.ckpt", "config.yaml"):
             if not (args.sweep / str(fold) / need).is_file():

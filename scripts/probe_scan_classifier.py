@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from busiseg.atomic import write_csv_atomic
-from busiseg.data.busi import load_record, scan_busi
+from busiseg.data.busi import load_record, root_from_env, scan_busi
 from busiseg.data.labels import CLASS_NAMES
 from busiseg.models.crop_classifier import save_crop_classifier
 from busiseg.models.scan_classifier import ScanSettings, join_scan_probs, scan_probs, train_scan_classifier
@@ -73,10 +73,7 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=224, help="input side (px)")
     ap.add_argument("--epochs", type=int, default=40)
     args = ap.parse_args()
-    root = os.environ.get("BUSI_ROOT")
-    if not root:
-        print("error: set BUSI_ROOT to the Dataset_BUSI_with_GT folder", file=sys.stderr)
-        return 2
+    root = root_from_env()
     for fold in args.folds:
         for need in ("split.json", "config.yaml", "predictions.csv", "predictions_two_stage.csv"):
             if not (args.sweep / str(fold) / need).is_file():

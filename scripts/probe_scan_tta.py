@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from busiseg.data.busi import load_record, scan_busi
+from busiseg.data.busi import load_record, root_from_env, scan_busi
 from busiseg.models.scan_classifier import join_scan_probs, load_scan_classifier, scan_probs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -61,10 +61,7 @@ def main() -> int:
                     help="zoom sets to try, each comma-separated (the stage's own, 1.0, is always the reference)")
     ap.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     args = ap.parse_args()
-    root = os.environ.get("BUSI_ROOT")
-    if not root:
-        print("error: set BUSI_ROOT to the Dataset_BUSI_with_GT folder", file=sys.stderr)
-        return 2
+    root = root_from_env()
     for fold in args.folds:
         for need in (args.sweep / str(fold) / "split.json", args.sweep / str(fold) / "predictions_two_stage.csv",
                      args.scan / str(fold) / "scan_classifier.pt"):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from busiseg.data.busi import DatasetError, load_record, mask_to_bool, scan_busi, summarize
+from busiseg.data.busi import DatasetError, load_record, mask_to_bool, root_from_env, scan_busi, summarize
 from busiseg.data.dataset import DecodedCache
 from busiseg.data.labels import CLASS_NAMES, LABEL_OF
 from tests.conftest import write_case
@@ -87,6 +87,29 @@ def test_stray_files_ignored_with_one_counting_warning(tiny_busi: Path):
 def test_missing_root(tmp_path: Path):
     with pytest.raises(DatasetError, match="does not exist"):
         scan_busi(tmp_path / "nope")
+
+
+def test_root_from_env_names_the_variable(monkeypatch, capsys):
+    monkeypatch.setenv("BUSI_ROOT", "/some/where")
+    assert root_from_env() == "/some/where"
+    for unset in (lambda: monkeypatch.delenv("BUSI_ROOT"), lambda: monkeypatch.setenv("BUSI_ROOT", "")):
+        unset()
+        with pytest.raises(SystemExit) as exit_:
+            root_from_env()
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err == "error: set BUSI_ROOT to the Dataset_BUSI_with_GT folder\n"
+
+
+def test_a_script_without_busi_root_says_so_in_one_line(tmp_path: Path):
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "paired_crop_baseline.py"
+    env = {k: v for k, v in os.environ.items() if k != "BUSI_ROOT"}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(tmp_path / "out"), "0"],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and proc.stderr == "error: set BUSI_ROOT to the Dataset_BUSI_with_GT folder\n"
 
 
 def test_missing_class_folder_named(tiny_busi: Path):

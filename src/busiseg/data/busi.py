@@ -18,7 +18,9 @@ Quirks of real downloads handled here (see docs/data.md):
 from __future__ import annotations
 
 import logging
+import os
 import re
+import sys
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -61,6 +63,18 @@ def _image_number(path: Path) -> tuple[int, str]:
     """Sort key: the number in ``NAME (N)`` numerically, then the name."""
     m = re.search(r"\((\d+)\)", path.stem)
     return (int(m.group(1)) if m else -1, path.name)
+
+
+def root_from_env(var: str = "BUSI_ROOT") -> str:
+    """The dataset folder named by the environment variable ``var`` (the scripts' and tests' convention).
+
+    Unset or empty: a one-line error naming the variable on stderr and exit status 2, no traceback.
+    """
+    root = os.environ.get(var)
+    if not root:
+        print(f"error: set {var} to the Dataset_BUSI_with_GT folder", file=sys.stderr)
+        raise SystemExit(2)
+    return root
 
 
 def scan_busi(root: str | Path, classes: tuple[str, ...] = CLASS_NAMES) -> list[Record]:
