@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -101,10 +104,6 @@ def test_root_from_env_names_the_variable(monkeypatch, capsys):
 
 
 def test_a_script_without_busi_root_says_so_in_one_line(tmp_path: Path):
-    import os
-    import subprocess
-    import sys
-
     script = Path(__file__).resolve().parents[2] / "scripts" / "paired_crop_baseline.py"
     env = {k: v for k, v in os.environ.items() if k != "BUSI_ROOT"}
     proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(tmp_path / "out"), "0"],
