@@ -211,3 +211,25 @@ def test_checkpoints_written_atomically(tmp_path, monkeypatch):
         AtomicCheckpointIO().save_checkpoint({"a": torch.zeros(2)}, target)
     assert target.read_bytes() == before  # the old checkpoint is intact
     assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]  # no temporary left
+
+
+@pytest.mark.parametrize("fn, repositioned", [("fit", True), ("test", False), ("validate", False)])
+def test_resume_state_repositions_only_a_fit(fn, repositioned, caplog):
+    """Testing from the best checkpoint is not a resume: no 'resuming at epoch' and the train sampler is left alone."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    from busiseg.models.guards import ResumeState
+
+    saved = ResumeState()
+    saved.epoch, saved.batches_done, saved.num_batches = 3, 2, 4
+    calls = []
+    trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn(fn)),
+                              datamodule=SimpleNamespace(resume_at=lambda *a: calls.append(a)))
+    loaded = ResumeState()
+    with caplog.at_level("INFO", logger="busiseg.train"):
+        loaded.on_load_checkpoint(trainer, None, {"callbacks": {saved.state_key: saved.state_dict()}})
+    assert calls == ([(3, 2)] if repositioned else [])
+    assert ("resuming at epoch 3" in caplog.text) is repositioned
+    assert (loaded._pending_rng is not None) is repositioned

@@ -225,6 +225,8 @@ def test_cli_multirun_two_jobs(tmp_path, data_dir):
         metrics = json.loads((sweep / job / "metrics.json").read_text())
         assert "test/dice" in metrics["metrics"]
     assert "loss=seg_only" in (sweep / "1" / ".hydra" / "overrides.yaml").read_text()
+    # the module's batch-transfer hook is the design (busiseg/__init__.py): no warning about it on every fit
+    assert "on_after_batch_transfer" not in proc.stdout + proc.stderr
 
 
 def test_cli_bad_dataset_is_one_clear_error(tmp_path):

@@ -13,3 +13,8 @@ __version__ = "0.1.0"
 import warnings as _warnings
 
 _warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_slurm' is validated against ConfigStore schema")
+
+# MultiTaskModule.on_after_batch_transfer is where device-side augmentation and mixing happen
+# (busiseg.data.device_augment, busiseg.data.mixing): by design, not the datamodule's. Lightning
+# warns on every fit that the module's hook is the one used; that is the intent, so only that is silenced.
+_warnings.filterwarnings("ignore", message=r"You have overridden `on_after_batch_transfer` in `LightningModule` but")

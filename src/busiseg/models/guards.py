@@ -32,6 +32,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.trainer.states import TrainerFn
 
 log = logging.getLogger("busiseg.train")
 
@@ -137,8 +138,8 @@ class ResumeState(L.Callback):
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         state = (checkpoint.get("callbacks") or {}).get(self.state_key)
-        if state is None:
-            return
+        if state is None or trainer.state.fn != TrainerFn.FITTING:
+            return  # test/validate/predict from a checkpoint ("best") is not a resume: nothing to reposition
         self.load_state_dict(state)
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "resume_at"):
