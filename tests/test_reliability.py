@@ -178,6 +178,18 @@ def test_cli_negative_loss_weight_is_one_line(tmp_path):
     assert "busiseg: error:" in proc.stderr and "w_seg" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_cli_unreachable_pretrained_weights_is_one_line(tmp_path):
+    """model.encoder_weights=imagenet with no Hub to fetch from: busiseg's one line, not Hydra's wrapping of it."""
+    env = {**ENV, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    cmd = [sys.executable, "-m", "busiseg.train", "model.encoder_weights=imagenet", f"paths.log_dir={tmp_path}",
+           f"paths.data_dir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("busiseg: error:")]
+    assert len(errors) == 1 and "model.encoder_weights=null" in errors[0] and "not cached" in errors[0]
+    assert "Error executing job" not in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_csv_written_atomically(tmp_path):
     from busiseg.atomic import write_csv_atomic
 

@@ -109,6 +109,8 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
         datamodule, module, trainer = build(cfg)
     except (InstantiationException, ValueError) as exc:
         cause = exc.__cause__ if isinstance(exc, InstantiationException) else exc
+        if isinstance(cause, EncoderWeightsUnavailable):
+            raise cause from None  # its own one-line message, not Hydra's wrapping of it
         if not isinstance(cause, ValueError) or isinstance(cause, DatasetError):
             raise
         raise ConfigError(str(cause).strip()) from exc

@@ -422,6 +422,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     try:
         datamodule, module, trainer = build(cfg)
     except InstantiationException as exc:  # e.g. a negative loss weight: the ValueError names the key
+        if isinstance(exc.__cause__, EncoderWeightsUnavailable):
+            raise exc.__cause__ from None  # its own one-line message, not Hydra's wrapping of it
         if not isinstance(exc.__cause__, ValueError) or isinstance(exc.__cause__, DatasetError):
             raise
         raise ConfigError(str(exc.__cause__).strip()) from exc

@@ -20,13 +20,52 @@ def test_default_is_resnet34_from_scratch():
     assert len(net.unet.encoder.layer1) == 3  # resnet34 has 3 blocks in layer1, resnet18 has 2
 
 
-def test_unknown_weights_offline_is_one_clear_error(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+@pytest.fixture
+def no_hub(tmp_path, monkeypatch):
+    """A Hub that does not answer (HF_ENDPOINT on a closed local port) and an empty weight cache."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+def test_unknown_weights_offline_is_one_clear_error_at_once(no_hub):
+    import time
+
+    from huggingface_hub import constants
+
+    started = time.perf_counter()
     with pytest.raises(EncoderWeightsUnavailable) as info:
         MultiTaskUnet(encoder_name="resnet18", encoder_weights="imagenet")
     msg = str(info.value)
     assert "\n" not in msg
     assert "model.encoder_weights=null" in msg and "resnet18" in msg
+    assert "127.0.0.1 is unreachable and they are not cached" in msg
+    # not after huggingface_hub's five retries (about 25 s); the offline switch is put back
+    assert time.perf_counter() - started < 10
+    assert constants.HF_HUB_OFFLINE is False
+
+
+def test_cached_weights_load_without_the_hub(no_hub):
+    """Weights downloaded once load on a machine that cannot reach the Hub (read from the cache, no request)."""
+    import json
+
+    import segmentation_models_pytorch as smp
+    from safetensors.torch import save_file
+
+    settings = smp.encoders.encoders["resnet18"]["pretrained_settings"]["imagenet"]
+    torch.manual_seed(3)
+    cached = {k: torch.randn_like(v) if v.is_floating_point() else v
+              for k, v in smp.encoders.get_encoder("resnet18", in_channels=3).state_dict().items()}
+    snapshot = no_hub / f"models--{settings['repo_id'].replace('/', '--')}" / "snapshots" / settings["revision"]
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps({}))
+    save_file(cached, str(snapshot / "model.safetensors"))
+    net = MultiTaskUnet(encoder_name="resnet18", encoder_weights="imagenet")
+    loaded = net.unet.encoder.state_dict()
+    assert torch.equal(loaded["layer1.0.conv1.weight"], cached["layer1.0.conv1.weight"])
+    assert torch.equal(loaded["layer4.1.bn2.weight"], cached["layer4.1.bn2.weight"])
 
 
 def test_unknown_encoder_names_key():

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import os
+import socket
+from contextlib import contextmanager, nullcontext
+from typing import Iterator, Sequence
+from urllib.parse import urlsplit
 
 import segmentation_models_pytorch as smp
 import torch
@@ -13,6 +17,36 @@ from busiseg.data.labels import NUM_CLASSES
 
 class EncoderWeightsUnavailable(RuntimeError):
     """Named pretrained weights could not be fetched (no network, or not cached)."""
+
+
+def hub_address() -> tuple[str, int]:
+    """Host and port of the Hub that smp fetches pretrained encoder weights from (smp-hub/<encoder>.<weights>):
+    ``HF_ENDPOINT`` (a mirror) where set, else huggingface.co."""
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub accepts a connection within ``timeout`` seconds."""
+    try:
+        with socket.create_connection(hub_address(), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def hub_cache_only() -> Iterator[None]:
+    """huggingface_hub's offline mode (``HF_HUB_OFFLINE``) for the block: cached files load, anything else fails at
+    once instead of after its five retries (about 25 s of warnings)."""
+    from huggingface_hub import constants
+
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
 
 
 # model.arch -> the smp class. Both take the same arguments and return (mask, class) logits with aux_params.
@@ -47,16 +81,20 @@ def build_unet(encoder_name: str, encoder_weights: str | None, in_channels: int,
         decoder_attention_type=decoder_attention,
         aux_params=dict(classes=num_classes, pooling="avg", dropout=head_dropout or None),
     )
+    # no Hub to ask: read the weights from the cache or fail now
+    offline = encoder_weights is not None and not hub_reachable()
     try:
-        return ARCHITECTURES[arch](encoder_weights=encoder_weights, **kwargs)
+        with hub_cache_only() if offline else nullcontext():
+            return ARCHITECTURES[arch](encoder_weights=encoder_weights, **kwargs)
     except (OSError, RuntimeError, ValueError, KeyError) as exc:
         if encoder_weights is None:
             if isinstance(exc, KeyError) or "encoder" in str(exc).lower():
                 raise ValueError(f"model.encoder_name={encoder_name!r} is not an encoder smp knows ({exc})") from exc
             raise
+        where = f"{hub_address()[0]} is unreachable and they are not cached" if offline else "this machine may be offline"
         raise EncoderWeightsUnavailable(
             f"cannot load '{encoder_weights}' weights for encoder {encoder_name} "
-            f"({exc.__class__.__name__}); this machine may be offline. Train from scratch with "
+            f"({exc.__class__.__name__}); {where}. Train from scratch with "
             f"model.encoder_weights=null, or download the weights once where there is network "
             f"(they are cached under ~/.cache/huggingface and ~/.cache/torch)."
         ) from exc
