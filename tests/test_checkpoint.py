@@ -52,8 +52,24 @@ class Evil:
 
 def test_pickled_object_refused(tmp_path):
     _, path = _ckpt(tmp_path, {"payload": Evil()})
-    with pytest.raises(CheckpointError, match="refused"):
+    with pytest.raises(CheckpointError, match=r"refused: .*\(Unsupported global: GLOBAL print was not an "
+                                              r"allowed global by default\)$"):
         load_model(path)
+
+
+@pytest.mark.parametrize("content", [
+    b"hello, not a checkpoint\n",  # a text file: torch's unpickler fails with a KeyError
+    bytes(range(7, 250)),  # bytes that are no pickle: an UnpicklingError, but nothing was refused
+    pickle.dumps({"a": 1})[:-3],  # a cut-off file
+])
+def test_a_file_that_is_no_checkpoint_is_one_error_not_a_refusal(tmp_path, content):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(content)
+    with pytest.raises(CheckpointError) as info:
+        load_model(bad)
+    msg = str(info.value)
+    assert msg.startswith(f"{bad}: not a readable PyTorch checkpoint (damaged, or another kind of file: ")
+    assert "refused" not in msg and "\n" not in msg
 
 
 def test_missing_and_garbage_files_named(tmp_path):

@@ -28,12 +28,28 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path}: refused: the checkpoint holds pickled Python objects, which could run code when "
-            f"loaded; only weights and plain values are accepted ({str(exc).splitlines()[0]})"
-        ) from exc
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc.__class__.__name__}: {exc})") from exc
+        detail = _unpickler_detail(exc)
+        if detail.startswith("Unsupported global"):  # the weights-only unpickler met a class or function to call
+            raise CheckpointError(
+                f"{path}: refused: the checkpoint holds pickled Python objects, which could run code when "
+                f"loaded; only weights and plain values are accepted ({detail})"
+            ) from exc
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (damaged, or another kind of file: "
+                              f"{detail})") from exc
+    except Exception as exc:  # noqa: BLE001 - a text file, a truncated zip...: the same one-line error
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (damaged, or another kind of file: "
+                              f"{exc.__class__.__name__}: {exc})") from exc
+
+
+def _unpickler_detail(exc: Exception) -> str:
+    """The weights-only unpickler's own reason ('Unsupported global: GLOBAL print was not an allowed global by
+    default', 'Unsupported operand 45'), without torch's advice around it."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error:" in line:
+            reason = line.split("WeightsUnpickler error:", 1)[1].strip() or (lines[i + 1] if i + 1 < len(lines) else "")
+            return reason.split(". Please")[0].rstrip(".")
+    return lines[0] if lines else exc.__class__.__name__
 
 
 def load_model(path: str | Path) -> tuple[MultiTaskUnet, dict[str, Any]]:
