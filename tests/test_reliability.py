@@ -245,3 +245,38 @@ def test_resume_state_repositions_only_a_fit(fn, repositioned, caplog):
     assert calls == ([(3, 2)] if repositioned else [])
     assert ("resuming at epoch 3" in caplog.text) is repositioned
     assert (loaded._pending_rng is not None) is repositioned
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_lightning_not_resumable_warning_only_where_resume_is_inexact(exact):
+    """Lightning warns on a mid-epoch resume that the loader "is not resumable" and results may be unreliable.
+    The seeded sampler makes it exact (the SIGKILL test above): silenced there, kept for a loader that is not."""
+    import warnings
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+    from lightning.pytorch.utilities.warnings import PossibleUserWarning
+
+    from busiseg.models.guards import ResumeState
+
+    saved = ResumeState()
+    saved.epoch, saved.batches_done, saved.num_batches = 3, 2, 4
+    trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.FITTING),
+                              datamodule=SimpleNamespace(resume_at=lambda *a: None, exact_resume=exact))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        ResumeState().on_load_checkpoint(trainer, None, {"callbacks": {saved.state_key: saved.state_dict()}})
+        # the message Lightning's training_epoch_loop.reset gives (lightning 2.x)
+        warnings.warn("You're resuming from a checkpoint that ended before the epoch ended and your dataloader is"
+                      " not resumable. This can cause unreliable results if further training is done.",
+                      PossibleUserWarning)
+    assert any("not resumable" in str(w.message) for w in seen) is not exact
+
+
+def test_datamodule_resume_is_exact_but_for_its_own_loaders(data_dir):
+    from busiseg.data.datamodule import BusiDataModule
+
+    assert BusiDataModule(root=data_dir).exact_resume
+    assert not BusiDataModule(root=data_dir, cache="memory", device_resident=True).exact_resume
+    assert not BusiDataModule(root=data_dir, num_workers=2, persistent_workers=True).exact_resume
+    assert BusiDataModule(root=data_dir, num_workers=2, persistent_workers=False).exact_resume

@@ -182,6 +182,13 @@ class BusiDataModule(L.LightningDataModule):
         """Called on resume (``ResumeState``): the next epoch is ``epoch``, less its first batches."""
         self._resume = (int(epoch), int(batches_done))
 
+    @property
+    def exact_resume(self) -> bool:
+        """Whether ``resume_at`` reproduces the interrupted epoch's remaining batches exactly: the seeded
+        ``EpochSampler`` skips the batches done; the device-resident loader (its own shuffle) and persistent
+        workers (augmentation state kept in the workers) do not (docs/reliability.md)."""
+        return not self.device_resident and not (self.num_workers > 0 and self.persistent_workers)
+
     def prepare_data(self) -> None:
         if self.synthetic is not None:
             from busiseg.data.synthetic import ensure_phantom

@@ -22,6 +22,7 @@ import os
 import random
 import signal
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 log = logging.getLogger("busiseg.train")
 
@@ -93,6 +95,9 @@ def _set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+_LIGHTNING_NOT_RESUMABLE = r"You're resuming from a checkpoint that ended before the epoch ended"
+
+
 class ResumeState(L.Callback):
     """Position in the epoch and RNG states, saved with every checkpoint and restored on resume.
 
@@ -144,11 +149,19 @@ class ResumeState(L.Callback):
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "resume_at"):
             return
-        if self.num_batches and self.batches_done >= self.num_batches:
+        mid_epoch = not (self.num_batches and self.batches_done >= self.num_batches)
+        if not mid_epoch:
             datamodule.resume_at(self.epoch + 1, 0)  # saved at the end of an epoch: the next starts afresh
         else:
             datamodule.resume_at(self.epoch, self.batches_done)
-        log.info("resuming at epoch %d, after %d batch(es) of it", self.epoch, self.batches_done)
+        exact = bool(getattr(datamodule, "exact_resume", False))
+        if exact:
+            # Lightning warns on every mid-epoch resume that a loader without state_dict "can cause unreliable
+            # results"; here the seeded sampler skips the batches done and the RNG is restored, so the rest
+            # of the epoch is the interrupted run's (tests/test_reliability.py). Where it is not, the warning stays.
+            warnings.filterwarnings("ignore", message=_LIGHTNING_NOT_RESUMABLE, category=PossibleUserWarning)
+        log.info("resuming at epoch %d, after %d batch(es) of it%s", self.epoch, self.batches_done,
+                 " (the sampler skips them: exact)" if exact and mid_epoch else "")
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
