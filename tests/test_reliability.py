@@ -51,6 +51,22 @@ def _cli(tmp_path: Path, data_dir: Path, run: Path, *overrides: str, timeout: in
     return subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
+def _csv_rows(run: Path) -> list[tuple]:
+    """The learning curve in RUN/csv/metrics.csv: (step, epoch, the metrics logged on the row), with the values
+    of those a resume reproduces (per-step and validation metrics, learning rate; not the interrupted epoch's
+    train/* epoch means, whose metric states are not checkpointed: they cover the batches after the resume)."""
+    import csv
+
+    def value(key: str, v: str):
+        return "-" if key.startswith("train/") and not key.endswith("_step") else round(float(v), 5)
+
+    with open(run / "csv" / "metrics.csv", newline="") as f:
+        rows = [(int(r["step"]), r["epoch"], tuple(sorted((k, value(k, v)) for k, v in r.items()
+                                                          if v and k not in ("step", "epoch"))))
+                for r in csv.DictReader(f)]
+    return sorted(rows)
+
+
 def _tb_steps(folder: Path) -> dict[str, list[int]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -64,13 +80,14 @@ def _tb_steps(folder: Path) -> dict[str, list[int]]:
 @pytest.mark.slow
 @pytest.mark.parametrize("callbacks", ["default", "ema"])  # ema: the weight average is restored too
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, data_dir, callbacks):
-    ref_cfg = compose_train(tmp_path / "ref", data_dir, [f"callbacks={callbacks}", *SHORT])
+    # logger=many: TensorBoard and the CSV logger (busi_cpu's), both continued by the resume
+    ref_cfg = compose_train(tmp_path / "ref", data_dir, [f"callbacks={callbacks}", "logger=many", *SHORT])
     reference = train(ref_cfg)
     # the epoch-end and the step checkpoint callbacks share one last.ckpt (no last-v1.ckpt that resume would not read)
     assert sorted(p.name for p in (tmp_path / "ref" / "run" / "checkpoints").glob("last*")) == ["last.ckpt"]
 
     run = tmp_path / "killed"
-    killed = _cli(tmp_path, data_dir, run, f"callbacks={callbacks}",
+    killed = _cli(tmp_path, data_dir, run, f"callbacks={callbacks}", "logger=many",
                   "+callbacks.killer._target_=tests.test_reliability.KillAt",
                   "+callbacks.killer.step=3")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
@@ -89,6 +106,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, data_dir,
     assert all(split[p] == ref_split[p] for p in ("train", "val", "test"))
     # one TensorBoard history: the same steps as the uninterrupted run, none twice, none lost
     assert _tb_steps(run / "tensorboard") == _tb_steps(tmp_path / "ref" / "run" / "tensorboard")
+    # and one CSV learning curve: the rows before the checkpoint kept, none twice (Lightning's CSVLogger deleted them)
+    assert _csv_rows(run) == _csv_rows(tmp_path / "ref" / "run")
     info = json.loads((run / "run_info.json").read_text())
     assert len(info["resumes"]) == 1
 

@@ -141,6 +141,12 @@ class ResumeState(L.Callback):
         rng["python"] = (version, tuple(internal), gauss_next)
         self._pending_rng = rng
 
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # the CSV logger buffers its rows (100 steps): on disk with the checkpoint, a resume after a SIGKILL
+        # continues them (busiseg.loggers.ResumableCSVLogger) instead of starting the learning curve at the kill
+        for logger in trainer.loggers:
+            logger.save()
+
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         state = (checkpoint.get("callbacks") or {}).get(self.state_key)
         if state is None or trainer.state.fn != TrainerFn.FITTING:
