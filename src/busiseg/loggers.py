@@ -10,13 +10,14 @@ were lost. ``ResumableCSVLogger`` keeps the rows logged before the checkpoint's 
 from __future__ import annotations
 
 import csv
-import os
 from typing import Any
 
 from lightning.fabric.loggers.csv_logs import _ExperimentWriter
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+from busiseg.atomic import write_csv_atomic
 
 
 class _ResumedWriter(ExperimentWriter):
@@ -33,12 +34,7 @@ class _ResumedWriter(ExperimentWriter):
             reader = csv.DictReader(f)
             header = list(reader.fieldnames or [])
             kept = [row for row in reader if _step(row) < self.purge_step]
-        tmp = self.metrics_file_path + ".tmp"
-        with self._fs.open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=header)
-            writer.writeheader()
-            writer.writerows(kept)
-        os.replace(tmp, self.metrics_file_path)
+        write_csv_atomic(self.metrics_file_path, kept, header)
         self.metrics_keys = header  # later rows are appended under this header (widened if new keys come)
 
 

@@ -287,10 +287,6 @@ def resume_config(cfg: DictConfig) -> DictConfig:
     return resumed
 
 
-_CSV_LOGGERS = {"lightning.pytorch.loggers.CSVLogger", "lightning.pytorch.loggers.csv_logs.CSVLogger",
-                "pytorch_lightning.loggers.CSVLogger", "busiseg.loggers.ResumableCSVLogger"}
-
-
 def _resumed_step(ckpt_path: str | None) -> int | None:
     """The logger step a checkpoint resumes at (TensorBoard hides later events of the killed run)."""
     if not ckpt_path:
@@ -366,7 +362,7 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback]) -> L.Trainer:
         if purge_step is not None and target.endswith("TensorBoardLogger"):
             # events the killed run logged after its last checkpoint are hidden, not duplicated
             loggers.append(hydra.utils.instantiate(c, purge_step=purge_step))
-        elif purge_step is not None and target in _CSV_LOGGERS:
+        elif purge_step is not None and target.endswith("CSVLogger"):
             # Lightning's CSVLogger would delete the resumed run's metrics.csv: keep its rows before the checkpoint
             loggers.append(hydra.utils.instantiate(c, _target_="busiseg.loggers.ResumableCSVLogger",
                                                    purge_step=purge_step))
