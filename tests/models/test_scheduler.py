@@ -68,3 +68,32 @@ def test_one_cycle_config_builds_the_schedule():
     assert isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(2e-3 / cfg.div_factor)
     assert math.isclose(scheduler.total_steps, 50)
+
+
+def _schedule(make, steps):
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([param], lr=1e-3)
+    sched, seen = make(opt, steps), []
+    for _ in range(steps):
+        seen.append((opt.param_groups[0]["lr"], opt.param_groups[0]["betas"][0]))
+        opt.step()
+        sched.step()
+    return seen
+
+
+@pytest.mark.parametrize("steps", [6, 76, 600])
+def test_one_cycle_is_torchs_one_cycle_for_the_second_stages(steps):
+    # the crop, refine and scan stages train with it at a 20 % warm-up: the same schedule as torch's own, value for
+    # value, so runs trained before they shared it are reproduced
+    ours = _schedule(lambda o, n: one_cycle(o, n, pct_start=0.2), steps)
+    torchs = _schedule(lambda o, n: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=1e-3, total_steps=n,
+                                                                         pct_start=0.2), steps)
+    assert ours == torchs
+
+
+def test_one_cycle_with_a_one_step_warm_up_runs():
+    # torch divides by zero when pct_start x total_steps is exactly 1 (a stage of 1 epoch of 5 batches at 0.2)
+    with pytest.raises(ZeroDivisionError):
+        _schedule(lambda o, n: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=1e-3, total_steps=n, pct_start=0.2), 5)
+    lrs = [lr for lr, _ in _schedule(lambda o, n: one_cycle(o, n, pct_start=0.2), 5)]
+    assert lrs[0] == pytest.approx(1e-3 / 25) and max(lrs) <= 1e-3 and lrs[-1] < lrs[1]

@@ -34,6 +34,7 @@ import torchvision
 
 from busiseg.data.crops import Box, lesion_box, square_crop
 from busiseg.inference import InferenceOptions, postprocess_mask
+from busiseg.models.scheduler import one_cycle
 from busiseg.models.stage_file import (
     autocast_context,
     crop_batch,
@@ -246,7 +247,7 @@ def train_crop_classifier(images: Sequence[np.ndarray], boxes: Sequence[Box], la
     greys = [to_grey(im) for im in images]
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     steps = s.epochs * math.ceil(len(greys) / s.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.lr, total_steps=steps, pct_start=0.2)
+    sched = one_cycle(opt, steps, pct_start=0.2)  # 20 % warm-up
     history = []
     model.train()
     for epoch in range(s.epochs):

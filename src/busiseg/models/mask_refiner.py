@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from busiseg.data.crops import Box, lesion_box, paste_crop, square_crop
 from busiseg.inference import InferenceOptions, postprocess_mask
 from busiseg.models.crop_classifier import to_grey
+from busiseg.models.scheduler import one_cycle
 from busiseg.models.stage_file import (
     autocast_context,
     crop_batch,
@@ -202,7 +203,7 @@ def train_mask_refiner(images: Sequence[np.ndarray], masks: Sequence[np.ndarray]
     masks_f = [(np.asarray(m) > 0).astype(np.float32) for m in masks]
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     steps = s.epochs * math.ceil(len(greys) / s.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.lr, total_steps=steps, pct_start=0.2)
+    sched = one_cycle(opt, steps, pct_start=0.2)  # 20 % warm-up
     history = []
     model.train()
     for epoch in range(s.epochs):

@@ -38,6 +38,10 @@ def one_cycle(optimizer: Optimizer, total_steps: int, pct_start: float = 0.3, di
         raise ValueError(f"scheduler.div_factor and scheduler.final_div_factor must be > 0, "
                          f"got {div_factor} and {final_div_factor}")
     peaks = [group["lr"] for group in optimizer.param_groups]
-    return OneCycleLR(optimizer, max_lr=peaks, total_steps=max(2, int(total_steps)), pct_start=pct_start,
+    total_steps = max(2, int(total_steps))
+    if abs(pct_start * total_steps - 1.0) < 1e-9:
+        # a warm-up of exactly one step makes torch divide by zero (e.g. 5 steps at 0.2): a hair longer instead
+        pct_start *= 1.001
+    return OneCycleLR(optimizer, max_lr=peaks, total_steps=total_steps, pct_start=pct_start,
                       div_factor=div_factor, final_div_factor=final_div_factor, anneal_strategy="cos",
                       cycle_momentum=cycle_momentum)
