@@ -32,7 +32,7 @@ from busiseg.data.busi import DatasetError, summarize  # noqa: E402
 from busiseg.data.device_augment import from_augment_config  # noqa: E402
 from busiseg.data.mixing import BatchMix  # noqa: E402
 from busiseg.data.labels import CLASS_NAMES  # noqa: E402
-from busiseg.data.splits import PARTS  # noqa: E402
+from busiseg.data.splits import PARTS, load_split  # noqa: E402
 from busiseg.distributed import adopt_parent_run, end_ddp_job, share_run_dir  # noqa: E402
 from busiseg.models.guards import (NONFINITE_ACTIONS, AtomicCheckpointIO, GracefulInterrupt,  # noqa: E402
                                    NonFiniteLossError, ResumeState, TrainingInterrupted, fit_or_raise_interrupted)
@@ -104,6 +104,31 @@ def check_config(cfg: DictConfig) -> None:
     split = cfg.get("split") or {}
     if "fold" in split and not 0 <= int(split.fold) < int(split.k):
         raise ConfigError(f"split.fold must be in 0..{int(split.k) - 1} (split.k={split.k}), got {split.fold}")
+    if cfg.get("test", True) and cfg.get("test_ckpt", "best") == "best" and not split_has_part(cfg, "val") \
+            and split_has_part(cfg, "test"):
+        raise ConfigError(f"test_ckpt=best picks the checkpoint by its validation score, but {_no_part(cfg, 'val')} "
+                          "leaves no validation images: set test_ckpt=last (the weights the fit ends with)")
+
+
+def split_has_part(cfg: DictConfig, part: str) -> bool:
+    """Whether the run's split will hold images in ``part`` (val or test), from the config alone: a k-fold split
+    always has its validation fold; a holdout one has none where its ``{part}_fraction`` is 0 (``split=all``);
+    with ``split.file``, the file says (an unreadable file is the datamodule's to report)."""
+    split = cfg.get("split") or {}
+    if split.get("file"):
+        try:
+            return bool(load_split(split.file)[part])
+        except ValueError:
+            return True
+    if "fold" in split:  # k-fold: the validation fold, which is the test part too unless split.test_fraction > 0
+        return True
+    return float(split.get(f"{part}_fraction", 1.0)) > 0
+
+
+def _no_part(cfg: DictConfig, part: str) -> str:
+    """How the config came to leave ``part`` empty, for a message."""
+    split = cfg.get("split") or {}
+    return f"split.file={split.file}" if split.get("file") else f"split.{part}_fraction=0"
 
 
 def _stage_settings(cfg: DictConfig, group: str, settings_class: type, errors: tuple[type, ...],
@@ -154,7 +179,8 @@ def _stage_parts(datamodule: L.LightningDataModule, evaluate: bool) -> tuple[dic
     another one) and whether the test part is the validation fold (k-fold)."""
     names = {p: [datamodule.records[i] for i in getattr(datamodule, f"{p}_dataset").indices] for p in ("val", "test")}
     same = [r.name for r in names["val"]] == [r.name for r in names["test"]]  # k-fold: the test part is the val fold
-    parts = {} if not evaluate else {"test": names["test"]} if same else {p: v for p, v in names.items() if v}
+    parts = {} if not evaluate else {"test": names["test"]} if same and names["test"] else \
+        {p: v for p, v in names.items() if v}
     return parts, same
 
 
@@ -350,7 +376,16 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback]) -> L.Trainer:
     """The trainer of ``cfg.trainer`` with ``callbacks`` + those of ``cfg.callbacks``, the exact-resume and
     interrupt guards, and the loggers of ``cfg.logger``."""
     output_dir = Path(cfg.paths.output_dir)
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c] + callbacks
+    configured = {k: c for k, c in (cfg.get("callbacks") or {}).items() if c}
+    if not split_has_part(cfg, "val"):
+        # split=all: no validation part, so nothing to pick a best checkpoint or stop early by
+        watching = [k for k, c in configured.items() if str(c.get("monitor") or "").startswith("val/")]
+        if watching:
+            log.info("%s leaves no validation images: callbacks %s (watching %s) are off; checkpoints/last.ckpt "
+                     "holds the weights the fit ends with", _no_part(cfg, "val"), ", ".join(watching),
+                     ", ".join(sorted({str(configured[k].monitor) for k in watching})))
+        configured = {k: c for k, c in configured.items() if k not in watching}
+    callbacks = [hydra.utils.instantiate(c) for c in configured.values()] + callbacks
     # always on: exact resume (epoch position, RNG states) and a checkpoint on SIGTERM/SIGINT
     callbacks += [ResumeState(), GracefulInterrupt(output_dir / "checkpoints")]
     purge_step = _resumed_step(cfg.get("ckpt_path"))
@@ -368,8 +403,10 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback]) -> L.Trainer:
                                                    purge_step=purge_step))
         else:
             loggers.append(hydra.utils.instantiate(c))
+    # split=all: no validation loop at all (not an empty one, which Lightning warns about at every epoch)
+    no_val = {} if split_has_part(cfg, "val") else {"limit_val_batches": 0}
     return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                   plugins=[AtomicCheckpointIO()])
+                                   plugins=[AtomicCheckpointIO()], **no_val)
 
 
 def build_batch_mix(cfg: DictConfig) -> BatchMix | None:
@@ -442,12 +479,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     fit_metrics = dict(trainer.callback_metrics)
 
     best_ckpt = None
-    if trainer.checkpoint_callback is not None and not trainer.fast_dev_run:
-        best_ckpt = trainer.checkpoint_callback.best_model_path or None
+    picker = trainer.checkpoint_callback  # the first ModelCheckpoint: the best one, unless it is off (split=all)
+    if picker is not None and picker.monitor is not None and not trainer.fast_dev_run:
+        best_ckpt = picker.best_model_path or None
     test_metrics: dict[str, Any] = {}
     test_ckpt = cfg.get("test_ckpt", "best")
     tested: str | None = None
-    if cfg.get("test", True):
+    testing = bool(cfg.get("test", True))
+    if testing:
+        datamodule.setup("test")  # the fit has set it up (this returns at once); with train=false, here
+    if testing and not len(datamodule.test_dataset):
+        log.info("no test part (%s): nothing is scored; checkpoints/last.ckpt holds the weights the fit ended with",
+                 _no_part(cfg, "test"))
+        testing = False
+    if testing:
         if not cfg.get("train", True) and cfg.get("ckpt_path"):
             tested = str(cfg.ckpt_path)  # train=false ckpt_path=...: test that checkpoint's weights
         elif test_ckpt == "best":
@@ -467,14 +512,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics = {**_scalars(fit_metrics, "val/"), **_scalars(fit_metrics, "train/"), **_scalars(test_metrics, "test/")}
     crop_stage = refine_stage = scan_stage = refiner = None
     if cfg.get("refine_stage") and trainer.is_global_zero:
-        refiner, refine_stage, refined = run_refine_stage(cfg, module, datamodule, output_dir, bool(cfg.get("test", True)))
+        refiner, refine_stage, refined = run_refine_stage(cfg, module, datamodule, output_dir, testing)
         metrics.update(refined)
         if refined:
             # the lesion-image Dice is cv_summary's (from predictions_refined.csv); the run logs the pooled Dice
             log.info("refine stage: test Dice %.4f (the network alone: %.4f); refiner %s",
                      refined["test_refined/dice"], metrics.get("test/dice", float("nan")), refine_stage["file"])
     if cfg.get("crop_stage") and trainer.is_global_zero:
-        crop_stage, two_stage = run_crop_stage(cfg, module, datamodule, output_dir, bool(cfg.get("test", True)),
+        crop_stage, two_stage = run_crop_stage(cfg, module, datamodule, output_dir, testing,
                                                refiner)
         metrics.update(two_stage)
         if two_stage:
@@ -485,7 +530,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         # the crop stage as its file stores it (the file loads to the same weights and kernels as the trained one)
         crop_model = load_crop_classifier(crop_stage["file"]) if crop_stage else None
-        scan_stage, scanned = run_scan_stage(cfg, module, datamodule, output_dir, bool(cfg.get("test", True)),
+        scan_stage, scanned = run_scan_stage(cfg, module, datamodule, output_dir, testing,
                                              refiner, crop_model)
         metrics.update(scanned)
         if scanned:

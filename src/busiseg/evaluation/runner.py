@@ -100,6 +100,9 @@ def _select_part(records: list[Record], part: str, split_file: Path, root: Path)
             f"{split_file}: {len(unknown)} image(s) of part '{part}' are not in {root}, e.g. {unknown[0]} "
             "(is data.root the folder the training run used?)"
         )
+    if not names and not split["val"] and not split["test"]:
+        raise EvalError(f"{split_file}: part '{part}' holds no images: the run trained on every image (split=all); "
+                        "score it on images it never saw: data.root=/path/to/folder part=all")
     if not names:
         raise EvalError(f"{split_file}: part '{part}' holds no images; choose another part= or part=all")
     return [by_name[n] for n in names]

@@ -83,4 +83,5 @@ def refuse_trained_on(trained_on: Sequence[str], names: Sequence[str], source: s
     seen = sorted(set(names) & set(trained_on))
     if seen:
         raise error(f"{source}: the {noun} was trained on {len(seen)} of the {len(names)} images evaluated "
-                    f"(e.g. {seen[0]}); {how_to_train}")
+                    f"(e.g. {seen[0]}); {how_to_train}. Images are matched by class folder and file name: another "
+                    "dataset's images that reuse those names must be renamed to be scored")

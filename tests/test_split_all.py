@@ -1,0 +1,116 @@
+"""``split=all``: the model to keep once cross-validation has measured the recipe. Every image trains, with the
+three second stages; nothing is scored, no callback waits for a validation score, and busiseg.eval scores the whole
+pipeline on a folder of images it never saw (the held-back check), but not on the run's own images."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+import pytest
+
+from busiseg.data.busi import scan_busi
+from busiseg.data.synthetic import ensure_phantom
+from busiseg.evaluation.runner import EvalError
+from busiseg.models.crop_classifier import load_crop_classifier
+from busiseg.models.mask_refiner import load_mask_refiner
+from busiseg.models.scan_classifier import load_scan_classifier
+from busiseg.train import ConfigError, check_config, train
+from tests.test_eval import TINY, _compose, run_eval
+from tests.test_refine_stage import REFINE
+from tests.test_scan_stage import CROP, SCAN
+
+TINY_ALL = [o for o in TINY if not o.startswith("split.") and o != "callbacks.early_stopping=null"]
+STAGE_FILES = ("mask_refiner", "crop_classifier", "scan_classifier")
+
+
+@pytest.fixture(scope="module")
+def all_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("all")
+    said, logger = _Said(), logging.getLogger("busiseg.train")
+    level = logger.level
+    logger.addHandler(said)
+    logger.setLevel(logging.INFO)
+    try:
+        # the default callbacks, early stopping and the best checkpoint by val/dice included: split=all turns them off
+        summary = train(_compose("train", [*TINY_ALL, "split=all", *REFINE, *CROP, *SCAN], root, root / "run"))
+    finally:
+        logger.removeHandler(said)
+        logger.setLevel(level)
+    return root, root / "run", {**summary, "said": said.lines}
+
+
+class _Said(logging.Handler):
+    """What busiseg.train logs (at INFO and above)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def test_every_image_trains_and_nothing_is_scored(all_run):
+    root, run, summary = all_run
+    split = json.loads((run / "split.json").read_text())
+    images = sorted(r.name for r in scan_busi(summary["data_root"]))
+    assert sorted(split["train"]) == images and split["val"] == split["test"] == []
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert not [k for k in metrics["metrics"] if not k.startswith("train/")]  # no val/, test/ or stage scores
+    assert metrics["best_checkpoint"] is None and metrics["tested_checkpoint"] is None
+    assert metrics["epochs_trained"] == 1
+    # no best-by-val/dice checkpoint, no early stop; last.ckpt holds the weights the fit ended with
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert not list(run.glob("predictions*.csv"))
+    # the second stages trained on every image they learn from
+    lesions = sorted(n for n in images if not n.startswith("normal/"))
+    assert sorted(load_mask_refiner(run / "mask_refiner.pt").trained_on) == lesions
+    assert sorted(load_crop_classifier(run / "crop_classifier.pt").trained_on) == lesions
+    assert sorted(load_scan_classifier(run / "scan_classifier.pt").trained_on) == images
+    assert all(metrics[f"{s}"]["file"] for s in ("refine_stage", "crop_stage", "scan_stage"))
+    said = "\n".join(summary["said"])
+    assert "split.val_fraction=0 leaves no validation images: callbacks model_checkpoint, early_stopping " \
+           "(watching val/dice) are off" in said
+    assert "no test part (split.test_fraction=0): nothing is scored" in said
+
+
+def _held_back(folder, seed=7):
+    """A phantom of other images in the BUSI layout, numbered from 1001 (names the run never trained on)."""
+    ensure_phantom(folder, seed=seed, n_per_class={"benign": 4, "malignant": 4, "normal": 3}, min_size=96,
+                   max_size=128)
+    for path in sorted(folder.rglob("*.png")):
+        path.rename(path.with_name(re.sub(r"\((\d+)\)", lambda m: f"({int(m.group(1)) + 1000})", path.name)))
+    return folder
+
+
+def test_eval_scores_the_whole_pipeline_on_held_back_images(all_run, tmp_path):
+    root, run, _ = all_run
+    held = _held_back(tmp_path / "held_back")
+    files = [f"{s}={run / (s + '.pt')}" for s in STAGE_FILES]
+    metrics, out = run_eval(tmp_path / "e", [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"data.root={held}",
+                                             "part=all", *files])
+    assert metrics["counts"]["images"] == 11
+    assert all(metrics[s] == str(run / (s + ".pt")) for s in STAGE_FILES)
+    assert 0.0 <= metrics["raw"]["as_training"]["accuracy"] <= 1.0
+    assert (out / "per_image.csv").read_text().count("(10") == 11  # every held-back image, scored once
+
+
+def test_eval_refuses_the_runs_own_images(all_run, tmp_path):
+    _, run, _ = all_run
+    ckpt = f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
+    with pytest.raises(EvalError, match=r"part 'test' holds no images: the run trained on every image \(split=all\)"):
+        run_eval(tmp_path / "a", [ckpt])
+    with pytest.raises(EvalError, match=r"the scan classifier was trained on 22 of the 22 images evaluated"):
+        run_eval(tmp_path / "b", [ckpt, "part=all", f"scan_classifier={run / 'scan_classifier.pt'}"])
+
+
+def test_no_validation_part_refuses_test_ckpt_best_before_training(tmp_path):
+    # a test part but no validation part: "best" would have nothing to be best by
+    cfg = _compose("train", [*TINY_ALL, "split.val_fraction=0"], tmp_path, tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"test_ckpt=best .* split.val_fraction=0 leaves no validation images: "
+                                          r"set test_ckpt=last"):
+        check_config(cfg)
+    check_config(_compose("train", [*TINY_ALL, "split.val_fraction=0", "test_ckpt=last"], tmp_path, tmp_path / "r"))
+    check_config(_compose("train", [*TINY_ALL, "split=all"], tmp_path, tmp_path / "r2"))  # nothing to test
