@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from contextlib import contextmanager
 
 import pytest
 
@@ -16,7 +17,7 @@ from busiseg.evaluation.runner import EvalError
 from busiseg.models.crop_classifier import load_crop_classifier
 from busiseg.models.mask_refiner import load_mask_refiner
 from busiseg.models.scan_classifier import load_scan_classifier
-from busiseg.train import ConfigError, check_config, train
+from busiseg.train import ConfigError, build_trainer, check_config, train
 from tests.test_eval import TINY, _compose, run_eval
 from tests.test_refine_stage import REFINE
 from tests.test_scan_stage import CROP, SCAN
@@ -25,31 +26,33 @@ TINY_ALL = [o for o in TINY if not o.startswith("split.") and o != "callbacks.ea
 STAGE_FILES = ("mask_refiner", "crop_classifier", "scan_classifier")
 
 
+@contextmanager
+def _said():
+    """The messages busiseg.train logs (at INFO and above) inside the block."""
+    lines, logger = [], logging.getLogger("busiseg.train")
+
+    class Handler(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    handler, level = Handler(logging.INFO), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 @pytest.fixture(scope="module")
 def all_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("all")
-    said, logger = _Said(), logging.getLogger("busiseg.train")
-    level = logger.level
-    logger.addHandler(said)
-    logger.setLevel(logging.INFO)
-    try:
+    with _said() as said:
         # the default callbacks, early stopping and the best checkpoint by val/dice included: split=all turns them off
-        summary = train(_compose("train", [*TINY_ALL, "split=all", *REFINE, *CROP, *SCAN], root, root / "run"))
-    finally:
-        logger.removeHandler(said)
-        logger.setLevel(level)
-    return root, root / "run", {**summary, "said": said.lines}
-
-
-class _Said(logging.Handler):
-    """What busiseg.train logs (at INFO and above)."""
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
+        summary = train(_compose("train", [*TINY_ALL, "split=all", "test_ckpt=last", *REFINE, *CROP, *SCAN], root,
+                                 root / "run"))
+    return root, root / "run", {**summary, "said": said}
 
 
 def test_every_image_trains_and_nothing_is_scored(all_run):
@@ -114,3 +117,11 @@ def test_no_validation_part_refuses_test_ckpt_best_before_training(tmp_path):
         check_config(cfg)
     check_config(_compose("train", [*TINY_ALL, "split.val_fraction=0", "test_ckpt=last"], tmp_path, tmp_path / "r"))
     check_config(_compose("train", [*TINY_ALL, "split=all"], tmp_path, tmp_path / "r2"))  # nothing to test
+
+
+def test_one_callback_left_out_is_named_and_no_validation_loop_runs(tmp_path):
+    with _said() as said:
+        trainer = build_trainer(_compose("train", [*TINY_ALL, "split=all", "callbacks.early_stopping=null"], tmp_path,
+                                         tmp_path / "run"), [])
+    assert any("callback model_checkpoint (watching val/dice) is off" in line for line in said)
+    assert trainer.limit_val_batches == 0 and trainer.checkpoint_callback.monitor is None  # last.ckpt's only

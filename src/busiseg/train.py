@@ -381,9 +381,10 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback]) -> L.Trainer:
         # split=all: no validation part, so nothing to pick a best checkpoint or stop early by
         watching = [k for k, c in configured.items() if str(c.get("monitor") or "").startswith("val/")]
         if watching:
-            log.info("%s leaves no validation images: callbacks %s (watching %s) are off; checkpoints/last.ckpt "
-                     "holds the weights the fit ends with", _no_part(cfg, "val"), ", ".join(watching),
-                     ", ".join(sorted({str(configured[k].monitor) for k in watching})))
+            log.info("%s leaves no validation images: %s %s (watching %s) %s off; checkpoints/last.ckpt holds the "
+                     "weights the fit ends with", _no_part(cfg, "val"), "callbacks" if len(watching) > 1 else "callback",
+                     ", ".join(watching), ", ".join(sorted({str(configured[k].monitor) for k in watching})),
+                     "are" if len(watching) > 1 else "is")
         configured = {k: c for k, c in configured.items() if k not in watching}
     callbacks = [hydra.utils.instantiate(c) for c in configured.values()] + callbacks
     # always on: exact resume (epoch position, RNG states) and a checkpoint on SIGTERM/SIGINT
@@ -540,7 +541,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "metrics": metrics,
         "best_checkpoint": best_ckpt,
         # the checkpoint file the test part was scored with; "last": the weights the fit ended with
-        "tested_checkpoint": tested or ("last" if test_ckpt == "last" else None),
+        "tested_checkpoint": tested or ("last" if test_ckpt == "last" and testing else None),
         "epochs_trained": trainer.current_epoch,
         "fit_seconds": round(fit_seconds, 2),
         "class_names": list(CLASS_NAMES),
