@@ -7,9 +7,12 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from busiseg.data.busi import scan_busi
 from busiseg.data.synthetic import ensure_phantom
@@ -98,6 +101,24 @@ def test_eval_scores_the_whole_pipeline_on_held_back_images(all_run, tmp_path):
     assert all(metrics[s] == str(run / (s + ".pt")) for s in STAGE_FILES)
     assert 0.0 <= metrics["raw"]["as_training"]["accuracy"] <= 1.0
     assert (out / "per_image.csv").read_text().count("(10") == 11  # every held-back image, scored once
+    copies = metrics["copies_of_training"]
+    assert copies["checked"] and copies["training_images"] == 22 and copies["images"] == []
+
+
+def test_eval_names_held_back_images_that_are_copies_of_training_images(all_run, tmp_path):
+    root, run, summary = all_run
+    held = _held_back(tmp_path / "held_back")
+    # one training scan slipped into the held-back folder under another name, re-encoded as RGB
+    trained = Path(summary["data_root"]) / "malignant" / "malignant (3).png"
+    Image.open(trained).convert("RGB").save(held / "malignant" / "malignant (2000).png")
+    shutil.copy(trained.with_name("malignant (3)_mask.png"), held / "malignant" / "malignant (2000)_mask.png")
+    ckpt = f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
+    metrics, out = run_eval(tmp_path / "e", [ckpt, f"data.root={held}", "part=all"])
+    assert metrics["copies_of_training"]["images"] == [{"image": "malignant/malignant (2000).png",
+                                                        "training_images": ["malignant/malignant (3).png"]}]
+    assert "1 evaluated image(s) are copies of training images" in (out / "report.html").read_text()
+    off, _ = run_eval(tmp_path / "f", [ckpt, f"data.root={held}", "part=all", "copies_check=false"])
+    assert off["copies_of_training"] is None
 
 
 def test_eval_refuses_the_runs_own_images(all_run, tmp_path):

@@ -46,6 +46,7 @@ from busiseg.evaluation.runner import (  # noqa: E402
     resolve_inputs,
     run_network,
     run_precision,
+    training_run_dir,
 )
 from busiseg.inference import InferenceOptions  # noqa: E402
 from busiseg.models.mask_refiner import MaskRefiner, MaskRefinerError, load_mask_refiner, read_outside  # noqa: E402
@@ -299,6 +300,20 @@ def write_figures(folder: Path, inputs: EvalInputs, results: EvalResults, metric
 
 
 # --------------------------------------------------------------------------- report.html
+def _copies_fact(copies: dict[str, Any] | None) -> str:
+    """The report's line on ``copies_of_training``."""
+    if copies is None:
+        return "not looked for (a part of the run's own split, or copies_check=false)"
+    if not copies["checked"]:
+        return f"not checked: {copies['why']}"
+    found = copies["images"]
+    if not found:
+        return f"none (against the {copies['training_images']} training images)"
+    shown = ", ".join(f"{c['image']} ~ {c['training_images'][0]}" for c in found[:5])
+    return (f"{len(found)} evaluated image(s) are copies of training images; their scores flatter the model: "
+            f"{shown}{', ...' if len(found) > 5 else ''} (all in metrics.json)")
+
+
 def write_report(path: Path, cfg: DictConfig, inputs: EvalInputs, metrics: dict[str, Any],
                  figure_list: list[tuple[str, Path, str]], report_text: str) -> None:
     final = metrics["final"]
@@ -315,6 +330,7 @@ def write_report(path: Path, cfg: DictConfig, inputs: EvalInputs, metrics: dict[
         ("crop stage", metrics.get("crop_classifier") or "none (the network's classes)"),
         ("refine stage", metrics.get("mask_refiner") or "none (the network's masks)"),
         ("scan stage", metrics.get("scan_classifier") or "none"),
+        ("copies of training images", _copies_fact(metrics.get("copies_of_training"))),
         ("inference options", opts + ("" if final != "raw" else " (all off: raw only)")),
     ]
     notes = (
@@ -411,6 +427,25 @@ def load_scan_stage(cfg: DictConfig, inputs: EvalInputs) -> tuple[CropClassifier
     return model, path
 
 
+def copies_check(cfg: DictConfig, inputs: EvalInputs) -> dict[str, Any] | None:
+    """``part=all`` with ``copies_check=true``: the evaluated images that are copies of training images
+    (:func:`busiseg.evaluation.copies.check_copies`); None where it does not apply (a part of the run's own split:
+    the splits keep copies on one side) or is off."""
+    if inputs.part != "all" or not cfg.get("copies_check", True):
+        return None
+    from busiseg.audit import _progress, duplicate_params
+    from busiseg.evaluation.copies import check_copies
+
+    try:
+        params = duplicate_params(cfg.get("duplicates"))
+    except ValueError as exc:
+        raise EvalError(str(exc)) from exc
+    root = (inputs.train_config.get("data") or {}).get("root")
+    return check_copies(inputs.records, [training_run_dir(p) for p in inputs.ckpt_paths],
+                        Path(str(root)).expanduser() if root else None, params,
+                        _progress("Looking for copies of training images", bool(cfg.get("progress", True))))
+
+
 # --------------------------------------------------------------------------- entry
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the evaluation the config describes and write every output; returns metrics.json's content."""
@@ -437,6 +472,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     metrics = build_metrics(inputs, options, results, ece_bins, crop_path, refiner_path,
                             refiner.settings.outside if refiner is not None else None, scan_path)
     metrics["precision"] = precision
+    metrics["copies_of_training"] = copies_check(cfg, inputs)
     write_json(output_dir / "metrics.json", metrics)
     write_per_image_csv(output_dir / "per_image.csv", results)
     report_text = classification_report_text(metrics[results.final]["classification"], CLASS_NAMES)

@@ -128,7 +128,9 @@ def split_has_part(cfg: DictConfig, part: str) -> bool:
 def _no_part(cfg: DictConfig, part: str) -> str:
     """How the config came to leave ``part`` empty, for a message."""
     split = cfg.get("split") or {}
-    return f"split.file={split.file}" if split.get("file") else f"split.{part}_fraction=0"
+    if split.get("file"):
+        return f"split.file={split.file}"
+    return f"split.{part}_fraction={float(split.get(f'{part}_fraction', 0)):g}"
 
 
 def _stage_settings(cfg: DictConfig, group: str, settings_class: type, errors: tuple[type, ...],

@@ -1,0 +1,90 @@
+"""Evaluated images that are copies of training images (``busiseg.eval``'s ``copies_check``).
+
+BUSI holds many copies of one scan (re-crops, rescales, with and without calipers; docs/data.md). The splits keep a
+copy group on one side, but a folder of held-back images scored with ``part=all`` may hold copies of images the
+model trained on, and its score on them flatters the model. This runs the audit's near-duplicate detector
+(``busiseg.data.duplicates``, the ``duplicates`` settings) on the evaluated images together with the images the
+checkpoint(s) trained on, and names every evaluated image that lands in one group with a training image.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from busiseg.data.busi import DatasetError, Record, _open, scan_busi
+from busiseg.data.duplicates import DuplicateParams, find_duplicates, fingerprint
+from busiseg.data.splits import load_split
+
+log = logging.getLogger("busiseg.evaluation.copies")
+
+
+def training_records(run_dirs: Sequence[Path], root: Path) -> list[Record]:
+    """The images every run in ``run_dirs`` trained on (its ``split.json`` train part), read from ``root``, the
+    runs' data root; each image once."""
+    names: set[str] = set()
+    for run in run_dirs:
+        names.update(load_split(run / "split.json")["train"])
+    return [r for r in scan_busi(root) if r.name in names]
+
+
+def copies_of_training(evaluated: Sequence[Record], trained: Sequence[Record], params: DuplicateParams,
+                       progress: Callable[[Iterable, int], Iterable] | None = None,
+                       workers: int | None = None) -> list[dict[str, Any]]:
+    """``[{"image": evaluated name, "training_images": [names]}]`` for every evaluated image that the detector
+    groups (directly or through other copies) with at least one of ``trained``, in the evaluated order."""
+    records = [*evaluated, *trained]
+    workers = workers or min(4, os.cpu_count() or 1)
+
+    def read(record: Record):
+        with _open(record.image) as image:
+            return fingerprint(np.asarray(image.convert("RGB")), params)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        prints = list(pool.map(read, records))
+    found = find_duplicates(prints, params, workers=workers, progress=progress)
+    n = len(evaluated)
+    copies: dict[int, list[str]] = {}
+    for group in found.groups:
+        ours = [k for k in group if k < n]
+        theirs = sorted(records[k].name for k in group if k >= n)
+        for k in ours if theirs else ():
+            copies[k] = theirs
+    return [{"image": evaluated[k].name, "training_images": copies[k]} for k in sorted(copies)]
+
+
+def check_copies(evaluated: Sequence[Record], run_dirs: Sequence[Path], train_root: Path | None,
+                 params: DuplicateParams, progress: Callable[[Iterable, int], Iterable] | None = None
+                 ) -> dict[str, Any]:
+    """What metrics.json records under ``copies_of_training``: ``checked`` (false, with ``why``, where the training
+    images cannot be read), the number of ``training_images`` compared, the evaluated ``images`` that are copies
+    of them and the seconds it took. Logs a warning naming them."""
+    if train_root is None or not Path(train_root).is_dir():
+        why = f"the training images ({train_root}) are not on this machine"
+        log.warning("copies of training images not checked: %s", why)
+        return {"checked": False, "why": why}
+    started = time.perf_counter()
+    try:
+        trained = training_records(run_dirs, Path(train_root))
+    except (DatasetError, ValueError, OSError) as exc:
+        log.warning("copies of training images not checked: %s", exc)
+        return {"checked": False, "why": str(exc)}
+    log.info("looking for copies of the %d training images among the %d evaluated ones (copies_check=false turns "
+             "this off)", len(trained), len(evaluated))
+    found = copies_of_training(evaluated, trained, params, progress)
+    if found:
+        first = found[0]
+        log.warning("%d of the %d evaluated images %s of images the model trained on (e.g. %s ~ %s): "
+                    "scores on them flatter it; metrics.json copies_of_training lists them (leave them out of the "
+                    "folder for an independent score)", len(found), len(evaluated),
+                    "is a copy" if len(found) == 1 else "are copies", first["image"], first["training_images"][0])
+    else:
+        log.info("no evaluated image is a copy of a training image")
+    return {"checked": True, "training_images": len(trained), "images": found,
+            "seconds": round(time.perf_counter() - started, 1)}
