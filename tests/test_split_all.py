@@ -117,8 +117,18 @@ def test_eval_names_held_back_images_that_are_copies_of_training_images(all_run,
     assert metrics["copies_of_training"]["images"] == [{"image": "malignant/malignant (2000).png",
                                                         "training_images": ["malignant/malignant (3).png"]}]
     assert "1 evaluated image(s) are copies of training images" in (out / "report.html").read_text()
-    off, _ = run_eval(tmp_path / "f", [ckpt, f"data.root={held}", "part=all", "copies_check=false"])
-    assert off["copies_of_training"] is None
+    assert metrics["counts"]["images"] == 12  # named, and scored with the others
+    # ... or left out of every score
+    kept, out = run_eval(tmp_path / "x", [ckpt, f"data.root={held}", "part=all", "copies_check=exclude"])
+    assert kept["copies_of_training"]["excluded"] and kept["copies_of_training"]["images"] == \
+        metrics["copies_of_training"]["images"]
+    assert kept["counts"]["images"] == 11 and "malignant (2000)" not in (out / "per_image.csv").read_text()
+    assert "left out of every score here (copies_check=exclude)" in (out / "report.html").read_text()
+    for off in ("off", "false"):
+        assert run_eval(tmp_path / off, [ckpt, f"data.root={held}", "part=all", f"copies_check={off}"]
+                        )[0]["copies_of_training"] is None
+    with pytest.raises(EvalError, match=r"copies_check=drop is not one of report, exclude, off"):
+        run_eval(tmp_path / "bad", [ckpt, f"data.root={held}", "part=all", "copies_check=drop"])
 
 
 def test_eval_refuses_the_runs_own_images(all_run, tmp_path):

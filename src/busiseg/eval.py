@@ -12,6 +12,7 @@ Definitions: docs/evaluation.md.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -303,14 +304,16 @@ def write_figures(folder: Path, inputs: EvalInputs, results: EvalResults, metric
 def _copies_fact(copies: dict[str, Any] | None) -> str:
     """The report's line on ``copies_of_training``."""
     if copies is None:
-        return "not looked for (a part of the run's own split, or copies_check=false)"
+        return "not looked for (a part of the run's own split, or copies_check=off)"
     if not copies["checked"]:
         return f"not checked: {copies['why']}"
     found = copies["images"]
     if not found:
         return f"none (against the {copies['training_images']} training images)"
     shown = ", ".join(f"{c['image']} ~ {c['training_images'][0]}" for c in found[:5])
-    return (f"{len(found)} evaluated image(s) are copies of training images; their scores flatter the model: "
+    scored = ("left out of every score here (copies_check=exclude)" if copies.get("excluded")
+              else "their scores flatter the model")
+    return (f"{len(found)} evaluated image(s) are copies of training images; {scored}: "
             f"{shown}{', ...' if len(found) > 5 else ''} (all in metrics.json)")
 
 
@@ -427,12 +430,20 @@ def load_scan_stage(cfg: DictConfig, inputs: EvalInputs) -> tuple[CropClassifier
     return model, path
 
 
-def copies_check(cfg: DictConfig, inputs: EvalInputs) -> dict[str, Any] | None:
-    """``part=all`` with ``copies_check=true``: the evaluated images that are copies of training images
-    (:func:`busiseg.evaluation.copies.check_copies`); None where it does not apply (a part of the run's own split:
-    the splits keep copies on one side) or is off."""
-    if inputs.part != "all" or not cfg.get("copies_check", True):
-        return None
+COPIES_CHECK = ("report", "exclude", "off")
+
+
+def copies_check(cfg: DictConfig, inputs: EvalInputs) -> tuple[EvalInputs, dict[str, Any] | None]:
+    """``part=all``: the evaluated images that are copies of training images
+    (:func:`busiseg.evaluation.copies.check_copies`). ``copies_check=report`` names them; ``exclude`` also leaves
+    them out of every score (the inputs returned are then the others); ``off`` (or a part of the run's own split,
+    where the splits keep copies on one side): None."""
+    mode = cfg.get("copies_check", "report")
+    mode = {True: "report", False: "off"}.get(mode, mode) if isinstance(mode, bool) else str(mode)
+    if mode not in COPIES_CHECK:
+        raise EvalError(f"copies_check={cfg.get('copies_check')} is not one of {', '.join(COPIES_CHECK)}")
+    if inputs.part != "all" or mode == "off":
+        return inputs, None
     from busiseg.audit import _progress, duplicate_params
     from busiseg.evaluation.copies import check_copies
 
@@ -441,16 +452,27 @@ def copies_check(cfg: DictConfig, inputs: EvalInputs) -> dict[str, Any] | None:
     except ValueError as exc:
         raise EvalError(str(exc)) from exc
     root = (inputs.train_config.get("data") or {}).get("root")
-    return check_copies(inputs.records, [training_run_dir(p) for p in inputs.ckpt_paths],
-                        Path(str(root)).expanduser() if root else None, params,
-                        _progress("Looking for copies of training images", bool(cfg.get("progress", True))))
+    found = check_copies(inputs.records, [training_run_dir(p) for p in inputs.ckpt_paths],
+                         Path(str(root)).expanduser() if root else None, params,
+                         _progress("Looking for copies of training images", bool(cfg.get("progress", True))))
+    found["excluded"] = mode == "exclude" and bool(found.get("images"))
+    if found["excluded"]:
+        copies = {c["image"] for c in found["images"]}
+        kept = [r for r in inputs.records if r.name not in copies]
+        if not kept:
+            raise EvalError(f"copies_check=exclude: every one of the {len(inputs.records)} evaluated images is a copy "
+                            "of a training image; nothing is left to score")
+        log.info("copies_check=exclude: the %d copies are left out of every score; %d images scored", len(copies),
+                 len(kept))
+        inputs = dataclasses.replace(inputs, records=kept)
+    return inputs, found
 
 
 # --------------------------------------------------------------------------- entry
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the evaluation the config describes and write every output; returns metrics.json's content."""
     options = inference_options(cfg)
-    inputs = resolve_inputs(cfg)
+    inputs, copies = copies_check(cfg, resolve_inputs(cfg))
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     counts = summarize(inputs.records)
@@ -472,7 +494,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     metrics = build_metrics(inputs, options, results, ece_bins, crop_path, refiner_path,
                             refiner.settings.outside if refiner is not None else None, scan_path)
     metrics["precision"] = precision
-    metrics["copies_of_training"] = copies_check(cfg, inputs)
+    metrics["copies_of_training"] = copies
     write_json(output_dir / "metrics.json", metrics)
     write_per_image_csv(output_dir / "per_image.csv", results)
     report_text = classification_report_text(metrics[results.final]["classification"], CLASS_NAMES)

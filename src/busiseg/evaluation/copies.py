@@ -75,14 +75,14 @@ def check_copies(evaluated: Sequence[Record], run_dirs: Sequence[Path], train_ro
     except (DatasetError, ValueError, OSError) as exc:
         log.warning("copies of training images not checked: %s", exc)
         return {"checked": False, "why": str(exc)}
-    log.info("looking for copies of the %d training images among the %d evaluated ones (copies_check=false turns "
+    log.info("looking for copies of the %d training images among the %d evaluated ones (copies_check=off turns "
              "this off)", len(trained), len(evaluated))
     found = copies_of_training(evaluated, trained, params, progress)
     if found:
         first = found[0]
         log.warning("%d of the %d evaluated images %s of images the model trained on (e.g. %s ~ %s): "
                     "scores on them flatter it; metrics.json copies_of_training lists them (leave them out of the "
-                    "folder for an independent score)", len(found), len(evaluated),
+                    "scores with copies_check=exclude)", len(found), len(evaluated),
                     "is a copy" if len(found) == 1 else "are copies", first["image"], first["training_images"][0])
     else:
         log.info("no evaluated image is a copy of a training image")
