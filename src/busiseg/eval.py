@@ -439,7 +439,7 @@ def copies_check(cfg: DictConfig, inputs: EvalInputs) -> tuple[EvalInputs, dict[
     them out of every score (the inputs returned are then the others); ``off`` (or a part of the run's own split,
     where the splits keep copies on one side): None."""
     mode = cfg.get("copies_check", "report")
-    mode = {True: "report", False: "off"}.get(mode, mode) if isinstance(mode, bool) else str(mode)
+    mode = ("report" if mode else "off") if isinstance(mode, bool) else str(mode)  # copies_check=true|false too
     if mode not in COPIES_CHECK:
         raise EvalError(f"copies_check={cfg.get('copies_check')} is not one of {', '.join(COPIES_CHECK)}")
     if inputs.part != "all" or mode == "off":
