@@ -99,7 +99,6 @@ def test_eval_scores_the_whole_pipeline_on_held_back_images(all_run, tmp_path):
                                              "part=all", *files])
     assert metrics["counts"]["images"] == 11
     assert all(metrics[s] == str(run / (s + ".pt")) for s in STAGE_FILES)
-    assert 0.0 <= metrics["raw"]["as_training"]["accuracy"] <= 1.0
     assert (out / "per_image.csv").read_text().count("(10") == 11  # every held-back image, scored once
     copies = metrics["copies_of_training"]
     assert copies["checked"] and copies["training_images"] == 22 and copies["images"] == []

@@ -379,7 +379,8 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback]) -> L.Trainer:
     interrupt guards, and the loggers of ``cfg.logger``."""
     output_dir = Path(cfg.paths.output_dir)
     configured = {k: c for k, c in (cfg.get("callbacks") or {}).items() if c}
-    if not split_has_part(cfg, "val"):
+    validating = split_has_part(cfg, "val")  # split=all: no validation part
+    if not validating:
         # split=all: no validation part, so nothing to pick a best checkpoint or stop early by
         watching = [k for k, c in configured.items() if str(c.get("monitor") or "").startswith("val/")]
         if watching:
@@ -407,7 +408,7 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback]) -> L.Trainer:
         else:
             loggers.append(hydra.utils.instantiate(c))
     # split=all: no validation loop at all (not an empty one, which Lightning warns about at every epoch)
-    no_val = {} if split_has_part(cfg, "val") else {"limit_val_batches": 0}
+    no_val = {} if validating else {"limit_val_batches": 0}
     return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                    plugins=[AtomicCheckpointIO()], **no_val)
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from busiseg.data.busi import DatasetError, Record, _open, scan_busi
+from busiseg.data.busi import Record, _open, scan_busi
 from busiseg.data.duplicates import DuplicateParams, find_duplicates, fingerprint
 from busiseg.data.splits import load_split
 
@@ -54,8 +54,8 @@ def copies_of_training(evaluated: Sequence[Record], trained: Sequence[Record], p
     for group in found.groups:
         ours = [k for k in group if k < n]
         theirs = sorted(records[k].name for k in group if k >= n)
-        for k in ours if theirs else ():
-            copies[k] = theirs
+        if theirs:
+            copies.update((k, theirs) for k in ours)
     return [{"image": evaluated[k].name, "training_images": copies[k]} for k in sorted(copies)]
 
 
@@ -72,7 +72,7 @@ def check_copies(evaluated: Sequence[Record], run_dirs: Sequence[Path], train_ro
     started = time.perf_counter()
     try:
         trained = training_records(run_dirs, Path(train_root))
-    except (DatasetError, ValueError, OSError) as exc:
+    except (ValueError, OSError) as exc:  # a bad split.json or dataset (DatasetError is a ValueError)
         log.warning("copies of training images not checked: %s", exc)
         return {"checked": False, "why": str(exc)}
     log.info("looking for copies of the %d training images among the %d evaluated ones (copies_check=off turns "
