@@ -298,3 +298,13 @@ def test_cli_exit_status_and_run_dir(tiny_ckpt, tmp_path):
     assert (tmp_path / "out" / ".hydra" / "config.yaml").is_file()
     assert (tmp_path / "out" / "predict.log").is_file()
     assert not (tmp_path / "logs").exists()
+
+
+def test_cli_with_nothing_given_names_every_missing_key(tmp_path):
+    # the run dir is the output folder: with no output Hydra itself used to fail resolving it (a traceback)
+    result = subprocess.run([sys.executable, "-m", "busiseg.predict"], capture_output=True, text=True, cwd=tmp_path,
+                            timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "ckpt_path, input, output are not set; usage: python -m busiseg.predict" in result.stderr
+    assert list((tmp_path / "logs" / "predict" / "runs").glob("*/predict.log"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn, Sequence
 
 
 def fail(log: logging.Logger, exc: BaseException, code: int, prog: str = "busiseg", prefix: str = "error: ",
@@ -13,3 +13,14 @@ def fail(log: logging.Logger, exc: BaseException, code: int, prog: str = "busise
     log.log(level, "%s", exc)
     print(f"{prog}: {prefix}{exc}", file=sys.stderr)
     sys.exit(code)
+
+
+def require(cfg: Any, keys: Sequence[str], usage: str, error: type[Exception] = ValueError) -> list[Any]:
+    """The values of ``keys`` in ``cfg``; any left unset (``???``, null or empty) are named together in one
+    ``error``, with the command's ``usage`` line."""
+    from omegaconf import OmegaConf
+
+    missing = [k for k in keys if OmegaConf.is_missing(cfg, k) or cfg.get(k) in (None, "")]
+    if missing:
+        raise error(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set; usage: {usage}")
+    return [cfg[k] for k in keys]

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import busiseg  # noqa: E402
 from busiseg.checkpoint import CheckpointError, load_model  # noqa: E402
-from busiseg.cli import fail  # noqa: E402
+from busiseg.cli import fail, require  # noqa: E402
 from busiseg.data.labels import CLASS_NAMES  # noqa: E402
 from busiseg.inference import prepare_image  # noqa: E402
 from busiseg.onnx_predictor import InputError, find_images, read_image, sidecar_path, write_bytes_atomic  # noqa: E402
@@ -50,6 +49,9 @@ FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "pt2": ".pt2"}
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("mask_logits", "class_logits")
 MIN_SIDE, MAX_SIDE = 64, 4096  # H/W range of dynamic-size exports (multiples of 32)
+
+
+USAGE = "python -m busiseg.export ckpt_path=CKPT [format=onnx|torchscript|pt2] [output=PATH] [key=value ...]"
 
 
 class ConfigError(ValueError):
@@ -197,12 +199,6 @@ def check_parity(net: torch.nn.Module, run: Runner, inputs: list[tuple[str, np.n
 
 
 # --------------------------------------------------------------------------- the command
-def _required(cfg: DictConfig, key: str) -> Any:
-    if OmegaConf.is_missing(cfg, key) or cfg.get(key) in (None, ""):
-        raise ConfigError(f"{key} is not set: pass {key}=...")
-    return cfg[key]
-
-
 def default_output(ckpt_path: str | Path, fmt: str) -> Path:
     """Beside the checkpoint: ``last.ckpt`` -> ``last.onnx`` / ``last.torchscript.pt``."""
     ckpt_path = Path(ckpt_path)
@@ -211,7 +207,7 @@ def default_output(ckpt_path: str | Path, fmt: str) -> Path:
 
 def export(cfg: DictConfig) -> dict[str, Any]:
     """Export, check against PyTorch, move into place, write the sidecar; return the sidecar's content."""
-    ckpt_path = Path(_required(cfg, "ckpt_path"))
+    ckpt_path = Path(require(cfg, ("ckpt_path",), USAGE, ConfigError)[0])
     fmt = str(cfg.get("format", "onnx"))
     if fmt not in FORMATS:
         raise ConfigError(f"format={fmt} is not one of {', '.join(FORMATS)}")

@@ -23,10 +23,10 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import hydra  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from omegaconf import DictConfig, ListConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig, ListConfig  # noqa: E402
 
 from busiseg.checkpoint import CheckpointError, load_ensemble, load_model  # noqa: E402
-from busiseg.cli import fail  # noqa: E402
+from busiseg.cli import fail, require  # noqa: E402
 from busiseg.data.labels import CLASS_NAMES  # noqa: E402
 from busiseg.inference import Ensemble, InferenceOptions, postprocess_mask, predict_probs, prepare_image, restore_size  # noqa: E402
 from busiseg.models.crop_classifier import (CropClassifier, CropClassifierError, check_crop_classes,  # noqa: E402
@@ -38,6 +38,9 @@ from busiseg.onnx_predictor import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, InputErro
 log = logging.getLogger("busiseg.predict")
 
 CONFIG_DIR = os.environ.get("BUSISEG_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
+
+
+USAGE = "python -m busiseg.predict ckpt_path=CKPT input=FILE_OR_FOLDER output=FOLDER [key=value ...]"
 
 
 class ConfigError(ValueError):
@@ -77,12 +80,6 @@ class TorchPredictor:
         if self.scan_classifier is not None:
             class_probs = join_scan_probs(class_probs, scan_probs(self.scan_classifier, images)).astype(np.float32)
         return [(postprocess_mask(full[i], class_probs[i], self.options), class_probs[i]) for i in range(len(images))]
-
-
-def _required(cfg: DictConfig, key: str) -> Any:
-    if OmegaConf.is_missing(cfg, key) or cfg.get(key) in (None, ""):
-        raise ConfigError(f"{key} is not set: pass {key}=...")
-    return cfg[key]
 
 
 def _data_setting(config: dict[str, Any], key: str, ckpt: str) -> int:
@@ -158,7 +155,7 @@ def load_predictor(ckpt_path: str | Path | Sequence[str | Path], options: Infere
 
 def predict(cfg: DictConfig) -> PredictionSummary:
     """Predict every image under ``cfg.input`` into ``cfg.output``; return the summary (nothing raised per file)."""
-    ckpt_path, input_path, output = (_required(cfg, k) for k in ("ckpt_path", "input", "output"))
+    ckpt_path, input_path, output = require(cfg, ("ckpt_path", "input", "output"), USAGE, ConfigError)
     batch_size = int(cfg.get("batch_size", 8))
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
