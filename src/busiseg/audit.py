@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 from PIL import Image, ImageDraw
 
 from busiseg.atomic import write_json_atomic
-from busiseg.cli import fail
+from busiseg.cli import fail, hydra_quoting_hint
 from busiseg.data.busi import DatasetError, Record, _open, mask_to_bool, scan_busi, summarize
 from busiseg.data.duplicates import DuplicateParams, PairMatch, dhash, find_duplicates, fingerprint, to_grey
 from busiseg.data.labels import CLASS_NAMES
@@ -488,6 +488,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return audit
 
 
+@hydra_quoting_hint("busiseg")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="audit")
 def main(cfg: DictConfig) -> None:
     try:

@@ -37,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import busiseg  # noqa: E402
 from busiseg.checkpoint import CheckpointError, load_model  # noqa: E402
-from busiseg.cli import fail, require  # noqa: E402
+from busiseg.cli import fail, hydra_quoting_hint, require  # noqa: E402
 from busiseg.data.labels import CLASS_NAMES  # noqa: E402
 from busiseg.inference import prepare_image  # noqa: E402
 from busiseg.onnx_predictor import InputError, find_images, read_image, sidecar_path, write_bytes_atomic  # noqa: E402
@@ -316,6 +316,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     return sidecar
 
 
+@hydra_quoting_hint("busiseg.export")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
 def main(cfg: DictConfig) -> None:
     try:

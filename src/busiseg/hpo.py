@@ -36,6 +36,7 @@ from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSw
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
 from busiseg import distributed  # noqa: E402
+from busiseg.cli import unreadable_override  # noqa: E402
 
 log = logging.getLogger("busiseg.hpo")
 
@@ -191,6 +192,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in args):
         print(__doc__)
         return 0
+    hint = unreadable_override(args)
+    if hint is not None:
+        print(f"busiseg.hpo: error: {hint}", file=sys.stderr)
+        return 2
     try:
         run_study(args)
     except (ValueError, RuntimeError) as exc:

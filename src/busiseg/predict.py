@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from omegaconf import DictConfig, ListConfig  # noqa: E402
 
 from busiseg.checkpoint import CheckpointError, load_ensemble, load_model  # noqa: E402
-from busiseg.cli import fail, require  # noqa: E402
+from busiseg.cli import fail, hydra_quoting_hint, require  # noqa: E402
 from busiseg.data.labels import CLASS_NAMES  # noqa: E402
 from busiseg.inference import Ensemble, InferenceOptions, postprocess_mask, predict_probs, prepare_image, restore_size  # noqa: E402
 from busiseg.models.crop_classifier import (CropClassifier, CropClassifierError, check_crop_classes,  # noqa: E402
@@ -184,6 +184,7 @@ def predict(cfg: DictConfig) -> PredictionSummary:
                          skipped_masks=len(skipped), max_pixels=max_pixels)
 
 
+@hydra_quoting_hint("busiseg.predict")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
 def main(cfg: DictConfig) -> None:
     try:

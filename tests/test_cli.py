@@ -1,0 +1,55 @@
+"""busiseg.cli: what every entry point says about the command line it was given."""
+
+import subprocess
+import sys
+
+import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from busiseg.cli import require, unreadable_override
+
+
+def test_a_busi_file_name_unquoted_gets_the_quoting_that_works():
+    arg = "input=/data/Dataset_BUSI_with_GT/benign/benign (1).png"
+    hint = unreadable_override(["ckpt_path=a.ckpt", arg])
+    assert hint.startswith(arg + ": Hydra reads")
+    suggested = hint.rsplit(": ", 1)[1]
+    assert suggested == "\"input='/data/Dataset_BUSI_with_GT/benign/benign (1).png'\""
+    # what the shell hands over from the suggestion parses, to the same path
+    (override,) = OverridesParser.create().parse_overrides([suggested[1:-1]])
+    assert override.value() == "/data/Dataset_BUSI_with_GT/benign/benign (1).png"
+
+
+def test_a_value_with_an_apostrophe_is_quoted_with_double_quotes():
+    hint = unreadable_override(["+data.root=/scans/it's (2)"])
+    suggested = hint.rsplit(": ", 1)[1]
+    assert suggested == '"+data.root=\\"/scans/it\'s (2)\\""'
+    shell_gives = suggested[1:-1].replace('\\"', '"')
+    (override,) = OverridesParser.create().parse_overrides([shell_gives])
+    assert override.value() == "/scans/it's (2)"
+
+
+@pytest.mark.parametrize("argv", [[], ["-m", "split.fold=0,1,2"], ["data.root=/a b/c"], ["~crop_stage"],
+                                  ["input='/x/benign (1).png'"], ["--cfg", "job"], ["model.lr=[1,2]"]])
+def test_what_hydra_reads_passes(argv):
+    assert unreadable_override(argv) is None
+
+
+def test_require_names_every_unset_key_with_the_usage():
+    cfg = OmegaConf.create({"a": "???", "b": None, "c": "x", "d": ""})
+    with pytest.raises(KeyError, match=r"^'a, b, d are not set; usage: cmd a=A'$"):
+        require(cfg, ("a", "b", "c", "d"), "cmd a=A", KeyError)
+    with pytest.raises(ValueError, match=r"^b is not set; usage: u$"):
+        require(cfg, ("c", "b"), "u")
+    assert require(cfg, ("c",), "u") == ["x"]
+
+
+def test_the_entry_point_ends_in_the_hint_not_a_grammar_error(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "busiseg.train", "data.root=/scans/benign (1)"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("busiseg: error: data.root=/scans/benign (1): Hydra reads ( ) [ ] { } , = and "
+                                     "quotes in a value as syntax; quote the value for Hydra inside the shell's "
+                                     "quotes: \"data.root='/scans/benign (1)'\"")
+    assert not (tmp_path / "logs").exists()
