@@ -79,3 +79,17 @@ def test_missing_and_garbage_files_named(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="bad.ckpt"):
         load_model(bad)
+
+
+def test_a_run_folder_given_for_its_checkpoint_names_the_checkpoints_in_it(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"run: a folder, not a checkpoint: pass a \.ckpt file \(none in it or "
+                                              r"in its checkpoints/ folder\)$"):
+        load_model(run)
+    for name in ("last.ckpt", "epoch_028.ckpt"):
+        (run / "checkpoints" / name).write_bytes(b"")
+    with pytest.raises(CheckpointError) as info:
+        load_model(run)
+    assert str(info.value) == (f"{run}: a folder, not a checkpoint: pass a .ckpt file (in it: "
+                               f"{run}/checkpoints/epoch_028.ckpt, {run}/checkpoints/last.ckpt)")

@@ -23,6 +23,11 @@ class CheckpointError(ValueError):
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """``torch.load(weights_only=True)``: tensors and plain containers only."""
     path = Path(path)
+    if path.is_dir():  # a run folder given for its checkpoint
+        found = sorted(path.glob("*.ckpt")) + sorted(path.glob("checkpoints/*.ckpt"))
+        held = (f"in it: {', '.join(str(p) for p in found[:4])}{', ...' if len(found) > 4 else ''}" if found
+                else "none in it or in its checkpoints/ folder")
+        raise CheckpointError(f"{path}: a folder, not a checkpoint: pass a .ckpt file ({held})")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
