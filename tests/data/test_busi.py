@@ -115,8 +115,22 @@ def test_missing_class_folder_named(tiny_busi: Path):
     import shutil
 
     shutil.rmtree(tiny_busi / "normal")
-    with pytest.raises(DatasetError, match=r"normal/"):
+    with pytest.raises(DatasetError, match=r"lacks the class folder\(s\) normal/ \(expected one folder per class: "
+                                           r"normal, benign, malignant\)$"):
         scan_busi(tiny_busi)
+
+
+def test_the_download_folder_given_for_the_dataset_points_at_the_one_inside(tiny_busi: Path):
+    # the Kaggle archive unpacks into Dataset_BUSI_with_GT/: a user gives the folder above it
+    outer = tiny_busi.parent / "download"
+    outer.mkdir()
+    (outer / "README.md").write_text("notes")
+    inner = tiny_busi.rename(outer / "Dataset_BUSI_with_GT")
+    with pytest.raises(DatasetError) as info:
+        scan_busi(outer)
+    assert str(info.value) == (f"dataset root {outer} lacks the class folder(s) normal/, benign/, malignant/ "
+                               f"(expected one folder per class: normal, benign, malignant); "
+                               f"Dataset_BUSI_with_GT/ inside it has them: data.root={inner}")
 
 
 def test_empty_dataset(tmp_path: Path):

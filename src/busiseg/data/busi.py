@@ -91,9 +91,12 @@ def scan_busi(root: str | Path, classes: tuple[str, ...] = CLASS_NAMES) -> list[
         )
     missing = [c for c in classes if not (root / c).is_dir()]
     if missing:
+        # the Kaggle download unpacks into a folder of its own (Dataset_BUSI_with_GT/): point at it
+        inside = sorted(d for d in root.iterdir() if d.is_dir() and all((d / c).is_dir() for c in classes))
+        hint = f"; {inside[0].name}/ inside it has them: data.root={inside[0]}" if len(inside) == 1 else ""
         raise DatasetError(
-            f"dataset root {root} lacks the class folder(s) {', '.join(missing)}/ "
-            f"(expected one folder per class: {', '.join(classes)})"
+            f"dataset root {root} lacks the class folder(s) {', '.join(f'{c}/' for c in missing)} "
+            f"(expected one folder per class: {', '.join(classes)}){hint}"
         )
 
     records: list[Record] = []
