@@ -132,3 +132,13 @@ def test_export_errors_name_the_key(tiny_ckpt, tmp_path):
         cfg = compose("export")
     with pytest.raises(ConfigError, match="ckpt_path"):
         export(cfg)
+
+
+def test_the_tolerance_scales_with_the_largest_logit():
+    from busiseg.export import ParityCheck
+
+    # a one-epoch phantom network on uniform noise: logits of 230, ONNX off by 3e-4 (1.3e-6 of them): kept
+    noise = ParityCheck("random, batch 3", (3, 1, 64, 64), 3.05e-4, 1e-5, 230.3)
+    assert noise.relative == pytest.approx(3.05e-4 / 230.3) and noise.relative <= 1e-5
+    # the same difference on logits below 1 is measured absolutely: refused at the default 1e-5
+    assert ParityCheck("real", (1, 1, 64, 64), 3.05e-4, 0.0, 0.4).relative == pytest.approx(3.05e-4)
