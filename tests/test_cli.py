@@ -53,3 +53,33 @@ def test_the_entry_point_ends_in_the_hint_not_a_grammar_error(tmp_path):
                                      "quotes in a value as syntax; quote the value for Hydra inside the shell's "
                                      "quotes: \"data.root='/scans/benign (1)'\"")
     assert not (tmp_path / "logs").exists()
+
+
+def test_an_unknown_key_ends_with_status_2_not_predicts_files_failed_1(tmp_path):
+    # predict's status 1 means "some files failed": a misspelt key must not look like that
+    result = subprocess.run([sys.executable, "-m", "busiseg.predict", "ckpt_path=a.ckpt", f"input={tmp_path}",
+                             f"output={tmp_path / 'out'}", "outptu=x"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 2
+    assert "Key 'outptu' is not in struct" in result.stderr
+    assert result.stderr.rstrip().endswith("busiseg.predict: error: the command line could not be used "
+                                           "(Hydra's message above); nothing ran")
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_refuses_its_input_folder_as_output_before_writing_into_it(tmp_path):
+    images = tmp_path / "scans"
+    images.mkdir()
+    (images / "a.png").write_bytes(b"")
+    result = subprocess.run([sys.executable, "-m", "busiseg.predict", "ckpt_path=a.ckpt", f"input={images}",
+                             f"output={images}/"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 2
+    assert f"output={images}/ is the input folder" in result.stderr
+    assert sorted(p.name for p in images.iterdir()) == ["a.png"]  # no .hydra/, no predict.log among the scans
+
+
+def test_override_values_reads_keys_as_hydra_does():
+    from busiseg.cli import override_values
+
+    argv = ["-m", "input='/a/benign (1).png'", "output=/b", "inputs=x", "batch_size=4"]
+    assert override_values(argv, ("input", "output")) == {"input": "/a/benign (1).png", "output": "/b"}

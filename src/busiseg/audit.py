@@ -25,13 +25,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-import hydra
 import numpy as np
 from omegaconf import DictConfig
 from PIL import Image, ImageDraw
 
 from busiseg.atomic import write_json_atomic
-from busiseg.cli import fail, hydra_quoting_hint
+from busiseg.cli import entry_point, fail
 from busiseg.data.busi import DatasetError, Record, _open, mask_to_bool, scan_busi, summarize
 from busiseg.data.duplicates import DuplicateParams, PairMatch, dhash, find_duplicates, fingerprint, to_grey
 from busiseg.data.labels import CLASS_NAMES
@@ -488,8 +487,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return audit
 
 
-@hydra_quoting_hint("busiseg")
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="audit")
+@entry_point("busiseg", CONFIG_DIR, "audit")
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)

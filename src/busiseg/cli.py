@@ -53,18 +53,51 @@ def unreadable_override(argv: Sequence[str]) -> str | None:
     return None
 
 
-def hydra_quoting_hint(prog: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Wraps a ``@hydra.main`` entry point: a ``key=value`` Hydra cannot parse ends in one line saying how to
-    quote it (exit 2), instead of Hydra's grammar error."""
+def override_values(argv: Sequence[str], keys: Sequence[str]) -> dict[str, Any]:
+    """The values the command line gives ``keys`` (``key=value`` arguments as Hydra parses them), for checks
+    that must run before Hydra creates the run dir; keys not given are left out."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    def wrap(main: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(main)
-        def run(*args: Any, **kwargs: Any) -> Any:
-            hint = unreadable_override(sys.argv[1:])
-            if hint is not None:
-                print(f"{prog}: error: {hint}", file=sys.stderr)
+    wanted = set(keys)
+    args = [a for a in argv if not a.startswith("-") and _OVERRIDE.match(a) and _OVERRIDE.match(a).group(2) in wanted]
+    return {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(args)}
+
+
+def entry_point(prog: str, config_path: str, config_name: str,
+                precheck: Callable[[Sequence[str]], str | None] | None = None
+                ) -> Callable[[Callable[[Any], Any]], Callable[[], Any]]:
+    """``@hydra.main(config_path, config_name)`` for a task, so that a command line it cannot use ends with exit
+    status 2 (the run could not start) and one line naming the fault: a ``key=value`` Hydra cannot parse gets
+    the quoting that works (:func:`unreadable_override`), ``precheck(argv)``'s message (checks needed before
+    Hydra creates the run dir) ends it, and Hydra's own refusals before the task starts (an unknown key, a
+    missing config group option), which Hydra ends with status 1, are given status 2 and a closing line."""
+    import hydra
+
+    def wrap(task: Callable[[Any], Any]) -> Callable[[], Any]:
+        started: list[bool] = []
+
+        @functools.wraps(task)
+        def marked(cfg: Any) -> Any:
+            started.append(True)
+            return task(cfg)
+
+        hydra_main = hydra.main(version_base="1.3", config_path=config_path, config_name=config_name)(marked)
+
+        @functools.wraps(task)
+        def run() -> Any:
+            argv = sys.argv[1:]
+            problem = unreadable_override(argv) or (precheck(argv) if precheck is not None else None)
+            if problem is not None:
+                print(f"{prog}: error: {problem}", file=sys.stderr)
                 sys.exit(2)
-            return main(*args, **kwargs)
+            try:
+                return hydra_main()
+            except SystemExit as exc:
+                if exc.code == 1 and not started:  # Hydra refused the command line: no task ran
+                    print(f"{prog}: error: the command line could not be used (Hydra's message above); "
+                          "nothing ran", file=sys.stderr)
+                    sys.exit(2)
+                raise
 
         return run
 

@@ -63,7 +63,7 @@ from busiseg.models.reporting import save_png  # noqa: E402
 from busiseg.models.scan_classifier import check_not_trained_on as check_scan_not_trained_on  # noqa: E402
 from busiseg.models.scan_classifier import load_scan_classifier  # noqa: E402
 from busiseg.atomic import write_text_atomic  # noqa: E402
-from busiseg.cli import fail, hydra_quoting_hint  # noqa: E402
+from busiseg.cli import entry_point, fail  # noqa: E402
 from busiseg.train import CONFIG_DIR, write_json  # noqa: E402
 
 log = logging.getLogger("busiseg.eval")
@@ -522,8 +522,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-@hydra_quoting_hint("busiseg")
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+@entry_point("busiseg", CONFIG_DIR, "eval")
 def main(cfg: DictConfig) -> None:
     try:
         evaluate(cfg)

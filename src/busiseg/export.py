@@ -30,14 +30,13 @@ from typing import Any, Callable
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-import hydra  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import busiseg  # noqa: E402
 from busiseg.checkpoint import CheckpointError, load_model  # noqa: E402
-from busiseg.cli import fail, hydra_quoting_hint, require  # noqa: E402
+from busiseg.cli import entry_point, fail, require  # noqa: E402
 from busiseg.data.labels import CLASS_NAMES  # noqa: E402
 from busiseg.inference import prepare_image  # noqa: E402
 from busiseg.onnx_predictor import InputError, find_images, read_image, sidecar_path, write_bytes_atomic  # noqa: E402
@@ -325,8 +324,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     return sidecar
 
 
-@hydra_quoting_hint("busiseg.export")
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
+@entry_point("busiseg.export", CONFIG_DIR, "export")
 def main(cfg: DictConfig) -> None:
     try:
         export(cfg)

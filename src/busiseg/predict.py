@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from omegaconf import DictConfig, ListConfig  # noqa: E402
 
 from busiseg.checkpoint import CheckpointError, load_ensemble, load_model  # noqa: E402
-from busiseg.cli import fail, hydra_quoting_hint, require  # noqa: E402
+from busiseg.cli import entry_point, fail, override_values, require  # noqa: E402
 from busiseg.data.labels import CLASS_NAMES  # noqa: E402
 from busiseg.inference import Ensemble, InferenceOptions, postprocess_mask, predict_probs, prepare_image, restore_size  # noqa: E402
 from busiseg.models.crop_classifier import (CropClassifier, CropClassifierError, check_crop_classes,  # noqa: E402
@@ -184,8 +184,18 @@ def predict(cfg: DictConfig) -> PredictionSummary:
                          skipped_masks=len(skipped), max_pixels=max_pixels)
 
 
-@hydra_quoting_hint("busiseg.predict")
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
+def output_is_input(argv: Sequence[str]) -> str | None:
+    """Refuse ``output`` = the ``input`` folder before Hydra makes the output folder its run dir (it would write
+    .hydra/ and predict.log among the images)."""
+    given = override_values(argv, ("input", "output"))
+    if "input" in given and "output" in given and Path(str(given["input"])).is_dir() and \
+            Path(str(given["input"])).resolve() == Path(str(given["output"])).resolve():
+        return (f"output={given['output']} is the input folder; choose another folder (a subfolder is fine) so "
+                f"predictions do not mix with the images")
+    return None
+
+
+@entry_point("busiseg.predict", CONFIG_DIR, "predict", precheck=output_is_input)
 def main(cfg: DictConfig) -> None:
     try:
         summary = predict(cfg)

@@ -31,7 +31,7 @@ from hydra.errors import InstantiationException  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from busiseg.cli import fail, hydra_quoting_hint  # noqa: E402
+from busiseg.cli import entry_point, fail  # noqa: E402
 from busiseg.data.busi import DatasetError, summarize  # noqa: E402
 from busiseg.data.corruptions import RestorationCorruption  # noqa: E402
 from busiseg.data.splits import PARTS  # noqa: E402
@@ -139,8 +139,7 @@ def pretrain(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-@hydra_quoting_hint("busiseg.pretrain")
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="pretrain")
+@entry_point("busiseg.pretrain", CONFIG_DIR, "pretrain")
 def main(cfg: DictConfig) -> float | None:
     try:
         summary = pretrain(cfg)

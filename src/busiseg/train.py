@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
 from busiseg.atomic import write_csv_atomic, write_json_atomic  # noqa: E402
 from busiseg.checkpoint import CheckpointError, load_init_weights  # noqa: E402
-from busiseg.cli import fail, hydra_quoting_hint  # noqa: E402
+from busiseg.cli import entry_point, fail  # noqa: E402
 from busiseg.cv_summary import (PREDICTION_COLUMNS, REFINED_PREDICTIONS, SCAN_STAGE_PREDICTIONS,  # noqa: E402
                                 TWO_STAGE_PREDICTIONS, write_predictions)
 from busiseg.data.busi import DatasetError, summarize  # noqa: E402
@@ -581,8 +581,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-@hydra_quoting_hint("busiseg")
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@entry_point("busiseg", CONFIG_DIR, "train")
 def main(cfg: DictConfig) -> float | None:
     try:
         summary = train(cfg)
