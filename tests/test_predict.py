@@ -189,6 +189,18 @@ def test_output_inside_input_is_not_predicted_again(tiny_ckpt, tmp_path):
     assert len(first.rows) == len(second.rows) == 2
 
 
+def test_an_earlier_prediction_folder_inside_the_input_is_not_read_as_scans(tiny_ckpt, tmp_path, caplog):
+    write_inputs(tmp_path / "in", {"a.png": ("L", (40, 40)), "b/c.png": ("L", (40, 40))})
+    run_predict(tiny_ckpt, tmp_path / "in", tmp_path / "in" / "out")
+    (tmp_path / "in" / "notes").mkdir()  # a folder with a predictions.csv of another kind is read
+    (tmp_path / "in" / "notes" / "predictions.csv").write_text("patient,diagnosis\n")
+    write_inputs(tmp_path / "in" / "notes", {"d.png": ("L", (40, 40))})
+    with caplog.at_level("WARNING", logger="busiseg.predict"):
+        second = run_predict(tiny_ckpt, tmp_path / "in", tmp_path / "in" / "out2")
+    assert sorted(r["file"] for r in second.rows) == ["a.png", "b/c.png", "notes/d.png"]
+    assert f"{tmp_path / 'in' / 'out'}: skipped, an earlier prediction folder" in caplog.text
+
+
 def test_same_stem_different_suffix_do_not_overwrite(tiny_ckpt, tmp_path):
     write_inputs(tmp_path / "in", {"a.png": ("L", (40, 40)), "a.jpg": ("L", (48, 40)), "b.png": ("L", (40, 40))})
     summary = run_predict(tiny_ckpt, tmp_path / "in", tmp_path / "out", "overlays=false")

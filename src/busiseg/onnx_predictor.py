@@ -71,12 +71,26 @@ def _natural_key(name: PurePosixPath) -> list[Any]:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name.as_posix())]
 
 
+def _earlier_predictions(folder: Path, filenames: Sequence[str]) -> bool:
+    """Is ``folder`` an output folder of predict (its ``predictions.csv``, with predict's header)?"""
+    if "predictions.csv" not in filenames:
+        return False
+    try:
+        with open(folder / "predictions.csv", encoding="utf-8", errors="replace") as f:
+            header = f.readline().strip()
+    except OSError:
+        return False
+    return header.startswith("file,class,prob_") and header.endswith(",mask,overlay")
+
+
 def find_images(input_path: str | Path, skip_masks: bool | str = "auto",
                 exclude: Sequence[str | Path] = ()) -> tuple[list[InputImage], list[Path]]:
     """Images under ``input_path`` (a file, or a folder walked recursively) and the mask files skipped.
 
     Hidden files and folders are ignored, and so are folders in ``exclude`` (the output
-    folder when it lies inside the input). ``skip_masks``: ``"auto"`` skips a file named
+    folder when it lies inside the input) and earlier prediction folders below the input (a
+    ``predictions.csv`` with predict's header: predict's own output, logged).
+    ``skip_masks``: ``"auto"`` skips a file named
     like a BUSI mask (``X_mask.png``, ``X_mask_N.png``) when an image ``X.*`` sits beside
     it; ``True`` skips every such name; ``False`` skips none. A file given by name is
     always taken, whatever its suffix.
@@ -93,6 +107,10 @@ def find_images(input_path: str | Path, skip_masks: bool | str = "auto",
     skipped: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):  # symlinked folders are not followed: no loops
         here = Path(dirpath)
+        if here != root and _earlier_predictions(here, filenames):
+            log.warning("%s: skipped, an earlier prediction folder (its predictions.csv is predict's)", here)
+            dirnames[:] = []
+            continue
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in excluded)
         names = sorted(f for f in filenames if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES)
         stems = {Path(f).stem for f in names}
