@@ -130,6 +130,23 @@ def test_eval_names_held_back_images_that_are_copies_of_training_images(all_run,
         run_eval(tmp_path / "bad", [ckpt, f"data.root={held}", "part=all", "copies_check=drop"])
 
 
+def test_a_checkpoint_away_from_its_run_is_checked_with_the_training_images_it_stores(all_run, tmp_path, caplog):
+    root, run, summary = all_run
+    held = _held_back(tmp_path / "held_back")
+    trained = Path(summary["data_root"]) / "benign" / "benign (3).png"
+    shutil.copy(trained, held / "benign" / "benign (2000).png")
+    shutil.copy(trained.with_name("benign (3)_mask.png"), held / "benign" / "benign (2000)_mask.png")
+    lone = tmp_path / "lone" / "model.ckpt"  # no split.json beside it or above it
+    lone.parent.mkdir()
+    shutil.copy(run / "checkpoints" / "last.ckpt", lone)
+    with caplog.at_level("INFO", logger="busiseg.evaluation.copies"):
+        metrics, _ = run_eval(tmp_path / "e", [f"ckpt_path={lone}", f"data.root={held}", "part=all"])
+    copies = metrics["copies_of_training"]
+    assert copies["checked"] and copies["training_images"] == 22
+    assert copies["images"] == [{"image": "benign/benign (2000).png", "training_images": ["benign/benign (3).png"]}]
+    assert "the 22 training images it stores are compared" in caplog.text
+
+
 def test_eval_refuses_the_runs_own_images(all_run, tmp_path):
     _, run, _ = all_run
     ckpt = f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"

@@ -47,7 +47,6 @@ from busiseg.evaluation.runner import (  # noqa: E402
     resolve_inputs,
     run_network,
     run_precision,
-    training_run_dir,
 )
 from busiseg.inference import InferenceOptions  # noqa: E402
 from busiseg.models.mask_refiner import MaskRefiner, MaskRefinerError, load_mask_refiner, read_outside  # noqa: E402
@@ -452,9 +451,10 @@ def copies_check(cfg: DictConfig, inputs: EvalInputs) -> tuple[EvalInputs, dict[
     except ValueError as exc:
         raise EvalError(str(exc)) from exc
     root = (inputs.train_config.get("data") or {}).get("root")
-    found = check_copies(inputs.records, [training_run_dir(p) for p in inputs.ckpt_paths],
+    found = check_copies(inputs.records, [Path(p) for p in inputs.ckpt_paths],
                          Path(str(root)).expanduser() if root else None, params,
-                         _progress("Looking for copies of training images", bool(cfg.get("progress", True))))
+                         _progress("Looking for copies of training images", bool(cfg.get("progress", True))),
+                         exclude=mode == "exclude")
     found["excluded"] = mode == "exclude" and bool(found.get("images"))
     if found["excluded"]:
         copies = {c["image"] for c in found["images"]}

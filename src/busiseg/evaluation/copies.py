@@ -25,12 +25,28 @@ from busiseg.data.splits import load_split
 log = logging.getLogger("busiseg.evaluation.copies")
 
 
-def training_records(run_dirs: Sequence[Path], root: Path) -> list[Record]:
-    """The images every run in ``run_dirs`` trained on (its ``split.json`` train part), read from ``root``, the
+def trained_on(ckpt_path: Path) -> list[str]:
+    """The images a checkpoint was trained on: its run's ``split.json`` train part, or, for a checkpoint away from
+    its run (no ``split.json`` beside it or one level up), the names the checkpoint itself stores."""
+    from busiseg.checkpoint import TRAINED_ON_KEY, read_checkpoint
+    from busiseg.evaluation.runner import training_run_dir
+
+    split = training_run_dir(Path(ckpt_path)) / "split.json"
+    if split.is_file():
+        return list(load_split(split)["train"])
+    names = read_checkpoint(ckpt_path).get(TRAINED_ON_KEY)
+    if not names:
+        raise ValueError(f"{ckpt_path}: no {split} beside it and no list of training images in it")
+    log.info("%s: no %s beside it; the %d training images it stores are compared", ckpt_path, split, len(names))
+    return list(names)
+
+
+def training_records(ckpt_paths: Sequence[Path], root: Path) -> list[Record]:
+    """The images every checkpoint of ``ckpt_paths`` trained on (:func:`trained_on`), read from ``root``, the
     runs' data root; each image once."""
     names: set[str] = set()
-    for run in run_dirs:
-        names.update(load_split(run / "split.json")["train"])
+    for ckpt in ckpt_paths:
+        names.update(trained_on(ckpt))
     return [r for r in scan_busi(root) if r.name in names]
 
 
@@ -59,9 +75,9 @@ def copies_of_training(evaluated: Sequence[Record], trained: Sequence[Record], p
     return [{"image": evaluated[k].name, "training_images": copies[k]} for k in sorted(copies)]
 
 
-def check_copies(evaluated: Sequence[Record], run_dirs: Sequence[Path], train_root: Path | None,
-                 params: DuplicateParams, progress: Callable[[Iterable, int], Iterable] | None = None
-                 ) -> dict[str, Any]:
+def check_copies(evaluated: Sequence[Record], ckpt_paths: Sequence[Path], train_root: Path | None,
+                 params: DuplicateParams, progress: Callable[[Iterable, int], Iterable] | None = None,
+                 exclude: bool = False) -> dict[str, Any]:
     """What metrics.json records under ``copies_of_training``: ``checked`` (false, with ``why``, where the training
     images cannot be read), the number of ``training_images`` compared, the evaluated ``images`` that are copies
     of them and the seconds it took. Logs a warning naming them."""
@@ -71,8 +87,8 @@ def check_copies(evaluated: Sequence[Record], run_dirs: Sequence[Path], train_ro
         return {"checked": False, "why": why}
     started = time.perf_counter()
     try:
-        trained = training_records(run_dirs, Path(train_root))
-    except (ValueError, OSError) as exc:  # a bad split.json or dataset (DatasetError is a ValueError)
+        trained = training_records(ckpt_paths, Path(train_root))
+    except (ValueError, OSError) as exc:  # a bad split.json, checkpoint or dataset (DatasetError, CheckpointError)
         log.warning("copies of training images not checked: %s", exc)
         return {"checked": False, "why": str(exc)}
     log.info("looking for copies of the %d training images among the %d evaluated ones (copies_check=off turns "
@@ -81,9 +97,10 @@ def check_copies(evaluated: Sequence[Record], run_dirs: Sequence[Path], train_ro
     if found:
         first = found[0]
         log.warning("%d of the %d evaluated images %s of images the model trained on (e.g. %s ~ %s): "
-                    "scores on them flatter it; metrics.json copies_of_training lists them (leave them out of the "
-                    "scores with copies_check=exclude)", len(found), len(evaluated),
-                    "is a copy" if len(found) == 1 else "are copies", first["image"], first["training_images"][0])
+                    "scores on them flatter it; metrics.json copies_of_training lists them (%s)", len(found),
+                    len(evaluated), "is a copy" if len(found) == 1 else "are copies", first["image"],
+                    first["training_images"][0], "copies_check=exclude leaves them out of the scores" if exclude
+                    else "leave them out of the scores with copies_check=exclude")
     else:
         log.info("no evaluated image is a copy of a training image")
     return {"checked": True, "training_images": len(trained), "images": found,
