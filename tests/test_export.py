@@ -142,3 +142,19 @@ def test_the_tolerance_scales_with_the_largest_logit():
     assert noise.relative == pytest.approx(3.05e-4 / 230.3) and noise.relative <= 1e-5
     # the same difference on logits below 1 is measured absolutely: refused at the default 1e-5
     assert ParityCheck("real", (1, 1, 64, 64), 3.05e-4, 0.0, 0.4).relative == pytest.approx(3.05e-4)
+
+
+def test_a_folder_as_output_gets_the_default_name_and_left_out_stages_are_named(tiny_ckpt, tmp_path, caplog):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    ckpt.write_bytes(Path(tiny_ckpt).read_bytes())
+    (run / "scan_classifier.pt").write_bytes(b"")  # a stage file beside the run: named, never read
+    (tmp_path / "out").mkdir()
+    with caplog.at_level("WARNING", logger="busiseg.export"):
+        sidecar = run_export(ckpt, "format=torchscript", f"output='{tmp_path / 'out'}'", "check_input=null")
+    assert (tmp_path / "out" / "last.torchscript.pt").is_file()  # not a file named "out"
+    assert sidecar["second_stages_not_exported"] == ["scan_classifier.pt"]
+    assert "only the network is exported; the run's scan_classifier.pt is not" in caplog.text
+    sidecar = run_export(ckpt, "format=torchscript", f"output='{tmp_path / 'new'}/'", "check_input=null")
+    assert (tmp_path / "new" / "last.torchscript.pt").is_file()

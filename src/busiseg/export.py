@@ -210,6 +210,17 @@ def default_output(ckpt_path: str | Path, fmt: str) -> Path:
     return ckpt_path.with_name(ckpt_path.stem + FORMATS[fmt])
 
 
+STAGE_FILES = ("mask_refiner.pt", "crop_classifier.pt", "scan_classifier.pt")
+
+
+def second_stages(ckpt_path: Path) -> list[str]:
+    """The second-stage files of the checkpoint's run (``<run>/checkpoints/x.ckpt`` -> ``<run>/*.pt``), which an
+    export of the network leaves out."""
+    from busiseg.evaluation.runner import training_run_dir
+
+    return [name for name in STAGE_FILES if (training_run_dir(ckpt_path) / name).is_file()]
+
+
 def export(cfg: DictConfig) -> dict[str, Any]:
     """Export, check against PyTorch, move into place, write the sidecar; return the sidecar's content."""
     ckpt_path = Path(require(cfg, ("ckpt_path",), USAGE, ConfigError)[0])
@@ -233,7 +244,13 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         log.warning("data.image_size=%d < %d: exporting with H and W fixed at %d", image_size, MIN_SIDE, image_size)
         dynamic_size = False
     out = Path(cfg.output) if cfg.get("output") else default_output(ckpt_path, fmt)
+    if out.is_dir() or str(cfg.get("output") or "").endswith(("/", os.sep)):  # a folder: the default name in it
+        out = out / default_output(ckpt_path, fmt).name
     out.parent.mkdir(parents=True, exist_ok=True)
+    stages = second_stages(ckpt_path)
+    if stages:
+        log.warning("%s: only the network is exported; the run's %s %s not (predict applies them: "
+                    "docs/deployment.md)", ckpt_path, ", ".join(stages), "is" if len(stages) == 1 else "are")
     tmp = out.with_name(f".{out.name}.partial{FORMATS[fmt]}")
 
     generator = torch.Generator().manual_seed(0)
@@ -310,6 +327,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
                    "checks": [{"input": c.what, "shape": list(c.shape), "mask_logits": c.mask_diff,
                                "class_logits": c.class_diff, "max_abs_logit": c.scale} for c in checks]},
         "source_checkpoint": str(ckpt_path),
+        "second_stages_not_exported": stages,
         "busiseg_version": busiseg.__version__,
         "torch_version": torch.__version__,
     }
