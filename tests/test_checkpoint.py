@@ -93,3 +93,16 @@ def test_a_run_folder_given_for_its_checkpoint_names_the_checkpoints_in_it(tmp_p
         load_model(run)
     assert str(info.value) == (f"{run}: a folder, not a checkpoint: pass a .ckpt file (in it: "
                                f"{run}/checkpoints/epoch_028.ckpt, {run}/checkpoints/last.ckpt)")
+
+
+@pytest.mark.parametrize("state, key", [({"format": "busiseg.mask_refiner/1"}, "mask_refiner"),
+                                        ({"format": "busiseg.crop_classifier/1", "classes": ["benign", "malignant"]},
+                                         "crop_classifier"),
+                                        ({"format": "busiseg.crop_classifier/1",
+                                          "classes": ["normal", "benign", "malignant"]}, "scan_classifier")])
+def test_a_second_stage_file_given_as_the_network_says_where_it_goes(tmp_path, state, key):
+    path = tmp_path / f"{key}.pt"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=rf"pass it as {key}=, and the run's checkpoints/last.ckpt as "
+                                              r"ckpt_path=\)$"):
+        load_model(path)

@@ -84,3 +84,13 @@ def test_missing_or_broken_sidecar_named(tiny_onnx, tmp_path):
     (tmp_path / "lone.onnx.json").write_text(json.dumps({k: v for k, v in sidecar.items() if k != "image_size"}))
     with pytest.raises(InputError, match="image_size"):
         OnnxPredictor(lone)
+
+
+def test_a_pytorch_checkpoint_given_as_the_onnx_model_says_to_export_it(tmp_path):
+    from busiseg.onnx_predictor import read_sidecar
+
+    with pytest.raises(InputError, match=r"last.ckpt: a PyTorch checkpoint; export it first \(python -m "
+                                         r"busiseg.export ckpt_path=.*last.ckpt writes last.onnx"):
+        read_sidecar(tmp_path / "last.ckpt")
+    with pytest.raises(InputError, match=r"m.onnx.json: sidecar not found"):
+        read_sidecar(tmp_path / "m.onnx")

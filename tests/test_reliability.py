@@ -187,6 +187,10 @@ def test_missing_data_root_and_bad_resume_dir(tmp_path, data_dir):
     (tmp_path / "empty_run").mkdir()
     with pytest.raises(ConfigError, match="last.ckpt"):
         train(compose_train(tmp_path, data_dir, [f"resume={tmp_path / 'empty_run'}"]))
+    (tmp_path / "empty_run" / "checkpoints").mkdir()
+    (tmp_path / "empty_run" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"last.ckpt: a file; resume= takes the run dir \(resume=.*empty_run\)"):
+        train(compose_train(tmp_path, data_dir, [f"resume={tmp_path / 'empty_run' / 'checkpoints' / 'last.ckpt'}"]))
 
 
 def test_cli_negative_loss_weight_is_one_line(tmp_path):

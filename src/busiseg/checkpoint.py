@@ -57,6 +57,18 @@ def _unpickler_detail(exc: Exception) -> str:
     return lines[0] if lines else exc.__class__.__name__
 
 
+def _stage_hint(state: Any) -> str:
+    """Where a second-stage file given as a network checkpoint belongs."""
+    fmt = str(state.get("format", "")) if isinstance(state, dict) else ""
+    if fmt.startswith("busiseg.mask_refiner/"):
+        key = "mask_refiner"
+    elif fmt.startswith("busiseg.crop_classifier/"):
+        key = "scan_classifier" if "normal" in (state.get("classes") or ()) else "crop_classifier"
+    else:
+        return ""
+    return f" (a {key.replace('_', ' ')} file: pass it as {key}=, and the run's checkpoints/last.ckpt as ckpt_path=)"
+
+
 def load_model(path: str | Path) -> tuple[MultiTaskUnet, dict[str, Any]]:
     """Rebuild the network from the config stored in the checkpoint and load its weights.
 
@@ -65,7 +77,7 @@ def load_model(path: str | Path) -> tuple[MultiTaskUnet, dict[str, Any]]:
     ckpt = read_checkpoint(path)
     config = (ckpt.get("hyper_parameters") or {}).get("config")
     if not config or "model" not in config:
-        raise CheckpointError(f"{path}: no busiseg config in the checkpoint's hyper_parameters")
+        raise CheckpointError(f"{path}: no busiseg config in the checkpoint's hyper_parameters{_stage_hint(ckpt)}")
     model_cfg = {**config["model"], "encoder_weights": None}  # the weights come from the checkpoint
     net = hydra.utils.instantiate(model_cfg)
     state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}

@@ -410,6 +410,10 @@ def read_sidecar(model_path: str | Path) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text())
     except FileNotFoundError:
+        if Path(model_path).suffix == ".ckpt":
+            raise InputError(f"{model_path}: a PyTorch checkpoint; export it first (python -m busiseg.export "
+                             f"ckpt_path={model_path} writes {Path(model_path).stem}.onnx and its sidecar beside it), "
+                             f"or run python -m busiseg.predict with it") from None
         raise InputError(f"{path}: sidecar not found; export the model with `python -m busiseg.export` "
                          f"(it writes {path.name} beside {Path(model_path).name})") from None
     except (OSError, json.JSONDecodeError) as exc:

@@ -299,6 +299,10 @@ def resume_config(cfg: DictConfig) -> DictConfig:
     """
     run = Path(str(cfg.resume)).expanduser()
     last = run / "checkpoints" / "last.ckpt"
+    if run.is_file():  # a checkpoint of the run given for the run
+        guess = run.parent.parent if run.parent.name == "checkpoints" else run.parent
+        raise ConfigError(f"resume={run}: a file; resume= takes the run dir (resume={guess}), and resumes from its "
+                          f"checkpoints/last.ckpt")
     if not run.is_dir():
         raise ConfigError(f"resume={run}: no such run dir")
     if not last.is_file():
