@@ -287,6 +287,8 @@ def test_config_errors_name_the_key(tiny_ckpt, tmp_path):
         predict(cfg)
     with pytest.raises(ConfigError, match="batch_size"):
         run_predict(tiny_ckpt, tmp_path, tmp_path / "o", "batch_size=0")
+    with pytest.raises(ConfigError, match="mask_refiner_outside=keep without mask_refiner="):
+        run_predict(tiny_ckpt, tmp_path, tmp_path / "o", "mask_refiner_outside=keep")
     with pytest.raises(InputError, match="does-not-exist"):
         run_predict(tiny_ckpt, tmp_path / "does-not-exist", tmp_path / "o")
     with pytest.raises(ConfigError, match="is the input folder"):

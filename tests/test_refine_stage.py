@@ -129,6 +129,8 @@ def test_eval_reads_beyond_the_crops_as_told(refined_sweep, tmp_path):
     assert any(k > 0 for k, _ in area) and all(e <= k + 1e-9 for k, e in area)
     with pytest.raises(EvalError, match="mask_refiner_outside='drop'"):
         run_eval(tmp_path / "bad", [*args, "mask_refiner_outside=drop"])
+    with pytest.raises(EvalError, match="mask_refiner_outside=erase without mask_refiner="):
+        run_eval(tmp_path / "alone", [args[0], "mask_refiner_outside=erase"])
 
 
 def test_predict_with_the_mask_refiner(refined_sweep, tmp_path):

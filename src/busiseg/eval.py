@@ -402,6 +402,9 @@ def load_refine_stage(cfg: DictConfig, inputs: EvalInputs) -> tuple[MaskRefiner 
     """``mask_refiner=FILE``: the refine stage, refused when it was trained on an evaluated image."""
     path = _stage_path(cfg, inputs, "mask_refiner", "the network's masks; for the run's refined ones")
     if path is None:
+        if cfg.get("mask_refiner_outside") not in (None, ""):
+            raise EvalError(f"mask_refiner_outside={cfg.get('mask_refiner_outside')} without mask_refiner=: it sets "
+                            "how the refine stage reads beyond its crops; pass mask_refiner=RUN/mask_refiner.pt too")
         return None, None
     try:
         model = read_outside(load_mask_refiner(path), cfg.get("mask_refiner_outside"))

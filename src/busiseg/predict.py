@@ -159,6 +159,9 @@ def predict(cfg: DictConfig) -> PredictionSummary:
     batch_size = int(cfg.get("batch_size", 8))
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if cfg.get("mask_refiner") in (None, "") and cfg.get("mask_refiner_outside") not in (None, ""):
+        raise ConfigError(f"mask_refiner_outside={cfg.get('mask_refiner_outside')} without mask_refiner=: it sets how "
+                          "the refine stage reads beyond its crops; pass mask_refiner=RUN/mask_refiner.pt too")
     max_pixels = cfg.get("max_pixels", DEFAULT_MAX_PIXELS)
     if max_pixels is not None and int(max_pixels) < 1:
         raise ConfigError(f"max_pixels must be >= 1 or null (no limit), got {max_pixels}")
