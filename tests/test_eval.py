@@ -399,6 +399,19 @@ def test_eval_on_a_folder_without_malignant_images(trained_run, tmp_path):
     json.loads((out / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in metrics.json"))
 
 
+def test_every_unreadable_image_is_named_in_one_error(trained_run, tmp_path, folder):
+    from busiseg.data.busi import DatasetError
+
+    (folder / "benign" / "benign (2).png").write_bytes(b"")  # empty
+    (folder / "normal" / "normal (3).png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # truncated
+    with pytest.raises(DatasetError) as info:
+        run_eval(tmp_path, [f"ckpt_path={trained_run[0]}", f"data.root={folder}", "part=all"])
+    lines = str(info.value).splitlines()
+    assert lines[0] == "2 files cannot be read:"
+    named = sorted(Path(line.split(": ")[0].strip()).name for line in lines[1:])
+    assert named == ["benign (2).png", "normal (3).png"]
+
+
 def test_clear_errors(trained_run, tmp_path):
     ckpt, _ = trained_run
     with pytest.raises(CheckpointError, match="missing.ckpt: checkpoint not found"):
@@ -534,3 +547,15 @@ def test_cli_full_run(trained_run, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["training_check"]["max_abs_diff"] <= 1e-5
     assert (out / "report.html").exists() and (out / ".hydra" / "config.yaml").exists()
+
+
+def test_without_the_copies_check_the_network_pass_names_every_unreadable_image(trained_run, tmp_path, folder):
+    from busiseg.data.busi import DatasetError
+
+    (folder / "benign" / "benign (2).png").write_bytes(b"")
+    (folder / "malignant" / "malignant (1)_mask.png").write_bytes(b"not a png")
+    with pytest.raises(DatasetError) as info:
+        run_eval(tmp_path, [f"ckpt_path={trained_run[0]}", f"data.root={folder}", "part=all", "copies_check=off"])
+    message = str(info.value)
+    assert message.startswith("2 files cannot be read:") and "benign (2).png" in message
+    assert "malignant (1)_mask.png" in message

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from busiseg.data.busi import Record, _open, scan_busi
+from busiseg.data.busi import DatasetError, Record, _open, scan_busi, unreadable_message
 from busiseg.data.duplicates import DuplicateParams, find_duplicates, fingerprint
 from busiseg.data.splits import load_split
 
@@ -59,11 +59,17 @@ def copies_of_training(evaluated: Sequence[Record], trained: Sequence[Record], p
     workers = workers or min(4, os.cpu_count() or 1)
 
     def read(record: Record):
-        with _open(record.image) as image:
-            return fingerprint(np.asarray(image.convert("RGB")), params)
+        try:
+            with _open(record.image) as image:
+                return fingerprint(np.asarray(image.convert("RGB")), params)
+        except DatasetError as exc:
+            return str(exc)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         prints = list(pool.map(read, records))
+    problems = [p for p in prints if isinstance(p, str)]
+    if problems:  # every unreadable file in one error
+        raise DatasetError(unreadable_message(problems))
     found = find_duplicates(prints, params, workers=workers, progress=progress)
     n = len(evaluated)
     copies: dict[int, list[str]] = {}

@@ -26,7 +26,7 @@ from omegaconf import ListConfig
 from omegaconf.errors import MissingMandatoryValue
 
 from busiseg.checkpoint import MemberInputError, load_ensemble, load_model
-from busiseg.data.busi import Record, load_record, scan_busi
+from busiseg.data.busi import DatasetError, Record, load_record, scan_busi, unreadable_message
 from busiseg.data.dataset import resize_pair
 from busiseg.data.labels import CLASS_NAMES
 from busiseg.data.splits import PARTS, load_split
@@ -253,6 +253,19 @@ class EvalResults:
         return rows
 
 
+def unreadable_records(records: Sequence[Record], in_channels: int) -> str:
+    """One message naming every record of ``records`` whose image or masks cannot be read ("" when all can):
+    called on the first unreadable file, so that one run names them all and a run that meets none reads
+    nothing twice."""
+    problems = []
+    for record in records:
+        try:
+            load_record(record, in_channels)
+        except DatasetError as exc:
+            problems.append(str(exc))
+    return unreadable_message(problems)
+
+
 def _decode(record: Record, in_channels: int, image_size: int):
     """Original image and mask, and the pair at the preprocessing size, exactly as the training cache."""
     image, mask = load_record(record, in_channels)
@@ -332,7 +345,10 @@ def run_network(net: torch.nn.Module, records: list[Record], image_size: int, in
         task = bar.add_task("eval", total=len(records))
         for start in range(0, len(records), batch_size):
             batch = records[start : start + batch_size]
-            decoded = list(pool.map(lambda r: _decode(r, in_channels, image_size), batch))
+            try:
+                decoded = list(pool.map(lambda r: _decode(r, in_channels, image_size), batch))
+            except DatasetError as exc:
+                raise DatasetError(unreadable_records(records[start:], in_channels) or str(exc)) from None
             images = torch.stack([_to_tensor(d[2]) for d in decoded])
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
