@@ -83,3 +83,14 @@ def test_override_values_reads_keys_as_hydra_does():
 
     argv = ["-m", "input='/a/benign (1).png'", "output=/b", "inputs=x", "batch_size=4"]
     assert override_values(argv, ("input", "output")) == {"input": "/a/benign (1).png", "output": "/b"}
+
+
+def test_predict_refuses_an_output_folder_that_cannot_be_made(tmp_path):
+    from busiseg.predict import output_problem
+
+    (tmp_path / "notes.txt").write_text("x")
+    assert output_problem([f"output={tmp_path / 'notes.txt' / 'out'}"]) == (
+        f"output={tmp_path / 'notes.txt' / 'out'}: {tmp_path / 'notes.txt'} is a file, so the output folder cannot "
+        "be made")
+    assert output_problem([f"output={tmp_path / 'new' / 'deeper'}", f"input={tmp_path}"]) is None
+    assert output_problem(["input=x"]) is None

@@ -187,18 +187,27 @@ def predict(cfg: DictConfig) -> PredictionSummary:
                          skipped_masks=len(skipped), max_pixels=max_pixels)
 
 
-def output_is_input(argv: Sequence[str]) -> str | None:
-    """Refuse ``output`` = the ``input`` folder before Hydra makes the output folder its run dir (it would write
-    .hydra/ and predict.log among the images)."""
+def output_problem(argv: Sequence[str]) -> str | None:
+    """What is wrong with ``output``, found before Hydra makes it its run dir: the ``input`` folder (Hydra would
+    write .hydra/ and predict.log among the images), or a folder that cannot be made (a file in the way, no
+    permission: Hydra would fail with a traceback)."""
     given = override_values(argv, ("input", "output"))
-    if "input" in given and "output" in given and Path(str(given["input"])).is_dir() and \
-            Path(str(given["input"])).resolve() == Path(str(given["output"])).resolve():
+    if "output" not in given or given["output"] in (None, ""):
+        return None
+    output = Path(str(given["output"])).expanduser()
+    if "input" in given and Path(str(given["input"])).is_dir() and \
+            Path(str(given["input"])).resolve() == output.resolve():
         return (f"output={given['output']} is the input folder; choose another folder (a subfolder is fine) so "
                 f"predictions do not mix with the images")
+    existing = next(p for p in (output, *output.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        return f"output={given['output']}: {existing} is a file, so the output folder cannot be made"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"output={given['output']}: {existing} is not writable, so the output folder cannot be made"
     return None
 
 
-@entry_point("busiseg.predict", CONFIG_DIR, "predict", precheck=output_is_input)
+@entry_point("busiseg.predict", CONFIG_DIR, "predict", precheck=output_problem)
 def main(cfg: DictConfig) -> None:
     try:
         summary = predict(cfg)
