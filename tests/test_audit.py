@@ -40,6 +40,17 @@ def test_cli_writes_json_markdown_and_group_pictures(tmp_path):
     assert list((tmp_path / "data" / ".audit_cache").glob("audit-*.json"))  # cached for training
 
 
+def test_cli_says_which_files_training_will_refuse(tmp_path):
+    root = tmp_path / "busi"
+    write_planted_dataset(root)
+    broken = sorted((root / "benign").glob("benign (*).png"))[0]
+    broken.write_bytes(b"")
+    proc = _audit_cli(tmp_path, f"data.root={root}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 unreadable or inconsistent file(s), which training refuses: " in proc.stderr + proc.stdout
+    assert broken.name in proc.stderr + proc.stdout
+
+
 def test_cli_without_root_is_one_clear_error(tmp_path):
     proc = _audit_cli(tmp_path, "data.root=null")
     assert proc.returncode == 2

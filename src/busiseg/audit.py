@@ -483,6 +483,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     for c in conflicts:
         log.info("  label conflict: %s", "; ".join(f"{k}: {', '.join(v)}" for k, v in c["members"].items()))
+    bad = list(audit.get("unreadable_or_bad") or [])
+    if bad:  # training stops on these: say so here, not only in audit.md
+        log.warning("%d unreadable or inconsistent file(s), which training refuses: %s", len(bad),
+                    "; ".join(str(b) for b in bad[:5]) + (f"; ... ({len(bad) - 5} more in the report)" if len(bad) > 5
+                                                         else ""))
     log.info("report: %s and %s", md_path, json_path)
     return audit
 
