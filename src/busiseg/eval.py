@@ -262,8 +262,12 @@ def write_figures(folder: Path, inputs: EvalInputs, results: EvalResults, metric
     cls = metrics[final]["classification"]
     probs = results.probs[final]
     where = f"{inputs.part} part" if inputs.part != "all" else "all images"
-    subtitle = f"{where} of {inputs.data_root.name}, {len(results.names)} images, {final}"
-    view = f"{final}, original size"
+    stages = [name for key, name in (("mask_refiner", "refine"), ("crop_classifier", "crop"),
+                                     ("scan_classifier", "scan")) if metrics.get(key)]
+    pipeline = final + (f" with the {', '.join(stages[:-1])}{' and ' if len(stages) > 1 else ''}{stages[-1]} "
+                        f"stage{'s' if len(stages) > 1 else ''}" if stages else "")
+    subtitle = f"{where} of {inputs.data_root.name}, {len(results.names)} images, {pipeline}"
+    view = f"{pipeline}, original size"
     out: list[tuple[str, Path, str]] = []
 
     def save(name: str, heading: str, array: np.ndarray, caption: str) -> None:

@@ -72,7 +72,7 @@ def confusion_matrix_figure(cm: np.ndarray, class_names: Sequence[str] = CLASS_N
             ax.set_ylabel("True class")
             ax.set_title(title)
             fig.colorbar(im, ax=ax, shrink=0.8)
-        fig.suptitle("Confusion matrix" + (f" — {subtitle}" if subtitle else ""))
+        fig.suptitle("Confusion matrix" + (f"\n{subtitle}" if subtitle else ""))
         return _render(fig)
 
 
