@@ -148,7 +148,7 @@ def test_single_file_input(tiny_ckpt, tmp_path):
     assert Image.open(tmp_path / "out" / "one_pred_mask.png").size == (90, 60)
 
 
-def test_unreadable_files_skipped_and_named(tiny_ckpt, tmp_path):
+def test_unreadable_files_skipped_and_named(tiny_ckpt, tmp_path, caplog):
     write_inputs(tmp_path / "in", {"good.png": ("L", (40, 40)), "sub/good2.png": ("RGB", (50, 30))})
     (tmp_path / "in" / "garbage.png").write_bytes(b"not an image")
     whole = (tmp_path / "in" / "good.png").read_bytes()
@@ -156,7 +156,9 @@ def test_unreadable_files_skipped_and_named(tiny_ckpt, tmp_path):
     data = (tmp_path / "in" / "truncated.jpg").read_bytes()
     (tmp_path / "in" / "truncated.jpg").write_bytes(data[: len(data) // 3])
     (tmp_path / "in" / "notes.txt").write_text("not an image suffix: ignored, not failed")
-    summary = run_predict(tiny_ckpt, tmp_path / "in", tmp_path / "out", "batch_size=2")
+    with caplog.at_level("WARNING", logger="busiseg.predict"):
+        summary = run_predict(tiny_ckpt, tmp_path / "in", tmp_path / "out", "batch_size=2")
+    assert "1 file(s) under" in caplog.text and "are not images" in caplog.text and "e.g. notes.txt" in caplog.text
     failed = {Path(p).name for p, _ in summary.failed}
     assert failed == {"garbage.png", "truncated.jpg"}
     assert summary.exit_code == 1

@@ -105,6 +105,7 @@ def find_images(input_path: str | Path, skip_masks: bool | str = "auto",
     excluded = {Path(p).expanduser().resolve() for p in exclude}
     found: list[InputImage] = []
     skipped: list[Path] = []
+    others: list[Path] = []  # files that are not images by their suffix: counted, not read
     for dirpath, dirnames, filenames in os.walk(root):  # symlinked folders are not followed: no loops
         here = Path(dirpath)
         if here != root and _earlier_predictions(here, filenames):
@@ -113,6 +114,7 @@ def find_images(input_path: str | Path, skip_masks: bool | str = "auto",
             continue
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in excluded)
         names = sorted(f for f in filenames if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES)
+        others += [here / f for f in sorted(filenames) if not f.startswith(".") and f not in names]
         stems = {Path(f).stem for f in names}
         for f in names:
             m = MASK_NAME.match(Path(f).stem)
@@ -120,6 +122,9 @@ def find_images(input_path: str | Path, skip_masks: bool | str = "auto",
                 skipped.append(here / f)
                 continue
             found.append(InputImage(here / f, PurePosixPath((here / f).relative_to(root).as_posix())))
+    if others:
+        log.warning("%d file(s) under %s are not images (%s) and were ignored, e.g. %s", len(others), root,
+                    " ".join(IMAGE_SUFFIXES), others[0].relative_to(root))
     found.sort(key=lambda im: _natural_key(im.name))
     return found, skipped
 
