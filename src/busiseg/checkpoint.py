@@ -20,6 +20,11 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file."""
 
 
+def training_run_dir(ckpt_path: Path) -> Path:
+    """``<run>/checkpoints/x.ckpt -> <run>``; a checkpoint elsewhere: its own folder."""
+    return ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """``torch.load(weights_only=True)``: tensors and plain containers only."""
     path = Path(path)
@@ -59,10 +64,13 @@ def _unpickler_detail(exc: Exception) -> str:
 
 def _stage_hint(state: Any) -> str:
     """Where a second-stage file given as a network checkpoint belongs."""
+    from busiseg.models.crop_classifier import FORMAT as CROP_FORMAT
+    from busiseg.models.mask_refiner import FORMAT as REFINER_FORMAT
+
     fmt = str(state.get("format", "")) if isinstance(state, dict) else ""
-    if fmt.startswith("busiseg.mask_refiner/"):
+    if fmt == REFINER_FORMAT:
         key = "mask_refiner"
-    elif fmt.startswith("busiseg.crop_classifier/"):
+    elif fmt == CROP_FORMAT:
         key = "scan_classifier" if "normal" in (state.get("classes") or ()) else "crop_classifier"
     else:
         return ""

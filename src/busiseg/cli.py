@@ -58,8 +58,7 @@ def override_values(argv: Sequence[str], keys: Sequence[str]) -> dict[str, Any]:
     that must run before Hydra creates the run dir; keys not given are left out."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    wanted = set(keys)
-    args = [a for a in argv if not a.startswith("-") and _OVERRIDE.match(a) and _OVERRIDE.match(a).group(2) in wanted]
+    args = [a for a in argv if not a.startswith("-") and (m := _OVERRIDE.match(a)) and m.group(2) in keys]
     return {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(args)}
 
 

@@ -264,8 +264,10 @@ def write_figures(folder: Path, inputs: EvalInputs, results: EvalResults, metric
     where = f"{inputs.part} part" if inputs.part != "all" else "all images"
     stages = [name for key, name in (("mask_refiner", "refine"), ("crop_classifier", "crop"),
                                      ("scan_classifier", "scan")) if metrics.get(key)]
-    pipeline = final + (f" with the {', '.join(stages[:-1])}{' and ' if len(stages) > 1 else ''}{stages[-1]} "
-                        f"stage{'s' if len(stages) > 1 else ''}" if stages else "")
+    pipeline = final
+    if stages:
+        listed = stages[0] if len(stages) == 1 else f"{', '.join(stages[:-1])} and {stages[-1]}"
+        pipeline += f" with the {listed} stage{'s' if len(stages) > 1 else ''}"
     subtitle = f"{where} of {inputs.data_root.name}, {len(results.names)} images, {pipeline}"
     view = f"{pipeline}, original size"
     out: list[tuple[str, Path, str]] = []

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import busiseg  # noqa: E402
-from busiseg.checkpoint import CheckpointError, load_model  # noqa: E402
+from busiseg.checkpoint import CheckpointError, load_model, training_run_dir  # noqa: E402
 from busiseg.cli import entry_point, fail, require  # noqa: E402
 from busiseg.data.labels import CLASS_NAMES  # noqa: E402
 from busiseg.inference import prepare_image  # noqa: E402
@@ -210,15 +210,13 @@ def default_output(ckpt_path: str | Path, fmt: str) -> Path:
     return ckpt_path.with_name(ckpt_path.stem + FORMATS[fmt])
 
 
-STAGE_FILES = ("mask_refiner.pt", "crop_classifier.pt", "scan_classifier.pt")
-
-
 def second_stages(ckpt_path: Path) -> list[str]:
     """The second-stage files of the checkpoint's run (``<run>/checkpoints/x.ckpt`` -> ``<run>/*.pt``), which an
     export of the network leaves out."""
-    from busiseg.evaluation.runner import training_run_dir
+    from busiseg import crop_stage, refine_stage, scan_stage
 
-    return [name for name in STAGE_FILES if (training_run_dir(ckpt_path) / name).is_file()]
+    names = (refine_stage.FILE_NAME, crop_stage.FILE_NAME, scan_stage.FILE_NAME)
+    return [name for name in names if (training_run_dir(ckpt_path) / name).is_file()]
 
 
 def export(cfg: DictConfig) -> dict[str, Any]:

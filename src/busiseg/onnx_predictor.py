@@ -114,7 +114,8 @@ def find_images(input_path: str | Path, skip_masks: bool | str = "auto",
             continue
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in excluded)
         names = sorted(f for f in filenames if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES)
-        others += [here / f for f in sorted(filenames) if not f.startswith(".") and f not in names]
+        taken = set(names)
+        others += [here / f for f in sorted(filenames) if not f.startswith(".") and f not in taken]
         stems = {Path(f).stem for f in names}
         for f in names:
             m = MASK_NAME.match(Path(f).stem)

@@ -24,7 +24,7 @@ from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
 from busiseg.atomic import write_csv_atomic, write_json_atomic  # noqa: E402
-from busiseg.checkpoint import CheckpointError, load_init_weights  # noqa: E402
+from busiseg.checkpoint import CheckpointError, load_init_weights, training_run_dir  # noqa: E402
 from busiseg.cli import entry_point, fail  # noqa: E402
 from busiseg.cv_summary import (PREDICTION_COLUMNS, REFINED_PREDICTIONS, SCAN_STAGE_PREDICTIONS,  # noqa: E402
                                 TWO_STAGE_PREDICTIONS, write_predictions)
@@ -300,9 +300,8 @@ def resume_config(cfg: DictConfig) -> DictConfig:
     run = Path(str(cfg.resume)).expanduser()
     last = run / "checkpoints" / "last.ckpt"
     if run.is_file():  # a checkpoint of the run given for the run
-        guess = run.parent.parent if run.parent.name == "checkpoints" else run.parent
-        raise ConfigError(f"resume={run}: a file; resume= takes the run dir (resume={guess}), and resumes from its "
-                          f"checkpoints/last.ckpt")
+        raise ConfigError(f"resume={run}: a file; resume= takes the run dir (resume={training_run_dir(run)}), and "
+                          "resumes from its checkpoints/last.ckpt")
     if not run.is_dir():
         raise ConfigError(f"resume={run}: no such run dir")
     if not last.is_file():

@@ -25,7 +25,6 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -205,13 +204,6 @@ def load_record(record: Record, in_channels: int = 1) -> tuple[np.ndarray, np.nd
     masks = [_open(p) for p in record.masks]
     mask = merge_masks(masks, list(record.masks), image.size)
     return image_to_array(image, in_channels), mask
-
-
-def unreadable_message(problems: Sequence[str]) -> str:
-    """One error message for the files that cannot be read (each problem names its file); "" for none."""
-    if len(problems) < 2:
-        return problems[0] if problems else ""
-    return f"{len(problems)} files cannot be read:\n  " + "\n  ".join(problems)
 
 
 def summarize(records: list[Record]) -> dict[str, int]:

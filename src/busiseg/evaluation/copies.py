@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from busiseg.data.busi import DatasetError, Record, _open, scan_busi, unreadable_message
+from busiseg.data.busi import DatasetError, Record, _open, format_problems, scan_busi
 from busiseg.data.duplicates import DuplicateParams, find_duplicates, fingerprint
 from busiseg.data.splits import load_split
 
@@ -28,8 +28,7 @@ log = logging.getLogger("busiseg.evaluation.copies")
 def trained_on(ckpt_path: Path) -> list[str]:
     """The images a checkpoint was trained on: its run's ``split.json`` train part, or, for a checkpoint away from
     its run (no ``split.json`` beside it or one level up), the names the checkpoint itself stores."""
-    from busiseg.checkpoint import TRAINED_ON_KEY, read_checkpoint
-    from busiseg.evaluation.runner import training_run_dir
+    from busiseg.checkpoint import TRAINED_ON_KEY, read_checkpoint, training_run_dir
 
     split = training_run_dir(Path(ckpt_path)) / "split.json"
     if split.is_file():
@@ -69,7 +68,7 @@ def copies_of_training(evaluated: Sequence[Record], trained: Sequence[Record], p
         prints = list(pool.map(read, records))
     problems = [p for p in prints if isinstance(p, str)]
     if problems:  # every unreadable file in one error
-        raise DatasetError(unreadable_message(problems))
+        raise DatasetError(format_problems(f"{len(problems)} file(s) cannot be read", problems))
     found = find_duplicates(prints, params, workers=workers, progress=progress)
     n = len(evaluated)
     copies: dict[int, list[str]] = {}

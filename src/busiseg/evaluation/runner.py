@@ -25,8 +25,8 @@ import torch
 from omegaconf import ListConfig
 from omegaconf.errors import MissingMandatoryValue
 
-from busiseg.checkpoint import MemberInputError, load_ensemble, load_model
-from busiseg.data.busi import DatasetError, Record, load_record, scan_busi, unreadable_message
+from busiseg.checkpoint import MemberInputError, load_ensemble, load_model, training_run_dir
+from busiseg.data.busi import DatasetError, Record, format_problems, load_record, scan_busi
 from busiseg.data.dataset import resize_pair
 from busiseg.data.labels import CLASS_NAMES
 from busiseg.data.splits import PARTS, load_split
@@ -74,11 +74,6 @@ class EvalInputs:
 
 def _is_set(value: Any) -> bool:
     return value not in (None, "", "???")
-
-
-def training_run_dir(ckpt_path: Path) -> Path:
-    """``<run>/checkpoints/x.ckpt -> <run>``; a checkpoint elsewhere: its own folder."""
-    return ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
 
 
 def inference_active(options: InferenceOptions) -> bool:
@@ -263,7 +258,7 @@ def unreadable_records(records: Sequence[Record], in_channels: int) -> str:
             load_record(record, in_channels)
         except DatasetError as exc:
             problems.append(str(exc))
-    return unreadable_message(problems)
+    return format_problems(f"{len(problems)} file(s) cannot be read", problems) if problems else ""
 
 
 def _decode(record: Record, in_channels: int, image_size: int):
