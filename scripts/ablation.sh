@@ -28,7 +28,7 @@ for fold in $FOLDS; do
   for arm in $ARMS; do
     args=$(overrides "$arm")
     # shellcheck disable=SC2086
-    # the ablation compares the network's tasks: busi_cpu's crop stage is left out of every arm
-    FOLDS="$fold" "$CV" "$OUT/$arm" crop_stage=null refine_stage=null $args "$@"
+    # the ablation compares the network's tasks: busi_cpu's second stages are left out of every arm
+    FOLDS="$fold" "$CV" "$OUT/$arm" crop_stage=none refine_stage=none scan_stage=none $args "$@"
   done
 done

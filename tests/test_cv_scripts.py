@@ -61,7 +61,7 @@ def test_ablation_pairs_arms_fold_by_fold(tmp_path):
     assert proc.returncode == 0, proc.stderr
     runs = [c.split("hydra.run.dir=")[1] for c in calls]
     assert runs == [f"{out}/seg_only/3", f"{out}/ce/3", f"{out}/seg_only/4", f"{out}/ce/4"]
-    assert "split.fold=3 crop_stage=null refine_stage=null loss=fixed loss.classification.kind=ce " in calls[1]
+    assert "split.fold=3 crop_stage=none refine_stage=none scan_stage=none loss=fixed loss.classification.kind=ce " in calls[1]
     # extra overrides reach every arm, after the arm's own
     proc, calls = _run(tmp_path, "ablation.sh", str(tmp_path / "abl2"), "scheduler=warmup_cosine", "data.batch_size=8",
                        ARMS="seg_only mse", FOLDS="0")
@@ -127,3 +127,21 @@ def test_cv_pretrain_pretrains_each_fold_then_fine_tunes_from_its_weights(tmp_pa
                      f"init_weights={out}/pretrain/1/checkpoints/last.ckpt callbacks.progress_bar=null "
                      f"hydra.run.dir={out}/1"]
     assert f"{out}/pretrain/0: done" in proc.stdout and f"{out}/0: done" in proc.stdout
+
+
+def test_ablation_overrides_compose_with_every_second_stage_off(tmp_path):
+    """Each arm's command line as Hydra composes it (the fake python only records it): the overrides must be
+    ones Hydra takes (``crop_stage=null`` on a command line is refused), and the arms train the network alone."""
+    from hydra import compose, initialize_config_dir
+
+    from busiseg.train import crop_settings, refine_settings, scan_settings
+
+    proc, calls = _run(tmp_path, "ablation.sh", str(tmp_path / "abl"), FOLDS="0")
+    assert proc.returncode == 0, proc.stderr
+    assert len(calls) == 5  # one per arm
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        for call in calls:
+            overrides = [a for a in call.split()[2:] if not a.startswith("hydra.")]
+            cfg = compose("train", overrides)
+            assert crop_settings(cfg) is None and refine_settings(cfg) is None and scan_settings(cfg) is None, call
+            assert cfg.model.encoder_name == "resnet34" and cfg.data.image_size == 128  # still busi_cpu

@@ -154,12 +154,12 @@ def _stage_settings(cfg: DictConfig, group: str, settings_class: type, errors: t
 
 
 def crop_settings(cfg: DictConfig) -> CropSettings | None:
-    """The ``crop_stage`` group's settings (None with ``crop_stage=null``); a bad value names its key."""
+    """The ``crop_stage`` group's settings (None when the group is null or ``crop_stage=none``); a bad value names its key."""
     return _stage_settings(cfg, "crop_stage", CropSettings, (CropClassifierError,))
 
 
 def refine_settings(cfg: DictConfig) -> RefinerSettings | None:
-    """The ``refine_stage`` group's settings (None with ``refine_stage=null``); a bad value names its key. Its
+    """The ``refine_stage`` group's settings (None when the group is null or ``refine_stage=none``); a bad value names its key. Its
     ``seed: null`` is the run's seed plus the k-fold fold (``busiseg.refine_stage.stage_seed``)."""
     from busiseg.refine_stage import stage_seed
 
@@ -168,7 +168,7 @@ def refine_settings(cfg: DictConfig) -> RefinerSettings | None:
 
 
 def scan_settings(cfg: DictConfig) -> ScanSettings | None:
-    """The ``scan_stage`` group's settings (None with ``scan_stage=null``); a bad value names its key. Its
+    """The ``scan_stage`` group's settings (None when the group is null or ``scan_stage=none``); a bad value names its key. Its
     ``seed: null`` is the run's seed plus the k-fold fold, as the refine stage's."""
     from busiseg.refine_stage import stage_seed
 
