@@ -47,6 +47,24 @@ def test_two_trial_study_writes_best_params_and_resumes(tmp_path, data_dir):
     again = run_study(overrides(tmp_path, data_dir) + ["hpo.n_trials=3"])
     assert len(again.trials) == 3
     assert OmegaConf.load(sweep / "best_params.yaml").n_trials_complete == 3
+    # the resumed process's seeded sampler does not start its stream over: new values, not trial 0's again
+    assert again.trials[2].params != again.trials[0].params
+
+
+def test_workers_resume_only_their_own_cut_off_trials(tmp_path, data_dir):
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState
+
+    (tmp_path / "hpo").mkdir()
+    study = optuna.create_study(study_name="busiseg", storage=f"sqlite:///{tmp_path / 'hpo' / 'study.db'}",
+                                direction="maximize")
+    other = study.ask({"optimizer.lr": FloatDistribution(1e-4, 3e-3, log=True)})  # worker 1's, still running
+    other.set_user_attr("worker", 1)
+    resumed = run_study(overrides(tmp_path, data_dir) + ["hpo.n_trials=1"])  # worker 0
+    assert [t.state for t in resumed.trials] == [TrialState.RUNNING, TrialState.COMPLETE]
+    assert resumed.trials[1].user_attrs["worker"] == 0
+    with pytest.raises(ValueError, match="hpo.worker"):
+        run_study(overrides(tmp_path, data_dir) + ["hpo.worker=-1"])
 
 
 def test_a_trial_cut_off_by_a_kill_is_tried_again(tmp_path, data_dir):

@@ -96,6 +96,18 @@ def _fixed_keys(overrides: Sequence[str]) -> set[str]:
     return keys
 
 
+def _sampler(spec: Any, worker: int, trials_before: int):
+    """The configured sampler, its ``seed`` (when set) moved on by the trials the study already holds and by the
+    worker number: a resumed study, or a second worker, draws new values instead of repeating the first
+    process's (a seeded sampler starts its random stream over in every process)."""
+    from hydra.utils import instantiate
+
+    spec = OmegaConf.to_container(spec, resolve=True) if not isinstance(spec, dict) else dict(spec)
+    if spec.get("seed") is not None:
+        spec["seed"] = int(spec["seed"]) + 100_003 * worker + trials_before
+    return instantiate(spec)
+
+
 def run_study(overrides: Sequence[str]):
     """Create or resume the study, run the trials still missing, write best_params.yaml; return the study."""
     import optuna
@@ -121,18 +133,24 @@ def run_study(overrides: Sequence[str]):
     fixed = _fixed_keys(overrides)
     params = {k: v for k, v in OmegaConf.to_container(hpo.params, resolve=True).items() if k not in fixed}
     space = parse_space(params)
-    sampler = None
-    if hpo.get("sampler"):
-        from hydra.utils import instantiate
-
-        sampler = instantiate(hpo.sampler)
-    study = optuna.create_study(study_name=str(hpo.study_name), storage=storage, sampler=sampler,
+    try:
+        worker = int(hpo.get("worker") or 0)
+        assert worker >= 0
+    except (TypeError, ValueError, AssertionError):
+        raise ValueError(f"hpo.worker={hpo.get('worker')!r}: a whole number >= 0, a different one for each "
+                         "worker sharing the study") from None
+    study = optuna.create_study(study_name=str(hpo.study_name), storage=storage,
                                 direction=str(hpo.direction), load_if_exists=True)
-    # a trial still RUNNING in the stored study was cut off by a kill: fail it, try its values again
+    # a trial of this worker still RUNNING in the stored study was cut off by a kill (one process per worker
+    # number at a time): fail it, try its values again. Other workers' running trials are left alone.
     for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if int(stale.user_attrs.get("worker", 0)) != worker:
+            continue
         study.tell(stale.number, state=TrialState.FAIL)
         study.enqueue_trial(stale.params, skip_if_exists=False)
         log.warning("trial %d was interrupted: its values are tried again", stale.number)
+    if hpo.get("sampler"):
+        study.sampler = _sampler(hpo.sampler, worker, len(study.trials))
     done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
     remaining = max(0, int(hpo.n_trials) - done)
     log.info("study %s in %s: %d trial(s) done, %d to run; space: %s", study.study_name, storage, done,
@@ -146,6 +164,7 @@ def run_study(overrides: Sequence[str]):
         with open_dict(cfg):
             cfg.paths.output_dir = str(run_dir)
         trial.set_user_attr("run_dir", str(run_dir))
+        trial.set_user_attr("worker", worker)
         log.info("trial %d: %s", trial.number, values)
         summary = train(cfg)
         value = summary["metrics"].get(metric)  # what train's main returns to a sweeper
