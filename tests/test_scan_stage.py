@@ -82,6 +82,8 @@ def test_cv_summary_sets_the_scan_stage_beside_the_others(scanned_sweep):
         m = json.loads((sweep / str(f) / "metrics.json").read_text())["metrics"]
         gain = summary["scan_stage_gain"]["accuracy"]["per_fold"][f]
         assert gain == pytest.approx(m["test_scan_stage/accuracy"] - m["test/accuracy"])
+        over_crop = summary["scan_over_crop_gain"]["accuracy"]["per_fold"][f]  # what it adds to the crop stage
+        assert over_crop == pytest.approx(m["test_scan_stage/accuracy"] - m["test_two_stage/accuracy"])
     images = sum(len(_probs(sweep / str(f) / "predictions_scan_stage.csv")) for f in (0, 1))
     assert summary["oof_scan_stage"]["images"] == images == summary["oof"]["images"]
     table = headline_table(summary)
@@ -90,6 +92,7 @@ def test_cv_summary_sets_the_scan_stage_beside_the_others(scanned_sweep):
     assert (sweep / "cv_confusion_matrix_scan_stage.png").is_file()
     text = (sweep / "cv_summary.md").read_text()
     assert "The scan stage (with the run's other stages) against the network alone" in text
+    assert "The scan stage against the stages before it" in text
     assert "With the scan stage (`predictions_scan_stage.csv`)" in text
 
 

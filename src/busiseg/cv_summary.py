@@ -265,6 +265,8 @@ def summarize(directory: str | Path, out_dir: str | Path | None = None) -> dict[
         **staged_oof,
         "two_stage_gain": _stage_gain(per_fold, order, "test_two_stage", TWO_STAGE_PAIRED),
         "scan_stage_gain": _stage_gain(per_fold, order, "test_scan_stage", TWO_STAGE_PAIRED),
+        # what the scan stage adds to the stages before it (its probabilities are averaged into theirs)
+        "scan_over_crop_gain": _stage_gain(per_fold, order, "test_scan_stage", TWO_STAGE_PAIRED, "test_two_stage"),
         "refined_gain": _stage_gain(per_fold, order, "test_refined", REFINED_PAIRED),
     }
     out_dir = Path(out_dir) if out_dir else directory
@@ -497,13 +499,13 @@ REFINED_PAIRED = ("dice_per_image_lesion", "dice_per_image_benign", "dice_per_im
 
 
 def _stage_gain(per_fold: Mapping[int, Mapping[str, Any]], folds: Sequence[int], prefix: str,
-                metrics: Sequence[str]) -> dict[str, Any] | None:
-    """Per fold, a second stage's ``<prefix>/<m>`` minus the network's ``test/<m>`` (the same images), for each
-    of ``metrics``: ``{m: {"per_fold", "mean", "std", "folds_better", "folds_worse"}}``; None unless every fold
-    has both of some metric."""
+                metrics: Sequence[str], base: str = "test") -> dict[str, Any] | None:
+    """Per fold, a second stage's ``<prefix>/<m>`` minus ``<base>/<m>`` (the network's ``test/*`` by default; the
+    same images), for each of ``metrics``: ``{m: {"per_fold", "mean", "std", "folds_better", "folds_worse"}}``;
+    None unless every fold has both of some metric."""
     out: dict[str, Any] = {}
     for m in metrics:
-        pairs = {f: (per_fold[f].get(f"{prefix}/{m}"), per_fold[f].get(f"test/{m}")) for f in folds}
+        pairs = {f: (per_fold[f].get(f"{prefix}/{m}"), per_fold[f].get(f"{base}/{m}")) for f in folds}
         if not folds or any(a is None or b is None for a, b in pairs.values()):
             continue
         diffs = {f: float(a) - float(b) for f, (a, b) in pairs.items()}
@@ -559,6 +561,10 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
         lines += ["", "The scan stage (with the run's other stages) against the network alone, paired per fold "
                   "(`test_scan_stage/*` minus `test/*`):", ""]
         lines += [f"- {_gain_line(m, g)}" for m, g in s["scan_stage_gain"].items()]
+    if s.get("scan_over_crop_gain"):
+        lines += ["", "The scan stage against the stages before it, paired per fold "
+                  "(`test_scan_stage/*` minus `test_two_stage/*`):", ""]
+        lines += [f"- {_gain_line(m, g)}" for m, g in s["scan_over_crop_gain"].items()]
     if head:
         lines += ["", "## Every metric"]
     lines += ["", "| metric | mean | std |", "|---|---|---|"]
@@ -653,6 +659,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"crop stage minus network, {_gain_line(m, summary['two_stage_gain'][m])}")
     if "accuracy" in (summary.get("scan_stage_gain") or {}):
         print(f"scan stage minus network, {_gain_line('accuracy', summary['scan_stage_gain']['accuracy'])}")
+    if "accuracy" in (summary.get("scan_over_crop_gain") or {}):
+        print(f"scan stage minus crop stage, {_gain_line('accuracy', summary['scan_over_crop_gain']['accuracy'])}")
     for key, _, name, _ in CLASS_STAGES:
         staged = summary.get(f"oof_{key}")
         if staged and staged["metrics"]:
