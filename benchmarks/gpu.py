@@ -129,7 +129,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 64])
-    parser.add_argument("--precisions", nargs="+", default=["32", "bf16-mixed"])
+    parser.add_argument("--precisions", nargs="+", default=["32", "bf16-mixed"],
+                        choices=["32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true"],
+                        help="Lightning precisions (Hydra overrides go before the options: --precisions takes every word after it)")
     parser.add_argument("--no-compile-grid", action="store_true", help="skip the torch.compile runs")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
