@@ -63,8 +63,21 @@ def test_workers_resume_only_their_own_cut_off_trials(tmp_path, data_dir):
     resumed = run_study(overrides(tmp_path, data_dir) + ["hpo.n_trials=1"])  # worker 0
     assert [t.state for t in resumed.trials] == [TrialState.RUNNING, TrialState.COMPLETE]
     assert resumed.trials[1].user_attrs["worker"] == 0
-    with pytest.raises(ValueError, match="hpo.worker"):
-        run_study(overrides(tmp_path, data_dir) + ["hpo.worker=-1"])
+    for bad in ("-1", "a"):
+        with pytest.raises(ValueError, match="hpo.worker"):
+            run_study(overrides(tmp_path, data_dir) + [f"hpo.worker={bad}"])
+
+
+def test_a_failed_study_leaves_no_log_handler_behind(tmp_path, data_dir):
+    """hpo.log is written through a handler on the root logger: it goes when the study fails too (a later test
+    or caller would otherwise log into a deleted folder)."""
+    import logging
+
+    with pytest.raises(RuntimeError, match="no trial"):
+        run_study(overrides(tmp_path, data_dir) + ["hpo.n_trials=1", "optimized_metric=val/no_such_metric"])
+    assert (tmp_path / "hpo" / "hpo.log").is_file()
+    assert not [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)
+                and str(tmp_path) in getattr(h, "baseFilename", "")]
 
 
 def test_a_trial_cut_off_by_a_kill_is_tried_again(tmp_path, data_dir):

@@ -122,6 +122,10 @@ def run_study(overrides: Sequence[str]):
     if base.get("hpo") is None:
         raise ValueError("no hpo: node in the config; use hparams_search=optuna")
     hpo = base.hpo
+    worker = hpo.get("worker") or 0
+    if not isinstance(worker, int) or isinstance(worker, bool) or worker < 0:
+        raise ValueError(f"hpo.worker={worker!r}: a whole number >= 0, a different one for each worker sharing "
+                         "the study")
     sweep_dir = Path(str(hpo.dir)).expanduser().resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
     overrides.append(f"hpo.dir='{sweep_dir}'")  # one dir for every trial (it holds ${now:...})
@@ -129,75 +133,70 @@ def run_study(overrides: Sequence[str]):
     handler = logging.FileHandler(sweep_dir / "hpo.log")
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     logging.getLogger().addHandler(handler)
-
-    fixed = _fixed_keys(overrides)
-    params = {k: v for k, v in OmegaConf.to_container(hpo.params, resolve=True).items() if k not in fixed}
-    space = parse_space(params)
     try:
-        worker = int(hpo.get("worker") or 0)
-        assert worker >= 0
-    except (TypeError, ValueError, AssertionError):
-        raise ValueError(f"hpo.worker={hpo.get('worker')!r}: a whole number >= 0, a different one for each "
-                         "worker sharing the study") from None
-    study = optuna.create_study(study_name=str(hpo.study_name), storage=storage,
-                                direction=str(hpo.direction), load_if_exists=True)
-    # a trial of this worker still RUNNING in the stored study was cut off by a kill (one process per worker
-    # number at a time): fail it, try its values again. Other workers' running trials are left alone.
-    for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if int(stale.user_attrs.get("worker", 0)) != worker:
-            continue
-        study.tell(stale.number, state=TrialState.FAIL)
-        study.enqueue_trial(stale.params, skip_if_exists=False)
-        log.warning("trial %d was interrupted: its values are tried again", stale.number)
-    if hpo.get("sampler"):
-        study.sampler = _sampler(hpo.sampler, worker, len(study.trials))
-    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-    remaining = max(0, int(hpo.n_trials) - done)
-    log.info("study %s in %s: %d trial(s) done, %d to run; space: %s", study.study_name, storage, done,
-             remaining, params)
-    metric = str(base.optimized_metric)
+        fixed = _fixed_keys(overrides)
+        params = {k: v for k, v in OmegaConf.to_container(hpo.params, resolve=True).items() if k not in fixed}
+        space = parse_space(params)
+        study = optuna.create_study(study_name=str(hpo.study_name), storage=storage,
+                                    direction=str(hpo.direction), load_if_exists=True)
+        # a trial of this worker still RUNNING in the stored study was cut off by a kill (one process per worker
+        # number at a time): fail it, try its values again. Other workers' running trials are left alone.
+        for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if int(stale.user_attrs.get("worker", 0)) != worker:
+                continue
+            study.tell(stale.number, state=TrialState.FAIL)
+            study.enqueue_trial(stale.params, skip_if_exists=False)
+            log.warning("trial %d was interrupted: its values are tried again", stale.number)
+        if hpo.get("sampler"):
+            study.sampler = _sampler(hpo.sampler, worker, len(study.trials))
+        done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+        remaining = max(0, int(hpo.n_trials) - done)
+        log.info("study %s in %s: %d trial(s) done, %d to run; space: %s", study.study_name, storage, done,
+                 remaining, params)
+        metric = str(base.optimized_metric)
 
-    def objective(trial) -> float:
-        values = {key: suggest(trial, key, sweep) for key, sweep in space.items()}
-        run_dir = sweep_dir / f"trial_{trial.number:03d}"
-        cfg = compose_train(overrides + [_override(k, v) for k, v in values.items()], output_dir=str(run_dir))
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(run_dir)
-        trial.set_user_attr("run_dir", str(run_dir))
-        trial.set_user_attr("worker", worker)
-        log.info("trial %d: %s", trial.number, values)
-        summary = train(cfg)
-        value = summary["metrics"].get(metric)  # what train's main returns to a sweeper
-        if value is None or not math.isfinite(value):
-            raise RuntimeError(f"trial {trial.number}: {metric} is {value} (not in metrics.json?); "
-                               f"set optimized_metric to one of {sorted(summary['metrics'])}")
-        return float(value)
+        def objective(trial) -> float:
+            values = {key: suggest(trial, key, sweep) for key, sweep in space.items()}
+            run_dir = sweep_dir / f"trial_{trial.number:03d}"
+            cfg = compose_train(overrides + [_override(k, v) for k, v in values.items()], output_dir=str(run_dir))
+            with open_dict(cfg):
+                cfg.paths.output_dir = str(run_dir)
+            trial.set_user_attr("run_dir", str(run_dir))
+            trial.set_user_attr("worker", worker)
+            log.info("trial %d: %s", trial.number, values)
+            summary = train(cfg)
+            value = summary["metrics"].get(metric)  # what train's main returns to a sweeper
+            if value is None or not math.isfinite(value):
+                raise RuntimeError(f"trial {trial.number}: {metric} is {value} (not in metrics.json?); "
+                                   f"set optimized_metric to one of {sorted(summary['metrics'])}")
+            return float(value)
 
-    if remaining:
-        study.optimize(objective, n_trials=remaining, catch=(Exception,), gc_after_trial=True)
-    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not completed:
-        raise RuntimeError(f"no trial of study {study.study_name} completed; see {sweep_dir / 'hpo.log'}")
-    best = study.best_trial
-    result = {
-        "name": "optuna",
-        "study_name": study.study_name,
-        "storage": storage,
-        "direction": str(hpo.direction),
-        "optimized_metric": metric,
-        "best_params": best.params,
-        "best_value": best.value,
-        "best_trial": best.number,
-        "best_run_dir": best.user_attrs.get("run_dir"),
-        "n_trials_complete": len(completed),
-        "n_trials_failed": len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))),
-    }
-    OmegaConf.save(OmegaConf.create(result), sweep_dir / "best_params.yaml")
-    log.info("best trial %d: %s = %.4f with %s (%s)", best.number, metric, best.value, best.params,
-             sweep_dir / "best_params.yaml")
-    logging.getLogger().removeHandler(handler)
-    handler.close()
-    return study
+        if remaining:
+            study.optimize(objective, n_trials=remaining, catch=(Exception,), gc_after_trial=True)
+        completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not completed:
+            raise RuntimeError(f"no trial of study {study.study_name} completed; see {sweep_dir / 'hpo.log'}")
+        best = study.best_trial
+        result = {
+            "name": "optuna",
+            "study_name": study.study_name,
+            "storage": storage,
+            "direction": str(hpo.direction),
+            "optimized_metric": metric,
+            "best_params": best.params,
+            "best_value": best.value,
+            "best_trial": best.number,
+            "best_run_dir": best.user_attrs.get("run_dir"),
+            "n_trials_complete": len(completed),
+            "n_trials_failed": len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))),
+        }
+        OmegaConf.save(OmegaConf.create(result), sweep_dir / "best_params.yaml")
+        log.info("best trial %d: %s = %.4f with %s (%s)", best.number, metric, best.value, best.params,
+                 sweep_dir / "best_params.yaml")
+        return study
+    finally:  # also when the study fails: later logging must not write into its folder
+        logging.getLogger().removeHandler(handler)
+        handler.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
