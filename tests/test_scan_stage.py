@@ -73,6 +73,28 @@ def test_train_with_the_scan_stage(scanned_sweep, tmp_path):
         assert evaluated["raw"]["as_training"][key] == pytest.approx(m[f"test_scan_stage/{key}"], abs=1e-5), key
 
 
+def test_a_run_killed_during_the_scan_stage_resumes_to_the_same_numbers(scanned_sweep, tmp_path):
+    """A fold killed after its fit, while a second stage trained (no metrics.json, no scan_classifier.pt yet):
+    ``resume=`` finds the fit done, tests again and trains the stages again from their seeds, to the same
+    numbers as the run that was not killed."""
+    import shutil
+
+    from busiseg.train import train
+
+    root, sweep = scanned_sweep
+    run = tmp_path / "killed"
+    shutil.copytree(sweep / "1", run)
+    for name in ("metrics.json", FILE_NAME, "predictions_scan_stage.csv"):
+        (run / name).unlink()
+    resumed = train(_compose("train", [f"resume={run}"], root, tmp_path / "resume_log"))
+    reference = json.loads((sweep / "1" / "metrics.json").read_text())["metrics"]
+    tested = {k: v for k, v in reference.items() if k.startswith("test")}
+    assert any(k.startswith("test_scan_stage/") for k in tested) and (run / FILE_NAME).is_file()
+    for key, value in tested.items():
+        assert resumed["metrics"][key] == pytest.approx(value, abs=1e-6), key
+    assert _probs(run / "predictions_scan_stage.csv").keys() == _probs(sweep / "1" / "predictions_scan_stage.csv").keys()
+
+
 def test_cv_summary_sets_the_scan_stage_beside_the_others(scanned_sweep):
     from busiseg.cv_summary import headline_table, summarize
 
