@@ -156,13 +156,13 @@ def run_study(overrides: Sequence[str]):
         metric = str(base.optimized_metric)
 
         def objective(trial) -> float:
+            trial.set_user_attr("worker", worker)  # first: a trial killed from here on is this worker's to retry
             values = {key: suggest(trial, key, sweep) for key, sweep in space.items()}
             run_dir = sweep_dir / f"trial_{trial.number:03d}"
             cfg = compose_train(overrides + [_override(k, v) for k, v in values.items()], output_dir=str(run_dir))
             with open_dict(cfg):
                 cfg.paths.output_dir = str(run_dir)
             trial.set_user_attr("run_dir", str(run_dir))
-            trial.set_user_attr("worker", worker)
             log.info("trial %d: %s", trial.number, values)
             summary = train(cfg)
             value = summary["metrics"].get(metric)  # what train's main returns to a sweeper
