@@ -5,7 +5,9 @@ from busiseg.eval with the run's files, predict with it, cv_summary's scan-stage
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -74,11 +76,12 @@ def test_train_with_the_scan_stage(scanned_sweep, tmp_path):
 
 
 def test_a_run_killed_during_the_scan_stage_resumes_to_the_same_numbers(scanned_sweep, tmp_path):
-    """A fold killed after its fit, while a second stage trained (no metrics.json, no scan_classifier.pt yet):
-    ``resume=`` finds the fit done, tests again and trains the stages again from their seeds, to the same
-    numbers as the run that was not killed."""
+    """A fold killed after its fit, while the scan stage trained (no metrics.json, no scan_classifier.pt yet):
+    ``resume=`` finds the fit done and tests again; the crop classifier written before the kill is read, not
+    trained again, and the scan stage is trained from its seed; the numbers are those of the run not killed."""
     import shutil
 
+    from busiseg.crop_stage import FILE_NAME as CROP_FILE
     from busiseg.train import train
 
     root, sweep = scanned_sweep
@@ -86,13 +89,40 @@ def test_a_run_killed_during_the_scan_stage_resumes_to_the_same_numbers(scanned_
     shutil.copytree(sweep / "1", run)
     for name in ("metrics.json", FILE_NAME, "predictions_scan_stage.csv"):
         (run / name).unlink()
+    crop_written = (run / CROP_FILE).stat().st_mtime_ns
     resumed = train(_compose("train", [f"resume={run}"], root, tmp_path / "resume_log"))
-    reference = json.loads((sweep / "1" / "metrics.json").read_text())["metrics"]
-    tested = {k: v for k, v in reference.items() if k.startswith("test")}
+    reference = json.loads((sweep / "1" / "metrics.json").read_text())
+    tested = {k: v for k, v in reference["metrics"].items() if k.startswith("test")}
     assert any(k.startswith("test_scan_stage/") for k in tested) and (run / FILE_NAME).is_file()
     for key, value in tested.items():
         assert resumed["metrics"][key] == pytest.approx(value, abs=1e-6), key
     assert _probs(run / "predictions_scan_stage.csv").keys() == _probs(sweep / "1" / "predictions_scan_stage.csv").keys()
+    assert (run / CROP_FILE).stat().st_mtime_ns == crop_written  # reused, not written again
+    stored = json.loads((run / "metrics.json").read_text())
+    # its training time as measured before the kill (the file is the copy's)
+    assert {**stored["crop_stage"], "file": None} == {**reference["crop_stage"], "file": None}
+
+
+def test_a_stage_file_is_reused_only_for_its_own_settings_and_split(scanned_sweep, tmp_path):
+    from busiseg.crop_stage import FILE_NAME as CROP_FILE
+    from busiseg.crop_stage import trained_before_stop
+    from busiseg.models.crop_classifier import CropSettings, read_crop_file
+
+    _, sweep = scanned_sweep
+    run = sweep / "1"
+    state = read_crop_file(run / CROP_FILE)
+    settings, root, split = CropSettings(**state["settings"]), Path(state["data_root"]), Path(state["split_file"])
+    assert trained_before_stop(run / CROP_FILE, settings, root, split, state["precision"], read_crop_file) is not None
+    other = json.loads(split.read_text())
+    other["train"] = other["train"][: len(other["train"]) // 2]
+    (tmp_path / "split.json").write_text(json.dumps(other))
+    for changed in ((dataclasses.replace(settings, epochs=settings.epochs + 1), root, split, state["precision"]),
+                    (settings, root, tmp_path / "split.json", state["precision"]),  # a split without its images
+                    (settings, root, split, "bf16-mixed" if state["precision"] == "32" else "32")):
+        assert trained_before_stop(run / CROP_FILE, *changed, read_crop_file) is None
+    (tmp_path / "damaged.pt").write_bytes(b"not a stage file")
+    assert trained_before_stop(tmp_path / "damaged.pt", settings, root, split, state["precision"], read_crop_file) is None
+    assert trained_before_stop(tmp_path / "missing.pt", settings, root, split, state["precision"], read_crop_file) is None
 
 
 def test_cv_summary_sets_the_scan_stage_beside_the_others(scanned_sweep):

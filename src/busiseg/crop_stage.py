@@ -149,6 +149,32 @@ def score_parts(net: torch.nn.Module, parts: dict[str, list[Record]], image_size
     return results
 
 
+INFO_KEYS = ("fit_seconds", "loss_per_epoch", "data_root", "split_file", "device", "precision")
+
+
+def trained_before_stop(out: Path, settings: Any, root: Path, split_file: Path, precision: str,
+                        read: Any) -> dict[str, Any] | None:
+    """On a resumed run (``resume=``): the stage file the run wrote before it was stopped, when it was trained with
+    these ``settings`` on images of ``split_file``'s training part only, from this data ``root``, at this
+    ``precision`` (its stored dictionary, read by ``read``), so the stage is not trained again; None otherwise
+    (train it). Stage files are written atomically, so one that exists is whole; a resumed run keeps its
+    ``split.json`` (the run dir may have moved: the file's stored split path is not compared)."""
+    if not Path(out).is_file():
+        return None
+    try:
+        state = read(out)
+        training = set(load_split(split_file)["train"])
+    except Exception:  # damaged or another kind of file: train the stage again and overwrite it
+        return None
+    wanted = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(settings).items()}
+    same = (state.get("settings") == wanted and state.get("data_root") == str(root)
+            and state.get("precision") == precision and all(k in state for k in INFO_KEYS)
+            and bool(state.get("trained_on")) and set(state["trained_on"]) <= training)
+    if same:
+        log.info("%s: trained before the run was stopped, with the same settings and split: reused", out)
+    return state if same else None
+
+
 def stage_record(out: Path, info: dict[str, Any], trained_on: Sequence[str], settings: Any) -> dict[str, Any]:
     """What a run's ``metrics.json`` records about a second stage: its file, training time, images, settings."""
     return {"file": str(out), "fit_seconds": info["fit_seconds"], "images": len(trained_on),
@@ -337,17 +363,23 @@ def save_with_figure(model: Any, path: Path, figure: np.ndarray, save: Any = sav
 def for_training_run(settings: CropSettings, root: Path, split_file: Path, net: torch.nn.Module,
                      parts: dict[str, list[Record]], image_size: int, in_channels: int, batch_size: int, *,
                      precision: str, channels_last: bool, device: str, out: Path,
-                     progress: bool = True, mask_refiner: Any = None) -> tuple[dict[str, Any], dict[str, EvalResults]]:
+                     progress: bool = True, mask_refiner: Any = None, reuse: bool = False
+                     ) -> tuple[dict[str, Any], dict[str, EvalResults]]:
     """The crop stage inside ``busiseg.train`` (``crop_stage=default``): train the crop classifier on the
     lesion images of ``split_file``'s training part, write it to ``out`` (with its figure), and evaluate
     ``net`` with it on each part of ``parts`` (``{part: records}``, e.g. the test part) by the runner, at
     ``precision`` (the run's resolved ``trainer.precision``), on the CPU. Returns what the run's
     ``metrics.json`` records about the stage, and ``{part: results}``. ``mask_refiner``: the run's refine stage
-    (``busiseg.models.mask_refiner.MaskRefiner``): the crops are then cut around its masks, which are scored."""
+    (``busiseg.models.mask_refiner.MaskRefiner``): the crops are then cut around its masks, which are scored.
+    ``reuse`` (a resumed run): a file at ``out`` trained with these settings on this split is read, not retrained."""
     dtype = "bf16-mixed" if precision.startswith("bf16") else "32"
-    network = StageNetwork.when_needed(settings, net, image_size, in_channels, precision)
-    model, info, figure = train_for_split(root, split_file, settings, device, dtype, progress, network)
-    save_with_figure(model, out, figure, **info)
+    stored = trained_before_stop(out, settings, root, split_file, dtype, read_crop_file) if reuse else None
+    if stored is not None:
+        model, info = load_crop_classifier(out, stored), {k: stored[k] for k in INFO_KEYS}
+    else:
+        network = StageNetwork.when_needed(settings, net, image_size, in_channels, precision)
+        model, info, figure = train_for_split(root, split_file, settings, device, dtype, progress, network)
+        save_with_figure(model, out, figure, **info)
     results = score_parts(net, parts, image_size, in_channels, batch_size, precision=precision,
                           channels_last=channels_last, progress=progress,
                           check=lambda names: check_not_trained_on(model, names, out),

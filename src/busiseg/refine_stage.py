@@ -34,7 +34,9 @@ from busiseg.crop_stage import (  # noqa: E402
     stage_device,
     stage_figure,
     stage_info,
+    INFO_KEYS,
     stage_record,
+    trained_before_stop,
     training_lesions,
     training_precision,
 )
@@ -43,14 +45,17 @@ from busiseg.evaluation.runner import EvalResults  # noqa: E402
 from busiseg.models.crop_classifier import CropClassifier, CropClassifierError  # noqa: E402
 from busiseg.models.mask_refiner import (  # noqa: E402
     BLENDS,
+    FORMAT,
     OUTSIDES,
     MaskRefiner,
     MaskRefinerError,
     RefinerSettings,
     check_not_trained_on,
+    load_mask_refiner,
     save_mask_refiner,
     train_mask_refiner,
 )
+from busiseg.models.stage_file import read_stage_file  # noqa: E402
 
 log = logging.getLogger("busiseg.refine_stage")
 
@@ -103,19 +108,28 @@ def refiner_figure(history: Sequence[float], images: Sequence[np.ndarray], masks
     return stage_figure(history, "Dice + BCE", panels, title, max(1, (len(panels) + 1) // 2))
 
 
+def _read_refiner_file(path: Path) -> dict[str, Any]:
+    return read_stage_file(path, FORMAT, MaskRefinerError, "mask refiner", "python -m busiseg.refine_stage train RUN")
+
+
 def for_training_run(settings: RefinerSettings, root: Path, split_file: Path, net: torch.nn.Module,
                      parts: dict[str, list[Record]], image_size: int, in_channels: int, batch_size: int, *,
                      precision: str, channels_last: bool, device: str, out: Path, progress: bool = True,
-                     crop_classifier: CropClassifier | None = None
+                     crop_classifier: CropClassifier | None = None, reuse: bool = False
                      ) -> tuple[MaskRefiner, dict[str, Any], dict[str, EvalResults]]:
     """The refine stage inside ``busiseg.train`` (``refine_stage=default``): train the mask refiner on the lesion
     images of ``split_file``'s training part, write it to ``out`` (with its figure), and evaluate ``net`` with it on
     each part of ``parts`` (``{part: records}``) by the runner, at ``precision`` (the run's resolved
     ``trainer.precision``), on the CPU. Returns the refiner (for the crop stage to read its masks), what the run's
-    ``metrics.json`` records about the stage, and ``{part: results}``."""
+    ``metrics.json`` records about the stage, and ``{part: results}``. ``reuse`` (a resumed run): a file at ``out``
+    trained with these settings on this split is read, not retrained."""
     dtype = "bf16-mixed" if precision.startswith("bf16") else "32"
-    model, info, figure = train_for_split(root, split_file, settings, device, dtype, progress)
-    save_with_figure(model, out, figure, save_mask_refiner, **info)
+    stored = trained_before_stop(out, settings, root, split_file, dtype, _read_refiner_file) if reuse else None
+    if stored is not None:
+        model, info = load_mask_refiner(out), {k: stored[k] for k in INFO_KEYS}
+    else:
+        model, info, figure = train_for_split(root, split_file, settings, device, dtype, progress)
+        save_with_figure(model, out, figure, save_mask_refiner, **info)
     results = score_parts(net, parts, image_size, in_channels, batch_size, precision=precision,
                           channels_last=channels_last, progress=progress,
                           check=lambda names: check_not_trained_on(model, names, out),

@@ -36,18 +36,26 @@ from busiseg.crop_stage import (  # noqa: E402
     stage_device,
     stage_figure,
     stage_info,
+    INFO_KEYS,
     stage_record,
+    trained_before_stop,
     training_precision,
     training_records,
 )
 from busiseg.data.busi import DatasetError, Record, load_record  # noqa: E402
 from busiseg.data.labels import CLASS_NAMES  # noqa: E402
 from busiseg.evaluation.runner import EvalResults  # noqa: E402
-from busiseg.models.crop_classifier import CropClassifier, CropClassifierError, save_crop_classifier  # noqa: E402
+from busiseg.models.crop_classifier import (  # noqa: E402
+    CropClassifier,
+    CropClassifierError,
+    read_crop_file,
+    save_crop_classifier,
+)
 from busiseg.models.scan_classifier import (  # noqa: E402
     ScanClassifierError,
     ScanSettings,
     check_not_trained_on,
+    load_scan_classifier,
     train_scan_classifier,
     whole_box,
 )
@@ -105,16 +113,21 @@ def scan_figure(history: Sequence[float], images: Sequence[np.ndarray], labels: 
 def for_training_run(settings: ScanSettings, root: Path, split_file: Path, net: torch.nn.Module,
                      parts: dict[str, list[Record]], image_size: int, in_channels: int, batch_size: int, *,
                      precision: str, channels_last: bool, device: str, out: Path, progress: bool = True,
-                     crop_classifier: CropClassifier | None = None, mask_refiner: Any = None
+                     crop_classifier: CropClassifier | None = None, mask_refiner: Any = None, reuse: bool = False
                      ) -> tuple[dict[str, Any], dict[str, EvalResults]]:
     """The scan stage inside ``busiseg.train`` (``scan_stage=default``): train the scan classifier on the images of
     ``split_file``'s training part, write it to ``out`` (with its figure), and evaluate ``net`` with it, and with
     the run's other stages (``crop_classifier``, ``mask_refiner``), on each part of ``parts`` by the runner, at
     ``precision``, on the CPU. Returns what the run's ``metrics.json`` records about the stage, and
-    ``{part: results}``."""
+    ``{part: results}``. ``reuse`` (a resumed run): a file at ``out`` trained with these settings on this split is
+    read, not retrained."""
     dtype = "bf16-mixed" if precision.startswith("bf16") else "32"
-    model, info, figure = train_for_split(root, split_file, settings, device, dtype, progress)
-    save_with_figure(model, out, figure, save_crop_classifier, **info)
+    stored = trained_before_stop(out, settings, root, split_file, dtype, read_crop_file) if reuse else None
+    if stored is not None:
+        model, info = load_scan_classifier(out), {k: stored[k] for k in INFO_KEYS}
+    else:
+        model, info, figure = train_for_split(root, split_file, settings, device, dtype, progress)
+        save_with_figure(model, out, figure, save_crop_classifier, **info)
     results = score_parts(net, parts, image_size, in_channels, batch_size, precision=precision,
                           channels_last=channels_last, progress=progress,
                           check=lambda names: check_not_trained_on(model, names, out),

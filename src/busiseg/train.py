@@ -211,7 +211,8 @@ def run_refine_stage(cfg: DictConfig, module: MultiTaskModule, datamodule: L.Lig
         refine_settings(cfg), Path(datamodule.root), output_dir / "split.json", module.net, parts,
         int(cfg.data.image_size), int(cfg.data.in_channels), int(datamodule.eval_batch_size),
         precision=str(cfg.trainer.precision), channels_last=bool(cfg.get("channels_last", False)),
-        device="cpu" if accelerator == "cpu" else "auto", out=output_dir / FILE_NAME, progress=progress)
+        device="cpu" if accelerator == "cpu" else "auto", out=output_dir / FILE_NAME, progress=progress,
+        reuse=bool(cfg.get("resume")))
     return refiner, info, _stage_outputs(results, same, "test_refined", output_dir / REFINED_PREDICTIONS)
 
 
@@ -232,6 +233,7 @@ def run_crop_stage(cfg: DictConfig, module: MultiTaskModule, datamodule: L.Light
         int(cfg.data.image_size), int(cfg.data.in_channels), int(datamodule.eval_batch_size),
         precision=str(cfg.trainer.precision), channels_last=bool(cfg.get("channels_last", False)),
         device="cpu" if accelerator == "cpu" else "auto", out=output_dir / FILE_NAME, progress=progress,
+        reuse=bool(cfg.get("resume")),
         mask_refiner=mask_refiner)
     return info, _stage_outputs(results, same, "test_two_stage", output_dir / TWO_STAGE_PREDICTIONS)
 
@@ -255,6 +257,7 @@ def run_scan_stage(cfg: DictConfig, module: MultiTaskModule, datamodule: L.Light
         int(cfg.data.image_size), int(cfg.data.in_channels), int(datamodule.eval_batch_size),
         precision=str(cfg.trainer.precision), channels_last=bool(cfg.get("channels_last", False)),
         device="cpu" if accelerator == "cpu" else "auto", out=output_dir / FILE_NAME, progress=progress,
+        reuse=bool(cfg.get("resume")),
         crop_classifier=crop_classifier, mask_refiner=mask_refiner)
     return info, _stage_outputs(results, same, "test_scan_stage", output_dir / SCAN_STAGE_PREDICTIONS)
 
