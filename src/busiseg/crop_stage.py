@@ -175,6 +175,19 @@ def trained_before_stop(out: Path, settings: Any, root: Path, split_file: Path, 
     return state if same else None
 
 
+def trained_or_reused(out: Path, settings: Any, root: Path, split_file: Path, precision: str, reuse: bool,
+                      read: Any, load: Any, train: Any, save: Any) -> tuple[Any, dict[str, Any]]:
+    """A second stage's model and what its file stores about its training: with ``reuse`` (a resumed run) the file
+    at ``out`` when :func:`trained_before_stop` accepts it (``read``: its reader, ``load``: its loader); otherwise
+    ``train()`` (model, info, figure), written to ``out`` by ``save`` with its figure."""
+    stored = trained_before_stop(out, settings, root, split_file, precision, read) if reuse else None
+    if stored is not None:
+        return load(out), {k: stored[k] for k in INFO_KEYS}
+    model, info, figure = train()
+    save_with_figure(model, out, figure, save, **info)
+    return model, info
+
+
 def stage_record(out: Path, info: dict[str, Any], trained_on: Sequence[str], settings: Any) -> dict[str, Any]:
     """What a run's ``metrics.json`` records about a second stage: its file, training time, images, settings."""
     return {"file": str(out), "fit_seconds": info["fit_seconds"], "images": len(trained_on),
@@ -373,13 +386,11 @@ def for_training_run(settings: CropSettings, root: Path, split_file: Path, net: 
     (``busiseg.models.mask_refiner.MaskRefiner``): the crops are then cut around its masks, which are scored.
     ``reuse`` (a resumed run): a file at ``out`` trained with these settings on this split is read, not retrained."""
     dtype = "bf16-mixed" if precision.startswith("bf16") else "32"
-    stored = trained_before_stop(out, settings, root, split_file, dtype, read_crop_file) if reuse else None
-    if stored is not None:
-        model, info = load_crop_classifier(out, stored), {k: stored[k] for k in INFO_KEYS}
-    else:
-        network = StageNetwork.when_needed(settings, net, image_size, in_channels, precision)
-        model, info, figure = train_for_split(root, split_file, settings, device, dtype, progress, network)
-        save_with_figure(model, out, figure, **info)
+    model, info = trained_or_reused(
+        out, settings, root, split_file, dtype, reuse, read_crop_file, load_crop_classifier,
+        lambda: train_for_split(root, split_file, settings, device, dtype, progress,
+                                StageNetwork.when_needed(settings, net, image_size, in_channels, precision)),
+        save_crop_classifier)
     results = score_parts(net, parts, image_size, in_channels, batch_size, precision=precision,
                           channels_last=channels_last, progress=progress,
                           check=lambda names: check_not_trained_on(model, names, out),

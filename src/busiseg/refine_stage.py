@@ -34,9 +34,8 @@ from busiseg.crop_stage import (  # noqa: E402
     stage_device,
     stage_figure,
     stage_info,
-    INFO_KEYS,
     stage_record,
-    trained_before_stop,
+    trained_or_reused,
     training_lesions,
     training_precision,
 )
@@ -124,12 +123,10 @@ def for_training_run(settings: RefinerSettings, root: Path, split_file: Path, ne
     ``metrics.json`` records about the stage, and ``{part: results}``. ``reuse`` (a resumed run): a file at ``out``
     trained with these settings on this split is read, not retrained."""
     dtype = "bf16-mixed" if precision.startswith("bf16") else "32"
-    stored = trained_before_stop(out, settings, root, split_file, dtype, _read_refiner_file) if reuse else None
-    if stored is not None:
-        model, info = load_mask_refiner(out), {k: stored[k] for k in INFO_KEYS}
-    else:
-        model, info, figure = train_for_split(root, split_file, settings, device, dtype, progress)
-        save_with_figure(model, out, figure, save_mask_refiner, **info)
+    model, info = trained_or_reused(out, settings, root, split_file, dtype, reuse, _read_refiner_file,
+                                    load_mask_refiner,
+                                    lambda: train_for_split(root, split_file, settings, device, dtype, progress),
+                                    save_mask_refiner)
     results = score_parts(net, parts, image_size, in_channels, batch_size, precision=precision,
                           channels_last=channels_last, progress=progress,
                           check=lambda names: check_not_trained_on(model, names, out),

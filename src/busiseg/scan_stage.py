@@ -36,9 +36,8 @@ from busiseg.crop_stage import (  # noqa: E402
     stage_device,
     stage_figure,
     stage_info,
-    INFO_KEYS,
     stage_record,
-    trained_before_stop,
+    trained_or_reused,
     training_precision,
     training_records,
 )
@@ -122,12 +121,10 @@ def for_training_run(settings: ScanSettings, root: Path, split_file: Path, net: 
     ``{part: results}``. ``reuse`` (a resumed run): a file at ``out`` trained with these settings on this split is
     read, not retrained."""
     dtype = "bf16-mixed" if precision.startswith("bf16") else "32"
-    stored = trained_before_stop(out, settings, root, split_file, dtype, read_crop_file) if reuse else None
-    if stored is not None:
-        model, info = load_scan_classifier(out), {k: stored[k] for k in INFO_KEYS}
-    else:
-        model, info, figure = train_for_split(root, split_file, settings, device, dtype, progress)
-        save_with_figure(model, out, figure, save_crop_classifier, **info)
+    model, info = trained_or_reused(out, settings, root, split_file, dtype, reuse, read_crop_file,
+                                    load_scan_classifier,
+                                    lambda: train_for_split(root, split_file, settings, device, dtype, progress),
+                                    save_crop_classifier)
     results = score_parts(net, parts, image_size, in_channels, batch_size, precision=precision,
                           channels_last=channels_last, progress=progress,
                           check=lambda names: check_not_trained_on(model, names, out),
