@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw
 
 from busiseg.atomic import write_json_atomic
 from busiseg.cli import entry_point, fail
-from busiseg.data.busi import DatasetError, Record, _open, mask_to_bool, scan_busi, summarize
+from busiseg.data.busi import DatasetError, Record, _open, image_to_array, mask_to_bool, scan_busi, summarize
 from busiseg.data.duplicates import DuplicateParams, PairMatch, dhash, find_duplicates, fingerprint, to_grey
 from busiseg.data.labels import CLASS_NAMES
 
@@ -40,7 +40,7 @@ log = logging.getLogger("busiseg.audit")
 CONFIG_DIR = os.environ.get("BUSISEG_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
 
 # Bump when the audit's content or the detector changes, so old caches are not reused.
-AUDIT_VERSION = 1
+AUDIT_VERSION = 2  # 2: 16-bit and float scans read as training reads them (1 clipped them to white)
 # A pixel is coloured when its RGB channels differ by more than this (grey = all equal) ...
 COLOUR_SPREAD = 30
 # ... and an image has a colour overlay (Doppler, calipers, boxes) from this many such pixels.
@@ -70,7 +70,7 @@ def _inspect(record: Record, params: DuplicateParams) -> dict[str, Any]:
     image = _open(record.image)
     out["mode"] = image.mode
     out["size"] = [image.width, image.height]
-    rgb = np.asarray(image.convert("RGB"))
+    rgb = image_to_array(image, 3)  # as training reads it: 16-bit and float scans stretched, not clipped to white
     channels = rgb.astype(np.int16)
     spread = channels.max(axis=2) - channels.min(axis=2)
     out["coloured_pixels"] = int((spread > COLOUR_SPREAD).sum())

@@ -167,3 +167,19 @@ def test_params_validated_naming_the_key():
 def test_connected_components():
     assert connected_components(6, [(0, 2), (2, 4), (1, 5)]) == [[0, 2, 4], [1, 5]]
     assert connected_components(3, []) == []
+
+
+def test_a_16_bit_scan_is_audited_as_training_reads_it(tmp_path):
+    """A scan saved at 16 bits is the same picture: it must not be clipped to white and then matched with
+    unrelated scans (a false label conflict would drop them from training)."""
+    root = tmp_path / "busi"
+    generate_phantom(root, {"benign": 6, "malignant": 6, "normal": 6}, seed=5, min_size=160, max_size=224)
+    records = scan_busi(root)
+    eight_bit = audit_records(records, progress=False)
+    target = next(r for r in records if r.class_name == "benign")
+    grey = np.asarray(Image.open(target.image).convert("L"), dtype=np.uint16)
+    Image.fromarray(grey * 257).save(target.image)  # the same scan, 0..65535
+    assert Image.open(target.image).mode.startswith("I")
+    sixteen_bit = audit_records(scan_busi(root), progress=False)
+    assert duplicate_groups(sixteen_bit) == duplicate_groups(eight_bit)
+    assert sixteen_bit["label_conflicts"] == eight_bit["label_conflicts"] == []
