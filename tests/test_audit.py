@@ -51,6 +51,30 @@ def test_cli_says_which_files_training_will_refuse(tmp_path):
     assert broken.name in proc.stderr + proc.stdout
 
 
+
+def test_cli_lists_every_bad_file_in_one_error(tmp_path):
+    from tests.conftest import write_case
+
+    root = tmp_path / "busi"
+    for n in (1, 2, 3):
+        for cls in ("benign", "malignant", "normal"):
+            write_case(root, cls, n)
+    (root / "benign" / "benign (1).png").write_bytes(b"")  # zero bytes
+    data = (root / "benign" / "benign (2).png").read_bytes()
+    (root / "benign" / "benign (2).png").write_bytes(data[: len(data) // 2])  # truncated
+    (root / "malignant" / "malignant (1).png").write_text("not a png")
+    write_case(root, "normal", 1, size=(20, 16))
+    (root / "normal" / "normal (1).png").write_bytes((root / "normal" / "normal (2).png").read_bytes())  # 40x32
+    (root / "malignant" / "malignant (2)_mask.png").unlink()  # image without a mask
+    (root / "normal" / "normal (3).png").unlink()  # mask without an image
+    proc = _audit_cli(tmp_path, f"data.root={root}")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    error = proc.stderr[proc.stderr.index("busiseg: error:"):]
+    assert "6 problem(s) in the dataset" in error and "Traceback" not in proc.stderr
+    for name in ("benign/benign (1).png", "benign/benign (2).png", "malignant/malignant (1).png",
+                 "normal/normal (1)_mask.png", "malignant/malignant (2).png", "normal/normal (3)_mask.png"):
+        assert str(root / name) in error, name
+
 def test_cli_without_root_is_one_clear_error(tmp_path):
     proc = _audit_cli(tmp_path, "data.root=null")
     assert proc.returncode == 2

@@ -81,18 +81,34 @@ def test_training_refuses_listing_every_bad_file(tmp_path):
     (root / "benign" / "benign (6).png").write_bytes(png_bytes())  # image without mask
     (root / "malignant" / "malignant (9)_mask.png").write_bytes(png_bytes())  # mask without image
     cfg = compose_train(tmp_path, tmp_path, ["data=busi", f"data.root={root}", "debug=fdr"] + LIGHT, fast=False)
-    # the scan lists the layout problems together ...
-    with pytest.raises(DatasetError) as layout:
+    # one error, before training, lists the layout problems with every unreadable file and size mismatch
+    with pytest.raises(DatasetError) as info:
         train(cfg)
-    assert "benign (6).png" in str(layout.value) and "malignant (9)_mask.png" in str(layout.value)
+    message = str(info.value)
+    assert "6 problem(s) in the dataset" in message
+    for name in [*bad, "normal/normal (1)_mask.png", "benign/benign (6).png", "malignant/malignant (9)_mask.png"]:
+        assert str(root / name) in message, name
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    # with the layout fixed, decoding lists the rest in one error too
     (root / "benign" / "benign (6).png").unlink()
     (root / "malignant" / "malignant (9)_mask.png").unlink()
-    # ... then decoding lists every unreadable file and size mismatch in one error, before training
     with pytest.raises(DatasetError) as decoding:
         train(cfg)
     message = str(decoding.value)
     for name in [*bad, "normal/normal (1)_mask.png"]:
         assert Path(name).name in message, name
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_training_refuses_an_empty_class_folder(tmp_path):
+    root = tmp_path / "busi"
+    for n in (1, 2, 3):
+        for cls in ("benign", "malignant"):
+            write_case(root, cls, n)
+    (root / "normal").mkdir()
+    cfg = compose_train(tmp_path, tmp_path, ["data=busi", f"data.root={root}", "debug=fdr"] + LIGHT, fast=False)
+    with pytest.raises(DatasetError, match=r"busi/normal/: the class folder holds no images \(training needs"):
+        train(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

@@ -169,6 +169,38 @@ def test_bad_files_all_reported_before_training(tiny_busi: Path):
     assert "normal (7).png: cannot read the image" in msg
 
 
+
+def test_scan_names_unreadable_files_with_the_layout_problems(tiny_busi: Path):
+    # six bad files at once: one error names every one, not only the images without masks and masks
+    # without images (the rest used to show up only on the next run)
+    (tiny_busi / "benign" / "benign (1).png").write_bytes(b"")  # zero bytes
+    data = (tiny_busi / "malignant" / "malignant (2).png").read_bytes()
+    (tiny_busi / "malignant" / "malignant (2).png").write_bytes(data[: len(data) // 2])  # truncated
+    (tiny_busi / "normal" / "normal (7).png").write_text("not a png")
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(tiny_busi / "benign" / "benign (2)_mask.png")
+    (tiny_busi / "malignant" / "malignant (4)_mask.png").unlink()  # image without a mask
+    (tiny_busi / "normal" / "normal (2).png").unlink()  # mask without an image
+    with pytest.raises(DatasetError) as info:
+        scan_busi(tiny_busi)
+    lines = str(info.value).splitlines()
+    assert lines[0] == f"{tiny_busi}: 6 problem(s) in the dataset:"
+    named = sorted(Path(line.removeprefix("  - ").split(": ")[0]).name for line in lines[1:])
+    assert named == ["benign (1).png", "benign (2)_mask.png", "malignant (2).png", "malignant (4).png",
+                     "normal (2)_mask.png", "normal (7).png"]
+    assert "benign (2)_mask.png: mask size 10x10 differs from its image's 40x32" in str(info.value)
+
+
+def test_an_empty_class_folder_is_named(tiny_busi: Path):
+    for path in (tiny_busi / "normal").iterdir():
+        path.unlink()
+    # evaluation reads such a folder (the class gets support 0), with a warning naming it ...
+    with pytest.warns(UserWarning, match=r"busi: the class folder\(s\) normal/ hold no images"):
+        records = scan_busi(tiny_busi)
+    assert summarize(records) == {"normal": 0, "benign": 4, "malignant": 4}
+    # ... training refuses it (BusiDataModule.setup for fitting), naming the folder
+    with pytest.raises(DatasetError, match=r"normal/: the class folder holds no images"):
+        scan_busi(tiny_busi, empty_class_ok=False)
+
 def test_cache_resizes_and_keeps_masks_binary(tiny_busi: Path):
     records = scan_busi(tiny_busi)
     cache = DecodedCache(records, image_size=64, progress=False)

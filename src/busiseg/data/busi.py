@@ -1,10 +1,11 @@
 """Read a folder in the BUSI (Kaggle) layout into records, and decode one record.
 
 Layout: ``ROOT/{benign,malignant,normal}/NAME (N).png`` beside its masks
-``NAME (N)_mask.png``, ``NAME (N)_mask_1.png``, ... Scanning reads no pixels;
-``load_record`` decodes one image and merges its masks; the dataset cache
-(data/dataset.py) decodes every record once before training and reports every
-bad file in one error.
+``NAME (N)_mask.png``, ``NAME (N)_mask_1.png``, ... Scanning reads no pixels
+(unless the layout is already at fault: then it reads every file, so that one
+error names the unreadable ones too); ``load_record`` decodes one image and
+merges its masks; the dataset cache (data/dataset.py) decodes every record once
+before training and reports every bad file in one error.
 
 Quirks of real downloads handled here (see docs/data.md):
 - several masks per image: merged by union;
@@ -23,6 +24,7 @@ import re
 import sys
 import warnings
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,11 +79,16 @@ def root_from_env(var: str = "BUSI_ROOT") -> str:
     return root
 
 
-def scan_busi(root: str | Path, classes: tuple[str, ...] = CLASS_NAMES) -> list[Record]:
+def scan_busi(root: str | Path, classes: tuple[str, ...] = CLASS_NAMES, empty_class_ok: bool = True) -> list[Record]:
     """List the dataset's images with their masks and labels, sorted by class then number.
 
     Raises DatasetError naming the folder or files at fault: a missing root or class
-    folder, an empty dataset, images without masks, masks without images.
+    folder, an empty dataset, images without masks, masks without images. When there are
+    such problems every file is read as well, so that the same error also names the
+    unreadable files and the masks of another size (a healthy dataset is not read here).
+
+    A class folder without images (while others have some) is named in a warning, or with
+    ``empty_class_ok=False`` (training: one output per class) listed as a problem.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -102,6 +109,7 @@ def scan_busi(root: str | Path, classes: tuple[str, ...] = CLASS_NAMES) -> list[
     records: list[Record] = []
     problems: list[str] = []
     ignored: list[Path] = []
+    empty: list[str] = []
     for class_name in classes:
         images: dict[str, Path] = {}
         masks: dict[str, list[tuple[int, Path]]] = {}
@@ -114,6 +122,8 @@ def scan_busi(root: str | Path, classes: tuple[str, ...] = CLASS_NAMES) -> list[
                 masks.setdefault(m.group("stem"), []).append((int(m.group("k") or 0), path))
             else:
                 images[path.stem] = path
+        if not images and not masks:
+            empty.append(class_name)
         for stem in sorted(set(masks) - set(images)):
             for _, p in masks[stem]:
                 problems.append(f"{p}: mask without an image (expected {stem}.png beside it)")
@@ -130,7 +140,20 @@ def scan_busi(root: str | Path, classes: tuple[str, ...] = CLASS_NAMES) -> list[
             f"(e.g. {ignored[0].name})",
             stacklevel=2,
         )
+    if empty and len(empty) < len(classes):
+        if empty_class_ok:
+            warnings.warn(
+                f"{root}: the class folder(s) {', '.join(c + '/' for c in empty)} hold no images "
+                "(scores of that class have no support; training refuses such a dataset)",
+                stacklevel=2,
+            )
+        else:
+            problems += [f"{root / c}/: the class folder holds no images (training needs images of every class: "
+                         f"{', '.join(classes)})" for c in empty]
     if problems:
+        # the layout stops the run anyway: read every file now, so that this one error lists them all
+        with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+            problems += [p for found in pool.map(file_problems, records) for p in found]
         raise DatasetError(format_problems(f"{root}: {len(problems)} problem(s) in the dataset", problems))
     if not records:
         raise DatasetError(f"dataset root {root} holds no images in {', '.join(c + '/' for c in classes)}")
@@ -151,6 +174,29 @@ def _open(path: Path) -> Image.Image:
             return im
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DatasetError(f"{path}: cannot read the image ({exc.__class__.__name__}: {exc})") from exc
+
+
+def _size_problem(path: Path, mask_size: tuple[int, int], size: tuple[int, int]) -> str:
+    return f"{path}: mask size {mask_size[0]}x{mask_size[1]} differs from its image's {size[0]}x{size[1]}"
+
+
+def file_problems(record: Record) -> list[str]:
+    """Every file of one record that cannot be read, and every mask of another size than its image."""
+    problems: list[str] = []
+    size = None
+    try:
+        size = _open(record.image).size
+    except DatasetError as exc:
+        problems.append(str(exc))
+    for path in record.masks:
+        try:
+            mask_size = _open(path).size
+        except DatasetError as exc:
+            problems.append(str(exc))
+            continue
+        if size is not None and mask_size != size:
+            problems.append(_size_problem(path, mask_size, size))
+    return problems
 
 
 def mask_to_bool(im: Image.Image) -> np.ndarray:
@@ -176,9 +222,7 @@ def merge_masks(mask_images: list[Image.Image], paths: list[Path], size: tuple[i
     merged = np.zeros((size[1], size[0]), dtype=bool)
     for im, path in zip(mask_images, paths):
         if im.size != size:
-            raise DatasetError(
-                f"{path}: mask size {im.size[0]}x{im.size[1]} differs from its image's {size[0]}x{size[1]}"
-            )
+            raise DatasetError(_size_problem(path, im.size, size))
         merged |= mask_to_bool(im)
     return merged
 

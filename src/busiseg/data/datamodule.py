@@ -200,7 +200,8 @@ class BusiDataModule(L.LightningDataModule):
             return
         if self.synthetic is not None and not self.root.exists():
             self.prepare_data()
-        self.records = scan_busi(self.root)
+        # fitting trains one output per class: a class folder without images is refused (a warning otherwise)
+        self.records = scan_busi(self.root, empty_class_ok=stage not in (None, "fit"))
         self.split = load_split(self.split_file) if self.split_file else self.splitter.split(self.records)
         by_name = {r.name: i for i, r in enumerate(self.records)}
         unknown = [n for p in PARTS for n in self.split[p] if n not in by_name]
