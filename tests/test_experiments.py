@@ -80,3 +80,14 @@ def test_test_ckpt_last_tests_the_final_weights(tmp_path, data_dir):
 def test_test_ckpt_must_be_best_or_last(tmp_path, data_dir):
     with pytest.raises(ConfigError, match="test_ckpt"):
         check_config(compose_train(tmp_path, data_dir, ["test_ckpt=final"]))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.image_size=64.5", r"data\.image_size must be a whole number, got 64\.5"),
+    ("trainer.max_epochs=-5", r"trainer\.max_epochs must be >= 1 \(or -1: until stopped\), got -5"),
+    ("optimizer.lr=-1", r"optimizer\.lr must be a number > 0, got -1"),
+    ("data.cache=foo", r"data\.cache must be one of memory, disk, none, got 'foo'"),
+])
+def test_out_of_range_training_values_are_refused_before_any_work(tmp_path, data_dir, override, message):
+    with pytest.raises(ConfigError, match=message):
+        check_config(compose_train(tmp_path, data_dir, [override]))

@@ -62,6 +62,54 @@ def override_values(argv: Sequence[str], keys: Sequence[str]) -> dict[str, Any]:
     return {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(args)}
 
 
+# numeric defaults that take a word too (``trainer.precision=bf16-mixed``, ``trainer.devices=auto``,
+# ``data.num_workers=auto``): their own checks judge the value
+NUMBER_OR_WORD = ("trainer.precision", "trainer.devices", "data.num_workers")
+
+
+def _kind(value: Any) -> str | None:
+    """What a config default asks a command-line value to be: ``bool``, ``number`` or None (anything goes)."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    return None
+
+
+def mistyped_override(cfg: Any, config_name: str) -> str | None:
+    """The first ``key=value`` of the command line whose value is not of the kind of the key's default (``true`` or
+    ``false`` for a boolean, a number for a number: ``overlays=no`` would otherwise read as true, and
+    ``batch_size=abc`` fail later in a traceback), as one line naming it; None when all fit. The defaults are the
+    config composed with the command line's group choices only; keys without a default, or a null one, and
+    ``null`` values are not checked (a key's own check judges the value)."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    hydra_cfg = HydraConfig.get()
+    choices = set(hydra_cfg.runtime.choices)
+    overrides = OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task))
+    given = [o for o in overrides if o.key_or_group not in choices and o.key_or_group not in NUMBER_OR_WORD
+             and not (o.is_delete() or o.is_add() or o.is_force_add()) and o.package is None]
+    if not given:
+        return None
+    base = compose(config_name=config_name, overrides=[o.input_line for o in overrides if o not in given])
+    for override in given:
+        key = override.key_or_group
+        want = _kind(OmegaConf.select(base, key, default=None, throw_on_missing=False))
+        try:
+            value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        except Exception:  # an interpolation that does not resolve: Hydra's and the task's to report
+            continue
+        if want is None or value is None or _kind(value) == want:
+            continue
+        default = OmegaConf.select(base, key)
+        wanted = "true or false" if want == "bool" else "a number"
+        return f"{override.input_line}: {key} takes {wanted} (default: {str(default).lower() if want == 'bool' else default})"
+    return None
+
+
 def entry_point(prog: str, config_path: str, config_name: str,
                 precheck: Callable[[Sequence[str]], str | None] | None = None
                 ) -> Callable[[Callable[[Any], Any]], Callable[[], Any]]:
@@ -78,6 +126,11 @@ def entry_point(prog: str, config_path: str, config_name: str,
         @functools.wraps(task)
         def marked(cfg: Any) -> Any:
             started.append(True)
+            problem = mistyped_override(cfg, config_name)
+            if problem is not None:
+                logging.getLogger(prog).error("%s", problem)
+                print(f"{prog}: error: {problem}", file=sys.stderr)
+                sys.exit(2)
             return task(cfg)
 
         hydra_main = hydra.main(version_base="1.3", config_path=config_path, config_name=config_name)(marked)

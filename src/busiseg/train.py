@@ -29,6 +29,7 @@ from busiseg.cli import entry_point, fail  # noqa: E402
 from busiseg.cv_summary import (PREDICTION_COLUMNS, REFINED_PREDICTIONS, SCAN_STAGE_PREDICTIONS,  # noqa: E402
                                 TWO_STAGE_PREDICTIONS, write_predictions)
 from busiseg.data.busi import DatasetError, summarize  # noqa: E402
+from busiseg.data.dataset import CACHE_MODES  # noqa: E402
 from busiseg.data.device_augment import from_augment_config  # noqa: E402
 from busiseg.data.mixing import BatchMix  # noqa: E402
 from busiseg.data.labels import CLASS_NAMES  # noqa: E402
@@ -64,9 +65,22 @@ def check_config(cfg: DictConfig) -> None:
     data = cfg.data
     if data.get("root") in (None, "", "???"):
         raise ConfigError("data.root is not set: pass data.root=/path/to/Dataset_BUSI_with_GT or set BUSI_ROOT")
+    for key, value in (("data.image_size", data.image_size), ("seed", cfg.get("seed", 0)),
+                       ("trainer.max_epochs", cfg.trainer.get("max_epochs", 1))):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{key} must be a whole number, got {value!r}")
     size = int(data.image_size)
+    epochs = int(cfg.trainer.get("max_epochs", 1))
+    if epochs < 1 and epochs != -1:
+        raise ConfigError(f"trainer.max_epochs must be >= 1 (or -1: until stopped), got {epochs}")
+    lr = (cfg.get("optimizer") or {}).get("lr")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
+        raise ConfigError(f"optimizer.lr must be a number > 0, got {lr!r}")
+    if data.get("cache", "memory") not in CACHE_MODES:
+        raise ConfigError(f"data.cache must be one of {', '.join(CACHE_MODES)}, got {data.get('cache')!r}")
     if size < 32 or size % 32:
-        raise ConfigError(f"data.image_size must be a multiple of 32 (the U-Net halves it 5 times), got {size}")
+        raise ConfigError(f"data.image_size must be a multiple of 32 and >= 32 (the U-Net halves it 5 times), "
+                          f"got {size}")
     if data.get("device_resident") and _multi_process(cfg.trainer):
         raise ConfigError("data.device_resident=true is a one-process option (every DDP rank would hold the whole "
                           "training set and draw the same batches): set data.device_resident=false with "
