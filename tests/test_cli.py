@@ -93,4 +93,38 @@ def test_predict_refuses_an_output_folder_that_cannot_be_made(tmp_path):
         f"output={tmp_path / 'notes.txt' / 'out'}: {tmp_path / 'notes.txt'} is a file, so the output folder cannot "
         "be made")
     assert output_problem([f"output={tmp_path / 'new' / 'deeper'}", f"input={tmp_path}"]) is None
-    assert output_problem(["input=x"]) is None
+    assert output_problem([f"input={tmp_path}"]) is None
+    assert output_problem(["output=/proc/busiseg_out"]).startswith("output=/proc/busiseg_out: /proc is not writable")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("overlays=no", "overlays=no: overlays takes true or false (default: true)"),  # "no" would read as true
+    ("batch_size=abc", "batch_size=abc: batch_size takes a number (default: 8)"),
+    ("inference.threshold=high", "inference.threshold=high: inference.threshold takes a number (default: 0.5)"),
+])
+def test_a_value_of_the_wrong_kind_is_refused_naming_its_key(tmp_path, override, message):
+    result = subprocess.run([sys.executable, "-m", "busiseg.predict", "ckpt_path=a.ckpt", f"input={tmp_path}",
+                             f"output={tmp_path / 'out'}", override],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == f"busiseg.predict: error: {message}"
+
+
+def test_values_of_the_right_kind_and_words_numeric_keys_take_pass(tmp_path):
+    """true/false, numbers for numbers (an int for a float too), null, group choices and the keys that take a
+    word where their default is a number: the check passes them to the task (here: a missing checkpoint)."""
+    result = subprocess.run([sys.executable, "-m", "busiseg.train", f"data.root={tmp_path}", "test=false",
+                             "optimizer.lr=1", "trainer.precision=bf16-mixed", "trainer.devices=auto",
+                             "data.num_workers=auto", "model.encoder_weights=null", "trainer=cpu",
+                             f"ckpt_path={tmp_path / 'missing.ckpt'}", "train=false", f"hydra.run.dir={tmp_path / 'r'}"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert "takes" not in result.stderr and "missing.ckpt" in result.stderr, result.stderr
+
+
+def test_predict_refuses_a_missing_input_before_making_the_output_folder(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "busiseg.predict", "ckpt_path=a.ckpt",
+                             f"input={tmp_path / 'nowhere'}", f"output={tmp_path / 'out'}"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == f"busiseg.predict: error: input {tmp_path / 'nowhere'}: no such file or folder"
+    assert not (tmp_path / "out").exists()

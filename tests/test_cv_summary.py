@@ -183,6 +183,40 @@ def test_cli(sweep, tmp_path, capsys):
     assert main([str(tmp_path / "nothing")]) == 2
 
 
+def test_cli_an_output_folder_that_cannot_be_written_is_named_in_one_line(sweep, tmp_path, capsys, monkeypatch):
+    (tmp_path / "afile.txt").write_text("not a folder")
+    for out in (tmp_path / "afile.txt" / "x", tmp_path / "afile.txt"):  # under a file, and a file
+        assert main([str(sweep), "--out", str(out)]) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"busiseg: error: --out {out}: {tmp_path / 'afile.txt'} is a file, so the output folder cannot be made"]
+    # root writes through permission bits, so an unwritable folder is simulated: no file can be made in it
+    import tempfile
+
+    (tmp_path / "locked").mkdir()
+    real = tempfile.TemporaryFile
+
+    def refuse(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == tmp_path / "locked":
+            raise PermissionError(1, "Operation not permitted")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    assert main([str(sweep), "--out", str(tmp_path / "locked")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"busiseg: error: --out {tmp_path / 'locked'}: {tmp_path / 'locked'} is not writable (Operation not permitted)"]
+    # a write that fails all the same (the sweep dir itself, a full disk): one line too
+    import busiseg.cv_summary as cv_summary
+
+    def no_room(path, text):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(cv_summary, "write_text_atomic", no_room)
+    assert main([str(sweep)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"busiseg: error: {sweep}: cannot write the summary there (OSError: No space left on device)"]
+    assert not list(tmp_path.glob("locked/*")) and not (tmp_path / "afile.txt").is_dir()
+
+
 class _AllBenignNoLesion(nn.Module):
     """Stub network: always 'benign', never a lesion pixel."""
 

@@ -158,3 +158,86 @@ def test_a_folder_as_output_gets_the_default_name_and_left_out_stages_are_named(
     assert "only the network is exported; the run's scan_classifier.pt is not" in caplog.text
     sidecar = run_export(ckpt, "format=torchscript", f"output='{tmp_path / 'new'}/'", "check_input=null")
     assert (tmp_path / "new" / "last.torchscript.pt").is_file()
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tiny_ckpt, tmp_path, monkeypatch):
+    """A file in the way, or a folder that takes no files (read-only, immutable, /proc): refused naming the output,
+    before the checkpoint is loaded or anything exported (not after it, with the exporter's advice)."""
+    monkeypatch.setattr(export_module, "load_model", lambda *a: pytest.fail("the checkpoint was loaded"))
+    (tmp_path / "afile.txt").write_text("not a folder")
+    with pytest.raises(ConfigError, match=r"output=.*afile.txt/m.onnx: .*afile.txt is a file, so the output folder "
+                                          r"cannot be made"):
+        run_export(tiny_ckpt, f"output='{tmp_path / 'afile.txt' / 'm.onnx'}'")
+    with pytest.raises(ConfigError, match=r"output=.*afile.txt/: .*afile.txt is a file"):
+        run_export(tiny_ckpt, f"output='{tmp_path / 'afile.txt'}/'")  # a folder by its slash
+    # root writes through permission bits, so an unwritable folder is simulated: no file can be made in it
+    import tempfile
+
+    locked = {tmp_path / "locked", Path(tiny_ckpt).parent}
+    real = tempfile.TemporaryFile
+
+    def refuse(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) in locked:
+            raise PermissionError(1, "Operation not permitted")
+        return real(*args, dir=dir, **kwargs)
+
+    (tmp_path / "locked").mkdir()
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    with pytest.raises(ConfigError, match=r"output=.*locked/sub/m.onnx: .*locked is not writable \(Operation not "
+                                          r"permitted\), so the output folder cannot be made"):
+        run_export(tiny_ckpt, f"output='{tmp_path / 'locked' / 'sub' / 'm.onnx'}'")
+    assert not (tmp_path / "locked" / "sub").exists()
+    with pytest.raises(ConfigError, match=r"output \(default .*\.onnx\): .* is not writable \(Operation not "
+                                          r"permitted\)$"):
+        run_export(tiny_ckpt)  # beside the checkpoint
+
+
+def test_the_command_line_names_an_output_under_a_file_in_one_line(tiny_ckpt, tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "afile.txt").write_text("not a folder")
+    result = subprocess.run([sys.executable, "-m", "busiseg.export", f"ckpt_path={tiny_ckpt}",
+                             f"output={tmp_path}/afile.txt/m.onnx"], capture_output=True, text=True, cwd=tmp_path,
+                            timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [f"busiseg.export: error: output={tmp_path}/afile.txt/m.onnx: {tmp_path}/"
+                                          "afile.txt is a file, so the output folder cannot be made"], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_an_explicit_check_input_must_hold_readable_images(tiny_ckpt, tmp_path, capsys):
+    """check_input=null falls back to the checkpoint's data.root quietly; a check_input the user set must work."""
+    out = f"output='{tmp_path / 'm.pt'}'"
+    with pytest.raises(ConfigError, match=r"check_input=.*nonexist does not exist"):
+        run_export(tiny_ckpt, "format=torchscript", out, f"check_input='{tmp_path / 'nonexist'}'")
+    (tmp_path / "zero.png").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"check_input=.*zero.png: no readable images: .*zero.png: cannot read"):
+        run_export(tiny_ckpt, "format=torchscript", out, f"check_input='{tmp_path / 'zero.png'}'")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"check_input=.*empty: no real images: no images under .*empty"):
+        run_export(tiny_ckpt, "format=torchscript", out, f"check_input='{tmp_path / 'empty'}'")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "zero.png"]  # nothing exported
+    # check_images=0: random inputs only, and said so (not "no readable images" about readable ones)
+    write_inputs(tmp_path / "check", CHECK_IMAGES)
+    run_export(tiny_ckpt, "format=torchscript", out, f"check_input='{tmp_path / 'check'}'", "check_images=0")
+    printed = capsys.readouterr().out
+    assert "(no real images: check_images=0; random inputs only)" in printed and "readable" not in printed
+    for bad in ("-1", "2.5"):
+        with pytest.raises(ConfigError, match=rf"check_images must be an integer >= 0 .*got {bad}"):
+            run_export(tiny_ckpt, "format=torchscript", out, f"check_images={bad}")
+
+
+def test_number_keys_of_the_wrong_kind_name_the_key(tiny_ckpt, tmp_path, monkeypatch):
+    """export() itself refuses them before any work (the command line's type check sees only keys with a
+    non-null default: not opset)."""
+    monkeypatch.setattr(export_module, "load_model", lambda *a: pytest.fail("the checkpoint was loaded"))
+    out = f"output='{tmp_path / 'm.onnx'}'"
+    for override, message in [("opset=abc", r"opset must be an integer \(an ONNX opset version\) or null, got 'abc'"),
+                              ("opset=17.5", r"opset must be an integer .*got 17.5"),
+                              ("tolerance=abc", r"tolerance must be a number > 0, got 'abc'"),
+                              ("tolerance=nan", r"tolerance must be a number > 0, got nan"),
+                              ("inference.threshold=abc", r"inference.threshold must be a number in \(0, 1\), got "
+                                                          r"'abc'")]:
+        with pytest.raises(ConfigError, match=message):
+            run_export(tiny_ckpt, out, override)

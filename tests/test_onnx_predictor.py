@@ -94,3 +94,42 @@ def test_a_pytorch_checkpoint_given_as_the_onnx_model_says_to_export_it(tmp_path
         read_sidecar(tmp_path / "last.ckpt")
     with pytest.raises(InputError, match=r"m.onnx.json: sidecar not found"):
         read_sidecar(tmp_path / "m.onnx")
+
+
+def test_cli_an_output_folder_that_cannot_be_made_is_named_in_one_line(tiny_onnx, tmp_path, capsys, monkeypatch):
+    """As predict: exit status 2 and one line naming the output, before the model is loaded or an image read."""
+    from busiseg import onnx_predictor
+
+    model, _, _ = tiny_onnx
+    write_inputs(tmp_path / "in", {"a.png": ("L", (50, 40))})
+    (tmp_path / "afile.txt").write_text("not a folder")
+    monkeypatch.setattr(onnx_predictor, "OnnxPredictor", lambda *a, **k: pytest.fail("the model was loaded"))
+    for out in (tmp_path / "afile.txt", tmp_path / "afile.txt" / "out"):  # a file, and a folder under a file
+        assert onnx_predictor.main([str(model), str(tmp_path / "in"), str(out)]) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"busiseg.onnx_predictor: error: output {out}: {tmp_path / 'afile.txt'} is a file, so the output folder "
+            "cannot be made"]
+    # root writes through permission bits, so an unwritable folder is simulated: no file can be made in it
+    import tempfile
+
+    (tmp_path / "locked").mkdir()
+    real = tempfile.TemporaryFile
+
+    def refuse(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == tmp_path / "locked":
+            raise PermissionError(1, "Operation not permitted")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    assert onnx_predictor.main([str(model), str(tmp_path / "in"), str(tmp_path / "locked" / "out")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"busiseg.onnx_predictor: error: output {tmp_path / 'locked' / 'out'}: {tmp_path / 'locked'} is not writable "
+        "(Operation not permitted), so the output folder cannot be made"]
+    assert list((tmp_path / "locked").iterdir()) == []
+
+
+def test_predict_files_names_an_output_folder_it_cannot_make(tmp_path):
+    """The loop shared with busiseg.predict: an InputError naming the folder (exit 2 in both tools), no OSError."""
+    (tmp_path / "afile.txt").write_text("not a folder")
+    with pytest.raises(InputError, match=r"output .*afile.txt/out: cannot make the folder \(NotADirectoryError"):
+        predict_files(lambda images: [], [], tmp_path / "afile.txt" / "out")

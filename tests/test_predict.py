@@ -309,11 +309,22 @@ def test_cli_exit_status_and_run_dir(tiny_ckpt, tmp_path):
         capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 1, result.stderr
     assert "broken.bmp" in result.stdout + result.stderr
+    # the status line reaches stderr (the per-file errors are logged to the console and predict.log)
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"busiseg.predict: error: 1 file(s) could not be predicted (listed above and in "
+        f"{tmp_path / 'out' / 'predict.log'}); the other 1 are in {tmp_path / 'out'}")
     assert (tmp_path / "out" / "ok_pred_mask.png").is_file()
     # Hydra's run dir is the output folder: config and log beside the predictions, nothing in cwd/logs
     assert (tmp_path / "out" / ".hydra" / "config.yaml").is_file()
     assert (tmp_path / "out" / "predict.log").is_file()
     assert not (tmp_path / "logs").exists()
+    # a second run into the same folder says that earlier files stay
+    again = subprocess.run(
+        [sys.executable, "-m", "busiseg.predict", f"ckpt_path={tiny_ckpt}", f"input={tmp_path / 'in' / 'ok.png'}",
+         f"output={tmp_path / 'out'}", "device=cpu"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "already holds a prediction" in again.stdout + again.stderr
 
 
 def test_cli_with_nothing_given_names_every_missing_key(tmp_path):

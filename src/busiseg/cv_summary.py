@@ -270,15 +270,19 @@ def summarize(directory: str | Path, out_dir: str | Path | None = None) -> dict[
         "refined_gain": _stage_gain(per_fold, order, "test_refined", REFINED_PAIRED),
     }
     out_dir = Path(out_dir) if out_dir else directory
-    out_dir.mkdir(parents=True, exist_ok=True)
-    summary["figures"] = []
     try:
-        summary["figures"] = write_figures(summary, out_dir)
-    except Exception as exc:  # noqa: BLE001 - a figure must never cost the summary
-        log.warning("cv_summary: figures not written (%s: %s)", type(exc).__name__, exc)
-    _write_json(out_dir / "cv_summary.json", summary)
-    write_text_atomic(out_dir / "cv_summary.md", render_markdown(summary))
-    write_csv_atomic(out_dir / "oof_predictions.csv", oof_rows, ["fold"] + PREDICTION_COLUMNS)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        summary["figures"] = []
+        try:
+            summary["figures"] = write_figures(summary, out_dir)
+        except Exception as exc:  # noqa: BLE001 - a figure must never cost the summary
+            log.warning("cv_summary: figures not written (%s: %s)", type(exc).__name__, exc)
+        _write_json(out_dir / "cv_summary.json", summary)
+        write_text_atomic(out_dir / "cv_summary.md", render_markdown(summary))
+        write_csv_atomic(out_dir / "oof_predictions.csv", oof_rows, ["fold"] + PREDICTION_COLUMNS)
+    except OSError as exc:  # a file in the way, no permission, a full disk
+        raise CVSummaryError(f"{out_dir}: cannot write the summary there ({exc.__class__.__name__}: "
+                             f"{exc.strerror or exc})") from exc
     log.info("cv_summary: %d fold(s) of %d, %d out-of-fold predictions -> %s", len(order), k, len(oof_rows),
              out_dir / "cv_summary.md")
     return summary
@@ -631,6 +635,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        if args.out is not None:  # before the runs are read; a write that fails later is reported as well
+            from busiseg.onnx_predictor import output_folder_problem  # the file handling predict and export share
+
+            problem = output_folder_problem(args.out)
+            if problem is not None:
+                raise CVSummaryError(f"--out {args.out}: {problem}")
         summary = summarize(args.directory, args.out)
     except CVSummaryError as exc:
         print(f"busiseg: error: {exc}", file=sys.stderr)

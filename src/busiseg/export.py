@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -39,7 +40,8 @@ from busiseg.checkpoint import CheckpointError, load_model, training_run_dir  # 
 from busiseg.cli import entry_point, fail, require  # noqa: E402
 from busiseg.data.labels import CLASS_NAMES  # noqa: E402
 from busiseg.inference import prepare_image  # noqa: E402
-from busiseg.onnx_predictor import InputError, find_images, read_image, sidecar_path, write_bytes_atomic  # noqa: E402
+from busiseg.onnx_predictor import (IMAGE_SUFFIXES, InputError, find_images, output_folder_problem,  # noqa: E402
+                                    read_image, sidecar_path, write_bytes_atomic)
 
 log = logging.getLogger("busiseg.export")
 
@@ -168,23 +170,29 @@ def real_images(source: str | Path | None, image_size: int, in_channels: int, li
 
     Returns ``(batch or None, a note saying where they came from or why there are none)``.
     """
+    if limit < 1:
+        return None, f"no real images: check_images={limit}"
     if source is None or not Path(source).exists():
         return None, f"no real images: {source or 'check_input not set'} not found"
     try:
         found, _ = find_images(source, "auto")
     except InputError as exc:
         return None, f"no real images: {exc}"
+    if not found:
+        return None, f"no real images: no images under {source} ({', '.join(IMAGE_SUFFIXES)})"
     n = min(limit, len(found))
-    picked = [found[i] for i in sorted({int(round(k)) for k in np.linspace(0, len(found) - 1, num=n)})] if n else []
-    batch, used = [], []
+    picked = [found[i] for i in sorted({int(round(k)) for k in np.linspace(0, len(found) - 1, num=n)})]
+    batch, used, unreadable = [], [], []
     for item in picked:
         try:
             batch.append(prepare_image(read_image(item.path, in_channels), image_size).numpy())
             used.append(item.name.as_posix())
         except InputError as exc:
             log.warning("parity check: %s", exc)
+            unreadable.append(exc)
     if not batch:
-        return None, f"no readable images under {source}"
+        return None, f"no readable images: {unreadable[0]}" + (f" (and {len(unreadable) - 1} more)"
+                                                               if len(unreadable) > 1 else "")
     return np.stack(batch), f"real images from {source}: " + ", ".join(used)
 
 
@@ -204,6 +212,14 @@ def check_parity(net: torch.nn.Module, run: Runner, inputs: list[tuple[str, np.n
 
 
 # --------------------------------------------------------------------------- the command
+def _number(value: Any) -> float:
+    """A config value as a float; nan for anything else, which the key's own range check then refuses by name."""
+    try:
+        return float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def default_output(ckpt_path: str | Path, fmt: str) -> Path:
     """Beside the checkpoint: ``last.ckpt`` -> ``last.onnx`` / ``last.torchscript.pt``."""
     ckpt_path = Path(ckpt_path)
@@ -225,13 +241,30 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     fmt = str(cfg.get("format", "onnx"))
     if fmt not in FORMATS:
         raise ConfigError(f"format={fmt} is not one of {', '.join(FORMATS)}")
-    tolerance = float(cfg.get("tolerance", 1e-5))
-    if tolerance <= 0:
-        raise ConfigError(f"tolerance must be > 0, got {tolerance}")
-    threshold = float(cfg.inference.threshold)
+    tolerance = _number(cfg.get("tolerance", 1e-5))
+    if not tolerance > 0:  # nan too: nothing would ever fail the parity check
+        raise ConfigError(f"tolerance must be a number > 0, got {cfg.get('tolerance')!r}")
+    threshold = _number(cfg.inference.threshold)
     if not 0.0 < threshold < 1.0:
-        raise ConfigError(f"inference.threshold must be in (0, 1), got {threshold}")
+        raise ConfigError(f"inference.threshold must be a number in (0, 1), got {cfg.inference.threshold!r}")
+    opset = cfg.get("opset")
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int)):
+        raise ConfigError(f"opset must be an integer (an ONNX opset version) or null, got {opset!r}")
+    check_images = cfg.get("check_images", 4)
+    if isinstance(check_images, bool) or not isinstance(check_images, int) or check_images < 0:
+        raise ConfigError(f"check_images must be an integer >= 0 (0: random inputs only), got {check_images!r}")
+    check_input = cfg.get("check_input")  # null: the checkpoint's data.root, when it exists
+    if check_input not in (None, "") and not Path(str(check_input)).expanduser().exists():
+        raise ConfigError(f"check_input={check_input} does not exist (a file or folder of images; null: the "
+                          f"checkpoint's data.root)")
     dynamic_size = bool(cfg.get("dynamic_size", True))
+    out = Path(cfg.output).expanduser() if cfg.get("output") else default_output(ckpt_path, fmt)
+    if out.is_dir() or str(cfg.get("output") or "").endswith(("/", os.sep)):  # a folder: the default name in it
+        out = out / default_output(ckpt_path, fmt).name
+    problem = output_folder_problem(out.parent)  # before any work, not after the export
+    if problem is not None:
+        given = f"output={cfg.output}" if cfg.get("output") else f"output (default {out})"
+        raise ConfigError(f"{given}: {problem}")
 
     net, config = load_model(ckpt_path)
     try:
@@ -241,15 +274,17 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     if dynamic_size and image_size < MIN_SIDE:
         log.warning("data.image_size=%d < %d: exporting with H and W fixed at %d", image_size, MIN_SIDE, image_size)
         dynamic_size = False
-    out = Path(cfg.output) if cfg.get("output") else default_output(ckpt_path, fmt)
-    if out.is_dir() or str(cfg.get("output") or "").endswith(("/", os.sep)):  # a folder: the default name in it
-        out = out / default_output(ckpt_path, fmt).name
     out.parent.mkdir(parents=True, exist_ok=True)
     stages = second_stages(ckpt_path)
     if stages:
         log.warning("%s: only the network is exported; the run's %s %s not (predict applies them: "
                     "docs/deployment.md)", ckpt_path, ", ".join(stages), "is" if len(stages) == 1 else "are")
     tmp = out.with_name(f".{out.name}.partial{FORMATS[fmt]}")
+    # the real images for the parity check, read before the export: a check_input the user set must give some
+    source = check_input or (config.get("data") or {}).get("root")
+    real, real_note = real_images(source, image_size, in_channels, check_images)
+    if real is None and check_input not in (None, "") and check_images > 0:
+        raise ConfigError(f"check_input={check_input}: {real_note}")
 
     generator = torch.Generator().manual_seed(0)
     example = torch.rand(2, in_channels, image_size, image_size, generator=generator)
@@ -257,7 +292,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     try:
         try:
             if fmt == "onnx":
-                export_onnx(net, example, tmp, cfg.get("opset"), dynamic_size)
+                export_onnx(net, example, tmp, opset, dynamic_size)
                 run = onnx_runner(tmp)
             elif fmt == "pt2":
                 export_pt2(net, example, tmp, dynamic_size)
@@ -266,7 +301,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
                 export_torchscript(net, example, tmp)
                 run = torchscript_runner(tmp)
         except Exception as exc:  # the exporters raise many types; the first line says what went wrong
-            hint = "; try dynamic_size=false" if dynamic_size and fmt != "torchscript" else ""
+            shapes = dynamic_size and fmt != "torchscript" and not isinstance(exc, OSError)  # not a file's fault
+            hint = "; try dynamic_size=false" if shapes else ""
             first = (str(exc).strip().splitlines() or [""])[0]
             raise ExportError(f"{ckpt_path}: {fmt} export failed ({exc.__class__.__name__}: {first}){hint}") from exc
 
@@ -275,8 +311,6 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         if dynamic_size or fmt == "torchscript":
             other = (image_size + 64, max(MIN_SIDE, image_size - 32))
             inputs.append(("random, other size", torch.rand(1, in_channels, *other, generator=generator).numpy()))
-        source = cfg.get("check_input") or (config.get("data") or {}).get("root")
-        real, real_note = real_images(source, image_size, in_channels, int(cfg.get("check_images", 4)))
         if real is not None:
             inputs.append((f"real, {len(real)} images", real))
         checks = check_parity(net, run, inputs)
@@ -285,7 +319,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         report = "\n".join([f"parity {fmt} vs PyTorch, max |difference| of logits (CPU, tolerance {tolerance:.0e} "
                             f"x max |logit|, at least 1):"]
                            + [c.line() for c in checks]
-                           + [f"  ({real_note})" if real is not None else
+                           + [f"  ({real_note})" if real is not None else f"  ({real_note}; random inputs only)"
+                              if check_images == 0 else
                               f"  ({real_note}; random inputs only: set check_input=FOLDER to add real ones)"]
                            + [f"  worst {worst:.2e}, {relative:.1e} of max |logit|: "
                               f"{'OK' if relative <= tolerance else 'FAILED'}"])

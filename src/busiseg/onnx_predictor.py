@@ -180,6 +180,22 @@ def safe_output_path(output_root: Path, relative: PurePosixPath) -> Path:
     return candidate
 
 
+def output_folder_problem(folder: str | Path) -> str | None:
+    """Why the folder ``folder`` cannot be made or written into, found before any work: a file in the way, or its
+    nearest existing folder takes no new file (tried with an unnamed temporary file, so that root, a read-only or
+    immutable folder and ``/proc`` are judged by what happens, not by permission bits); None when it can. Nothing
+    is left behind. ``busiseg.export``, ``busiseg.cv_summary`` and this module's CLI check their output with it."""
+    folder = Path(folder).expanduser()
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, so the output folder cannot be made"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        return (f"{existing} is not writable ({exc.strerror or exc})"
+                + (", so the output folder cannot be made" if existing != folder else ""))
+    return None
 
 
 # --------------------------------------------------------------------------- pixels
@@ -339,7 +355,11 @@ def predict_files(predictor: BatchPredictor, images: list[InputImage], output: s
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     output = Path(output).expanduser()
-    output.mkdir(parents=True, exist_ok=True)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"output {output}: cannot make the folder ({exc.__class__.__name__}: {exc.strerror or exc})"
+                         ) from exc
     summary = PredictionSummary(output=output, skipped_masks=skipped_masks)
     stems = Counter((im.name.parent, im.name.stem) for im in images)
     class_names = list(predictor.class_names)
@@ -522,9 +542,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     skip: bool | str = {"true": True, "false": False}.get(args.skip_masks, "auto")
     try:
+        output = Path(args.output)
+        problem = output_folder_problem(output)
+        if problem is not None:
+            raise InputError(f"output {output}: {problem}")
         predictor = OnnxPredictor(args.model, threshold=args.threshold, tta_flip=args.tta_flip,
                                   providers=args.providers.split(","))
-        output = Path(args.output)
         if Path(args.input).is_dir() and Path(args.input).resolve() == output.resolve():
             raise InputError(f"output {output} is the input folder; choose another folder (a subfolder is fine)")
         images, skipped = find_images(args.input, skip, exclude=[output])

@@ -33,7 +33,8 @@ from busiseg.models.crop_classifier import (CropClassifier, CropClassifierError,
                                             load_crop_classifier)
 from busiseg.models.scan_classifier import join_scan_probs, load_scan_classifier, scan_probs  # noqa: E402
 from busiseg.models.mask_refiner import MaskRefiner, MaskRefinerError, load_mask_refiner, read_outside  # noqa: E402
-from busiseg.onnx_predictor import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, InputError, PredictionSummary, find_images, predict_files  # noqa: E402
+from busiseg.onnx_predictor import (DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, InputError, PredictionSummary,  # noqa: E402
+                                    find_images, output_folder_problem, predict_files)
 
 log = logging.getLogger("busiseg.predict")
 
@@ -177,6 +178,10 @@ def predict(cfg: DictConfig) -> PredictionSummary:
     if not images:
         raise InputError(f"input {input_path}: no images found ({', '.join(IMAGE_SUFFIXES)}; hidden files and "
                          f"mask files are skipped)")
+    if (output / "predictions.csv").is_file():
+        log.warning("output %s already holds a prediction: its predictions.csv is replaced by this run's, and masks "
+                    "and overlays of images this run does not read stay there; use a new output folder to keep runs "
+                    "apart", output)
     predictor = load_predictor(ckpt_path, options, _device(str(cfg.get("device", "auto"))), cfg.get("crop_classifier"),
                                cfg.get("mask_refiner"), cfg.get("mask_refiner_outside"), cfg.get("scan_classifier"))
     members = len(predictor.net.members) if isinstance(predictor.net, Ensemble) else 1
@@ -188,10 +193,13 @@ def predict(cfg: DictConfig) -> PredictionSummary:
 
 
 def output_problem(argv: Sequence[str]) -> str | None:
-    """What is wrong with ``output``, found before Hydra makes it its run dir: the ``input`` folder (Hydra would
-    write .hydra/ and predict.log among the images), or a folder that cannot be made (a file in the way, no
-    permission: Hydra would fail with a traceback)."""
+    """What is wrong with ``input`` or ``output``, found before Hydra makes the output its run dir: an ``input``
+    that does not exist (nothing to do, so no output folder is left behind); an ``output`` that is the ``input``
+    folder (Hydra would write .hydra/ and predict.log among the images), or a folder that cannot be made (a file
+    in the way, no permission: Hydra would fail with a traceback)."""
     given = override_values(argv, ("input", "output"))
+    if given.get("input") not in (None, "") and not Path(str(given["input"])).expanduser().exists():
+        return f"input {given['input']}: no such file or folder"
     if "output" not in given or given["output"] in (None, ""):
         return None
     output = Path(str(given["output"])).expanduser()
@@ -199,12 +207,8 @@ def output_problem(argv: Sequence[str]) -> str | None:
             Path(str(given["input"])).resolve() == output.resolve():
         return (f"output={given['output']} is the input folder; choose another folder (a subfolder is fine) so "
                 f"predictions do not mix with the images")
-    existing = next(p for p in (output, *output.absolute().parents) if p.exists())
-    if not existing.is_dir():
-        return f"output={given['output']}: {existing} is a file, so the output folder cannot be made"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"output={given['output']}: {existing} is not writable, so the output folder cannot be made"
-    return None
+    problem = output_folder_problem(output)  # tried, not judged by permission bits (root, /proc, immutable)
+    return f"output={given['output']}: {problem}" if problem else None
 
 
 @entry_point("busiseg.predict", CONFIG_DIR, "predict", precheck=output_problem)
@@ -214,8 +218,11 @@ def main(cfg: DictConfig) -> None:
     except (ConfigError, CheckpointError, InputError) as exc:
         fail(log, exc, 2, prog="busiseg.predict")
     # Hydra's logging prints to the console and to predict.log in the output folder.
-    (log.error if summary.failed else log.info)("%s", summary.report())
-    if summary.failed:
+    log.info("%s", summary.report())
+    if summary.failed:  # each failure is logged above (console and predict.log); the status line goes to stderr
+        print(f"busiseg.predict: error: {len(summary.failed)} file(s) could not be predicted (listed above and in "
+              f"{summary.output / 'predict.log'}); the other {len(summary.rows)} are in {summary.output}",
+              file=sys.stderr)
         sys.exit(summary.exit_code)
 
 
