@@ -166,8 +166,11 @@ def test_missing_duplicate_and_mismatched_folds(tmp_path, sweep):
     fake_fold_run(other / "1", 1, fold_metrics(1), assignment="b2")
     with pytest.raises(CVSummaryError, match="different fold assignments"):
         summarize(other)
-    with pytest.raises(CVSummaryError, match="no fold runs"):
+    with pytest.raises(CVSummaryError, match="nothing: no such folder"):
         summarize(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CVSummaryError, match="no fold runs"):
+        summarize(tmp_path / "empty")
     # one fold: its values, and no standard deviation (null, not 0 and not NaN in the JSON)
     single = tmp_path / "single"
     fake_fold_run(single / "2", 2, fold_metrics(2))

@@ -407,7 +407,7 @@ def test_every_unreadable_image_is_named_in_one_error(trained_run, tmp_path, fol
     with pytest.raises(DatasetError) as info:
         run_eval(tmp_path, [f"ckpt_path={trained_run[0]}", f"data.root={folder}", "part=all"])
     lines = str(info.value).splitlines()
-    assert lines[0] == "2 file(s) cannot be read:" and all(line.startswith("  - ") for line in lines[1:])
+    assert lines[0] == "2 file(s) cannot be used:" and all(line.startswith("  - ") for line in lines[1:])
     named = sorted(Path(line.removeprefix("  - ").split(": ")[0]).name for line in lines[1:])
     assert named == ["benign (2).png", "normal (3).png"]
 
@@ -557,5 +557,5 @@ def test_without_the_copies_check_the_network_pass_names_every_unreadable_image(
     with pytest.raises(DatasetError) as info:
         run_eval(tmp_path, [f"ckpt_path={trained_run[0]}", f"data.root={folder}", "part=all", "copies_check=off"])
     message = str(info.value)
-    assert message.startswith("2 file(s) cannot be read:") and "benign (2).png" in message
+    assert message.startswith("2 file(s) cannot be used:") and "benign (2).png" in message
     assert "malignant (1)_mask.png" in message

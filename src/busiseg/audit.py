@@ -318,7 +318,7 @@ def group_montage(paths: Sequence[Path], captions: Sequence[str], height: int = 
     tiles = []
     for path, caption in zip(paths, captions):
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = Image.fromarray(image_to_array(im, 3))  # a 16-bit scan shown as training reads it, not white
             width = max(1, round(im.width * height / im.height))
             tile = im.resize((width, height), Image.BILINEAR)
         band = Image.new("RGB", (width, 14), (0, 0, 0))

@@ -171,6 +171,8 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 def summarize(directory: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:
     """Aggregate the fold runs under ``directory``; write the summary files; return the summary."""
     directory = Path(directory)
+    if not directory.is_dir():
+        raise CVSummaryError(f"{directory}: no such folder (give the sweep folder holding the fold runs)")
     runs = find_fold_runs(directory)
     if not runs:
         raise CVSummaryError(

@@ -183,3 +183,26 @@ def test_a_16_bit_scan_is_audited_as_training_reads_it(tmp_path):
     sixteen_bit = audit_records(scan_busi(root), progress=False)
     assert duplicate_groups(sixteen_bit) == duplicate_groups(eight_bit)
     assert sixteen_bit["label_conflicts"] == eight_bit["label_conflicts"] == []
+
+
+def test_the_copies_check_finds_a_16_bit_copy_of_a_training_scan(tmp_path):
+    """eval's copies check: a training scan saved again at 16 bits elsewhere is still its copy (it was read
+    clipped to white, and so missed)."""
+    from busiseg.evaluation.copies import copies_of_training
+
+    train_root, held_root = tmp_path / "train", tmp_path / "held"
+    generate_phantom(train_root, {"benign": 4, "malignant": 4, "normal": 4}, seed=6, min_size=160, max_size=224)
+    trained = scan_busi(train_root)
+    source = trained[0]
+    target = held_root / source.class_name / Path(source.image).name
+    for name in ("benign", "malignant", "normal"):
+        (held_root / name).mkdir(parents=True, exist_ok=True)
+    grey = np.asarray(Image.open(source.image).convert("L"), dtype=np.uint16)
+    Image.fromarray(grey * 257).save(target)
+    for mask in source.masks:
+        Image.open(mask).save(target.parent / Path(mask).name)
+    with pytest.warns(UserWarning, match="hold no images"):
+        held = scan_busi(held_root)
+    assert Image.open(held[0].image).mode.startswith("I")
+    found = copies_of_training(held, trained, DuplicateParams(), workers=1)
+    assert found == [{"image": source.name, "training_images": [source.name]}]

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from busiseg.data.busi import DatasetError, Record, _open, format_problems, scan_busi
+from busiseg.data.busi import DatasetError, Record, _open, format_problems, image_to_array, scan_busi
 from busiseg.data.duplicates import DuplicateParams, find_duplicates, fingerprint
 from busiseg.data.splits import load_split
 
@@ -60,7 +60,7 @@ def copies_of_training(evaluated: Sequence[Record], trained: Sequence[Record], p
     def read(record: Record):
         try:
             with _open(record.image) as image:
-                return fingerprint(np.asarray(image.convert("RGB")), params)
+                return fingerprint(image_to_array(image, 3), params)  # 16-bit/float stretched, as the audit reads it
         except DatasetError as exc:
             return str(exc)
 
@@ -68,7 +68,7 @@ def copies_of_training(evaluated: Sequence[Record], trained: Sequence[Record], p
         prints = list(pool.map(read, records))
     problems = [p for p in prints if isinstance(p, str)]
     if problems:  # every unreadable file in one error
-        raise DatasetError(format_problems(f"{len(problems)} file(s) cannot be read", problems))
+        raise DatasetError(format_problems(f"{len(problems)} file(s) cannot be used", problems))
     found = find_duplicates(prints, params, workers=workers, progress=progress)
     n = len(evaluated)
     copies: dict[int, list[str]] = {}

@@ -249,7 +249,8 @@ class EvalResults:
 
 
 def unreadable_records(records: Sequence[Record], in_channels: int) -> str:
-    """One message naming every record of ``records`` whose image or masks cannot be read ("" when all can):
+    """One message naming every record of ``records`` whose image or masks cannot be read, or whose mask has
+    another size than its image ("" when all can be used):
     called on the first unreadable file, so that one run names them all and a run that meets none reads
     nothing twice."""
     problems = []
@@ -258,7 +259,7 @@ def unreadable_records(records: Sequence[Record], in_channels: int) -> str:
             load_record(record, in_channels)
         except DatasetError as exc:
             problems.append(str(exc))
-    return format_problems(f"{len(problems)} file(s) cannot be read", problems) if problems else ""
+    return format_problems(f"{len(problems)} file(s) cannot be used", problems) if problems else ""
 
 
 def _decode(record: Record, in_channels: int, image_size: int):
