@@ -62,6 +62,17 @@ class Fallback:
         return out
 
 
+def fold_network(run: Path) -> tuple[torch.nn.Module, MaskRefiner, dict]:
+    """RUN's network and refiner, and run_network's settings for them (the run's size, channels, batch, precision)."""
+    unet, cfg = load_model(run / "checkpoints" / "last.ckpt")
+    data = cfg["data"]
+    common = dict(image_size=int(data["image_size"]), in_channels=int(data.get("in_channels", 1)),
+                  batch_size=int(data.get("eval_batch_size") or data.get("batch_size") or 16),
+                  options=InferenceOptions(), progress=False, channels_last=bool(cfg.get("channels_last", False)),
+                  autocast=autocast_dtype(run_precision(cfg)))
+    return unet, load_mask_refiner(run / "mask_refiner.pt"), common
+
+
 def dice(scores) -> np.ndarray:
     denom = 2 * scores.tp + scores.fp + scores.fn
     return np.divide(2 * scores.tp, denom, out=np.ones(denom.shape, np.float64), where=denom > 0)
@@ -85,13 +96,7 @@ def main() -> int:
                  if r["part"] == "test"}
         stored = {r["image"]: float(r["dice"]) for r in csv.DictReader(open(run / "predictions_refined.csv"))
                   if r["part"] == "test"}
-        unet, cfg = load_model(run / "checkpoints" / "last.ckpt")
-        data = cfg["data"]
-        refiner = load_mask_refiner(run / "mask_refiner.pt")
-        common = dict(image_size=int(data["image_size"]), in_channels=int(data.get("in_channels", 1)),
-                      batch_size=int(data.get("eval_batch_size") or data.get("batch_size") or 16),
-                      options=InferenceOptions(), progress=False, channels_last=bool(cfg.get("channels_last", False)),
-                      autocast=autocast_dtype(run_precision(cfg)))
+        unet, refiner, common = fold_network(run)
         ways = {"refined": [False] * len(held),
                 "fallback_lesion_call": [calls[r.name] != "normal" for r in held],
                 "fallback_all": [True] * len(held)}

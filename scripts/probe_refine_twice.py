@@ -28,13 +28,15 @@ import numpy as np
 import torch
 
 from busiseg.atomic import write_csv_atomic
-from busiseg.checkpoint import load_model
 from busiseg.data.busi import root_from_env, scan_busi
-from busiseg.evaluation.runner import autocast_dtype, run_network, run_precision
-from busiseg.inference import InferenceOptions, postprocess_mask
 from busiseg.data.crops import lesion_box
+from busiseg.evaluation.runner import run_network
+from busiseg.inference import InferenceOptions, postprocess_mask
 from busiseg.models.crop_classifier import to_grey
-from busiseg.models.mask_refiner import MaskRefiner, load_mask_refiner
+from busiseg.models.mask_refiner import MaskRefiner
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from probe_fallback_mask import dice, fold_network  # noqa: E402  (e75's fold set-up and score)
 
 WAYS = ("refined", "refined_twice", "refined_twice_mean")
 
@@ -64,11 +66,6 @@ class Twice:
         return out
 
 
-def dice(scores) -> np.ndarray:
-    denom = 2 * scores.tp + scores.fp + scores.fn
-    return np.divide(2 * scores.tp, denom, out=np.ones(denom.shape, np.float64), where=denom > 0)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("sweep", type=Path)
@@ -84,13 +81,7 @@ def main() -> int:
         held = [records[n] for n in json.loads((run / "split.json").read_text())["test"]]
         stored = {r["image"]: float(r["dice"]) for r in csv.DictReader(open(run / "predictions_refined.csv"))
                   if r["part"] == "test"}
-        unet, cfg = load_model(run / "checkpoints" / "last.ckpt")
-        data = cfg["data"]
-        refiner = load_mask_refiner(run / "mask_refiner.pt")
-        common = dict(image_size=int(data["image_size"]), in_channels=int(data.get("in_channels", 1)),
-                      batch_size=int(data.get("eval_batch_size") or data.get("batch_size") or 16),
-                      options=InferenceOptions(), progress=False, channels_last=bool(cfg.get("channels_last", False)),
-                      autocast=autocast_dtype(run_precision(cfg)))
+        unet, refiner, common = fold_network(run)
         per_way, empty = {}, {}
         for way in WAYS:
             res = run_network(unet, held, mask_refiner=Twice(refiner, way), **common)

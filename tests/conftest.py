@@ -45,3 +45,20 @@ def tiny_busi(tmp_path: Path) -> Path:
         write_case(root, "malignant", n, masks=((2, 2, 12, 30),))
         write_case(root, "normal", n, masks=(None,), mask_mode="RGB")
     return root
+
+
+def lock_folders(monkeypatch, *folders: Path) -> None:
+    """Make ``folders`` take no new file, as a read-only or immutable folder would. Root writes through
+    permission bits, so the output checks try an unnamed temporary file (busiseg.onnx_predictor.
+    output_folder_problem); here that try fails in these folders."""
+    import tempfile
+
+    locked = {Path(f) for f in folders}
+    real = tempfile.TemporaryFile
+
+    def refuse(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) in locked:
+            raise PermissionError(1, "Operation not permitted")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)

@@ -19,6 +19,7 @@ from busiseg.cv_summary import CVSummaryError, PREDICTION_COLUMNS, main, summari
 from busiseg.data.datamodule import BusiDataModule
 from busiseg.data.labels import CLASS_NAMES
 from busiseg.data.splits import HoldoutSplitter
+from tests.conftest import lock_folders
 
 K = 5
 IMAGES = [f"{c}/{c} ({n}).png" for c in CLASS_NAMES for n in range(1, 5)]  # 12 images
@@ -192,18 +193,8 @@ def test_cli_an_output_folder_that_cannot_be_written_is_named_in_one_line(sweep,
         assert main([str(sweep), "--out", str(out)]) == 2
         assert capsys.readouterr().err.splitlines() == [
             f"busiseg: error: --out {out}: {tmp_path / 'afile.txt'} is a file, so the output folder cannot be made"]
-    # root writes through permission bits, so an unwritable folder is simulated: no file can be made in it
-    import tempfile
-
     (tmp_path / "locked").mkdir()
-    real = tempfile.TemporaryFile
-
-    def refuse(*args, dir=None, **kwargs):
-        if dir is not None and Path(dir) == tmp_path / "locked":
-            raise PermissionError(1, "Operation not permitted")
-        return real(*args, dir=dir, **kwargs)
-
-    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    lock_folders(monkeypatch, tmp_path / "locked")
     assert main([str(sweep), "--out", str(tmp_path / "locked")]) == 2
     assert capsys.readouterr().err.splitlines() == [
         f"busiseg: error: --out {tmp_path / 'locked'}: {tmp_path / 'locked'} is not writable (Operation not permitted)"]

@@ -14,6 +14,7 @@ from busiseg import export as export_module
 from busiseg.checkpoint import load_model
 from busiseg.export import ConfigError, ExportError, export
 from tests.test_predict import CONF, make_tiny_checkpoint, tiny_ckpt, write_inputs  # noqa: F401  (tiny_ckpt: a fixture)
+from tests.conftest import lock_folders
 
 CHECK_IMAGES = {"a.png": ("L", (70, 50)), "b/c.jpg": ("RGB", (90, 120)), "b/d.tif": ("I;16", (64, 64))}
 
@@ -170,19 +171,8 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tiny_ckpt, 
         run_export(tiny_ckpt, f"output='{tmp_path / 'afile.txt' / 'm.onnx'}'")
     with pytest.raises(ConfigError, match=r"output=.*afile.txt/: .*afile.txt is a file"):
         run_export(tiny_ckpt, f"output='{tmp_path / 'afile.txt'}/'")  # a folder by its slash
-    # root writes through permission bits, so an unwritable folder is simulated: no file can be made in it
-    import tempfile
-
-    locked = {tmp_path / "locked", Path(tiny_ckpt).parent}
-    real = tempfile.TemporaryFile
-
-    def refuse(*args, dir=None, **kwargs):
-        if dir is not None and Path(dir) in locked:
-            raise PermissionError(1, "Operation not permitted")
-        return real(*args, dir=dir, **kwargs)
-
     (tmp_path / "locked").mkdir()
-    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    lock_folders(monkeypatch, tmp_path / "locked", Path(tiny_ckpt).parent)
     with pytest.raises(ConfigError, match=r"output=.*locked/sub/m.onnx: .*locked is not writable \(Operation not "
                                           r"permitted\), so the output folder cannot be made"):
         run_export(tiny_ckpt, f"output='{tmp_path / 'locked' / 'sub' / 'm.onnx'}'")

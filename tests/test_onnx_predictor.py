@@ -16,6 +16,7 @@ from busiseg.inference import restore_size
 from busiseg.onnx_predictor import InputError, OnnxPredictor, find_images, predict_files, resize_bilinear
 from tests.test_export import tiny_onnx  # noqa: F401  (session fixture: one export for both files)
 from tests.test_predict import REPO, run_predict, tiny_ckpt, write_inputs  # noqa: F401
+from tests.conftest import lock_folders
 
 COMPARE = {"g.png": ("L", (70, 50)), "s/rgb.jpg": ("RGB", (130, 90)), "s/rgba.png": ("RGBA", (64, 64)),
            "s/t/p.bmp": ("P", (45, 77)), "s/t/w.tif": ("I;16", (200, 150)), "big.png": ("L", (400, 300))}
@@ -109,18 +110,8 @@ def test_cli_an_output_folder_that_cannot_be_made_is_named_in_one_line(tiny_onnx
         assert capsys.readouterr().err.splitlines() == [
             f"busiseg.onnx_predictor: error: output {out}: {tmp_path / 'afile.txt'} is a file, so the output folder "
             "cannot be made"]
-    # root writes through permission bits, so an unwritable folder is simulated: no file can be made in it
-    import tempfile
-
     (tmp_path / "locked").mkdir()
-    real = tempfile.TemporaryFile
-
-    def refuse(*args, dir=None, **kwargs):
-        if dir is not None and Path(dir) == tmp_path / "locked":
-            raise PermissionError(1, "Operation not permitted")
-        return real(*args, dir=dir, **kwargs)
-
-    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    lock_folders(monkeypatch, tmp_path / "locked")
     assert onnx_predictor.main([str(model), str(tmp_path / "in"), str(tmp_path / "locked" / "out")]) == 2
     assert capsys.readouterr().err.splitlines() == [
         f"busiseg.onnx_predictor: error: output {tmp_path / 'locked' / 'out'}: {tmp_path / 'locked'} is not writable "
