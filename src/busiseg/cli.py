@@ -94,7 +94,10 @@ def mistyped_override(cfg: Any, config_name: str) -> str | None:
              and not (o.is_delete() or o.is_add() or o.is_force_add()) and o.package is None]
     if not given:
         return None
-    base = compose(config_name=config_name, overrides=[o.input_line for o in overrides if o not in given])
+    try:
+        base = compose(config_name=config_name, overrides=[o.input_line for o in overrides if o not in given])
+    except Exception:  # noqa: BLE001 - a check must never stop a command Hydra itself accepted
+        return None
     for override in given:
         key = override.key_or_group
         want = _kind(OmegaConf.select(base, key, default=None, throw_on_missing=False))
@@ -105,8 +108,8 @@ def mistyped_override(cfg: Any, config_name: str) -> str | None:
         if want is None or value is None or _kind(value) == want:
             continue
         default = OmegaConf.select(base, key)
-        wanted = "true or false" if want == "bool" else "a number"
-        return f"{override.input_line}: {key} takes {wanted} (default: {str(default).lower() if want == 'bool' else default})"
+        wanted, shown = ("true or false", str(default).lower()) if want == "bool" else ("a number", default)
+        return f"{override.input_line}: {key} takes {wanted} (default: {shown})"
     return None
 
 
