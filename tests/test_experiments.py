@@ -91,3 +91,29 @@ def test_test_ckpt_must_be_best_or_last(tmp_path, data_dir):
 def test_out_of_range_training_values_are_refused_before_any_work(tmp_path, data_dir, override, message):
     with pytest.raises(ConfigError, match=message):
         check_config(compose_train(tmp_path, data_dir, [override]))
+
+
+def test_metrics_json_reports_the_kept_checkpoints_validation_scores(tmp_path, data_dir):
+    """With test_ckpt=best the kept checkpoint is an earlier epoch's (here: the highest val loss, so not the
+    last): metrics.json, and so the value a sweeper optimises, hold its val/* scores, not the last epoch's;
+    TensorBoard's curves keep one point per epoch, and the HPARAMS metrics sit apart under hparams/."""
+    import torch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    worst = ["callbacks.model_checkpoint.monitor=val/loss", "callbacks.model_checkpoint.mode=max"]
+    fit = train(compose_train(tmp_path, data_dir, ["trainer.max_epochs=3", "test_ckpt=best", *worst]))
+    best = fit["best_checkpoint"]
+    assert best and not best.endswith("epoch_002.ckpt")
+    state = torch.load(best, map_location="cpu", weights_only=True)
+    kept = next(v["best_model_score"] for k, v in state["callbacks"].items()
+                if k.startswith("ModelCheckpoint") and "'monitor': 'val/loss'" in k)
+    assert fit["metrics"]["val/loss"] == pytest.approx(float(kept), abs=1e-6)
+    curves: dict[str, list[int]] = {}
+    for event_file in (tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(event_file), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            curves.setdefault(tag, []).extend(e.step for e in acc.Scalars(tag))
+    assert len(curves["val/loss"]) == 3 and 0 not in curves["val/loss"]  # an epoch's point each, none at step 0
+    assert "hparams/test/dice" in curves and "hparams/val/dice" in curves
+    assert len(list((tmp_path / "run" / "tensorboard" / "val_predictions").glob("epoch_*.png"))) == 3

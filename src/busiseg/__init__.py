@@ -18,3 +18,20 @@ _warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_slurm' 
 # (busiseg.data.device_augment, busiseg.data.mixing): by design, not the datamodule's. Lightning
 # warns on every fit that the module's hook is the one used; that is the intent, so only that is silenced.
 _warnings.filterwarnings("ignore", message=r"You have overridden `on_after_batch_transfer` in `LightningModule` but")
+
+# Lightning 2.6 with torch 2.14: its own pytree helper trips torch's deprecation of LeafSpec on every fit
+# (twice); nothing a busiseg user can act on.
+_warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+import logging as _logging
+
+
+class _NoAdvert(_logging.Filter):
+    """Drop Lightning's "💡 Tip: ... try installing litlogger" line, printed on every run without its cloud logger."""
+
+    def filter(self, record: _logging.LogRecord) -> bool:
+        return "litlogger" not in str(record.msg)
+
+
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    _logging.getLogger(_name).addFilter(_NoAdvert())

@@ -124,6 +124,30 @@ def check_config(cfg: DictConfig) -> None:
                           "leaves no validation images: set test_ckpt=last (the weights the fit ends with)")
 
 
+def _same_score(a: Any, b: Any) -> bool:
+    return a is not None and b is not None and float(a) == float(b)
+
+
+def validate_quietly(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule,
+                     ckpt_path: str) -> dict[str, Any]:
+    """The ``val/*`` metrics of ``ckpt_path``'s weights, validated with the loggers detached (the curves keep the
+    epochs' own points) and no checkpoint saved (only a fit saves); none with a weight-averaging callback."""
+    from lightning.pytorch.callbacks import WeightAveraging
+
+    if any(isinstance(cb, WeightAveraging) for cb in trainer.callbacks):
+        # it would swap its running average (the last epoch's) in over the loaded weights
+        log.info("val/* in metrics.json are the last epoch's: with weight averaging the kept checkpoint is not "
+                 "validated again")
+        return {}
+    loggers = trainer.loggers
+    trainer.loggers = []
+    try:
+        trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True, verbose=False)
+    finally:
+        trainer.loggers = loggers
+    return {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+
+
 def split_has_part(cfg: DictConfig, part: str) -> bool:
     """Whether the run's split will hold images in ``part`` (val or test), from the config alone: a k-fold split
     always has its validation fold; a holdout one has none where its ``{part}_fraction`` is 0 (``split=all``);
@@ -508,6 +532,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         best_ckpt = picker.best_model_path or None
     test_metrics: dict[str, Any] = {}
     test_ckpt = cfg.get("test_ckpt", "best")
+    if cfg.get("train", True) and test_ckpt == "best" and best_ckpt and picker.best_model_score is not None \
+            and not _same_score(fit_metrics.get(picker.monitor), picker.best_model_score):
+        # the kept checkpoint is an earlier epoch's: metrics.json, the HPARAMS tab and the value a sweeper gets
+        # report its validation scores, not the last epoch's
+        fit_metrics.update(validate_quietly(trainer, module, datamodule, best_ckpt))
     tested: str | None = None
     testing = bool(cfg.get("test", True))
     if testing:
@@ -586,7 +615,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     }
     if trainer.is_global_zero:
         write_json(output_dir / "metrics.json", summary)
-        hparam_metrics = {k: v for k, v in metrics.items() if k.startswith(("test/", "val/", "test_two_stage/", "test_refined/", "test_scan_stage/")) and "loss" not in k}
+        # under hparams/: TensorBoard writes these as scalars at step 0, which under their own names would add a
+        # point at step 0 to every val/ and test/ curve
+        hparam_metrics = {f"hparams/{k}": v for k, v in metrics.items()
+                          if k.startswith(("test/", "val/", "test_two_stage/", "test_refined/", "test_scan_stage/"))
+                          and "loss" not in k}
         params = _flatten(_plain(cfg))
         for lg in trainer.loggers:
             if isinstance(lg, TensorBoardLogger):  # the HPARAMS tab pairs params with these metrics

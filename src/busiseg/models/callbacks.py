@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
 from busiseg.data.labels import CLASS_NAMES
@@ -125,7 +126,8 @@ class ValidationImageLogger(Callback):
 
     # ------------------------------------------------------------------ hook
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+        # a fit's epochs only: not the sanity check, nor a validation of the kept checkpoint after the fit
+        if trainer.sanity_checking or not trainer.is_global_zero or trainer.state.fn != TrainerFn.FITTING:
             return
         if (trainer.current_epoch + 1) % self.every_n_epochs != 0:
             return
@@ -173,3 +175,51 @@ class ValidationImageLogger(Callback):
             ncols=4,
             titles=self._titles(trainer, [int(i) for i in batch["index"]]),
         )
+
+
+class EpochSummary(Callback):
+    """One line per epoch in the log (console and ``train.log``), as nnU-Net prints it: the epoch, its time, the
+    training and validation losses, ``val/dice`` and ``val/accuracy``, and the best ``monitor`` value so far, so a
+    long fit can be followed from a piped console or the log file. Rank 0 only; nothing during the sanity check."""
+
+    KEYS = ("train/loss_epoch", "val/loss", "val/dice", "val/accuracy")
+
+    def __init__(self, monitor: str = "val/dice", mode: str = "max") -> None:
+        if mode not in ("max", "min"):
+            raise ValueError(f"EpochSummary: mode must be max or min, got {mode!r}")
+        self.monitor, self.mode = monitor, mode
+        self.best: tuple[float, int] | None = None
+        self._started = 0.0
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        import time
+
+        self._started = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # after the epoch's validation, with the epoch's mean training loss in callback_metrics
+        import logging
+        import time
+
+        if not trainer.is_global_zero:
+            return
+        metrics = trainer.callback_metrics
+        epoch = trainer.current_epoch
+        value = metrics.get(self.monitor)
+        if value is not None:
+            value = float(value)
+            better = self.best is None or (value > self.best[0] if self.mode == "max" else value < self.best[0])
+            if better:
+                self.best = (value, epoch)
+        shown = ", ".join(f"{k.removesuffix('_epoch')} {float(metrics[k]):.4f}" for k in self.KEYS if k in metrics)
+        best = f"; best {self.monitor} {self.best[0]:.4f} (epoch {self.best[1] + 1})" if self.best else ""
+        total = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
+        logging.getLogger("busiseg.train").info("epoch %d%s (%.0f s): %s%s", epoch + 1, total,
+                                                time.perf_counter() - self._started, shown, best)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": list(self.best) if self.best else None}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        best = state_dict.get("best")
+        self.best = (float(best[0]), int(best[1])) if best else None

@@ -134,6 +134,8 @@ class MultiTaskModule(ScheduledModule):
         batch_size = batch["image"].shape[0]
         if stage == "train":  # per step and per epoch; under DDP this rank's (no per-step sync)
             main = {f"train/{k}": losses[k].detach() for k in LOSS_KEYS}
+            self.log("train/loss", main.pop("train/loss"), on_step=True, on_epoch=True, batch_size=batch_size,
+                     prog_bar=True)  # the progress bar shows the loss
             self.log_dict(main, on_step=True, on_epoch=True, batch_size=batch_size)
         else:
             means = self.loss_means[f"{stage}_"]
@@ -159,7 +161,9 @@ class MultiTaskModule(ScheduledModule):
     def _log_epoch_metrics(self, stage: str) -> None:
         values = {**self.seg_metrics[f"{stage}_"].compute(), **self.cls_metrics[f"{stage}_"].compute()}
         # torchmetrics has already summed the states of all DDP ranks: the values are equal on every rank
-        self.log_dict({k: v.float() for k, v in values.items()}, prog_bar=False, sync_dist=True)
+        shown = {f"{stage}/dice", f"{stage}/accuracy"} if stage == "val" else set()  # beside the loss in the bar
+        self.log_dict({k: v.float() for k, v in values.items() if k not in shown}, prog_bar=False, sync_dist=True)
+        self.log_dict({k: v.float() for k, v in values.items() if k in shown}, prog_bar=True, sync_dist=True)
         self.seg_metrics[f"{stage}_"].reset()
         self.cls_metrics[f"{stage}_"].reset()
 
