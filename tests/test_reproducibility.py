@@ -30,3 +30,13 @@ def test_same_seed_identical_metrics_and_run_record(tmp_path):
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["seed"] == 3 and config["paths"]["output_dir"] == str(run)  # resolved
     assert (run / "split.json").is_file()
+
+
+def test_the_recorded_command_can_be_run_again():
+    import busiseg.train
+    from busiseg.run_info import command_line
+
+    assert command_line([busiseg.train.__file__, "trainer=cpu", "seed=1"]) == [
+        "python", "-m", "busiseg.train", "trainer=cpu", "seed=1"]
+    assert command_line(["/opt/scripts/probe.py", "--folds", "0"]) == ["probe.py", "--folds", "0"]
+    assert command_line([]) == []

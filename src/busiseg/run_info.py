@@ -93,10 +93,23 @@ def machine() -> dict[str, Any]:
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpus": gpus}
 
 
+def command_line(argv: list[str] | None = None) -> list[str]:
+    """The command as it can be run again: ``python -m busiseg.train ...`` for a busiseg module (``sys.argv[0]``
+    is then the module's file), else the script's name and its arguments."""
+    argv = list(sys.argv if argv is None else argv)
+    if not argv:
+        return []
+    script = Path(argv[0])
+    package = Path(__file__).resolve().parent
+    if script.suffix == ".py" and script.resolve().parent == package:
+        return ["python", "-m", f"busiseg.{script.stem}", *argv[1:]]
+    return [script.name, *argv[1:]]
+
+
 def run_info() -> dict[str, Any]:
     return {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv else [],
+        "command": command_line(),
         "cwd": os.getcwd(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
