@@ -447,7 +447,8 @@ def write_figures(summary: Mapping[str, Any], out_dir: Path) -> list[str]:
                  out_dir / "cv_confusion_matrix.png")
         labels = np.array([CLASS_NAMES.index(r["true_class"]) for r in oof["predictions"]])
         dice = np.array([float(r["dice"]) for r in oof["predictions"]])
-        save_png(dice_distribution_figure(dice, labels, subtitle=sub), out_dir / "cv_dice_distribution.png")
+        save_png(dice_distribution_figure(dice, labels, subtitle=f"the network's masks, {sub}"),
+                 out_dir / "cv_dice_distribution.png")
         written += ["cv_confusion_matrix.png", "cv_dice_distribution.png"]
     for key, _, name, _ in CLASS_STAGES:
         staged = summary.get(f"oof_{key}")

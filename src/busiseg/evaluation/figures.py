@@ -164,7 +164,7 @@ def dice_distribution_figure(dice: np.ndarray, labels: np.ndarray, class_names: 
             jitter = rng.uniform(-0.16, 0.16, size=g.size)
             ax.scatter(pos + jitter, g, s=18, alpha=0.65, color=_color(name, k), edgecolor="none", zorder=3)
             ax.scatter([pos], [g.mean()], marker="D", s=70, color="white", edgecolor="#111111", zorder=4)
-            ticks.append(f"{name}\nn={g.size}, mean {g.mean():.3f}")
+            ticks.append(f"{name}\nn={g.size}\nmean {g.mean():.3f}")  # one item a line: no run-together labels
         ax.set_xticks(positions, ticks)
         ax.set_xlim(0.4, len(class_names) + 0.6)
         ax.set_ylim(-0.04, 1.04)
