@@ -345,8 +345,12 @@ def test_eval_writes_every_file(trained_run, tmp_path):
     assert "precision" in report and "macro avg" in report and "weighted avg" in report
 
     pngs = sorted(p.name for p in (out / "figures").glob("*.png"))
-    assert pngs == ["confusion_matrix.png", "dice_distribution.png", "reliability_diagram.png", "roc_curves.png",
-                    "samples_random.png", "samples_worst.png", "samples_worst_lesion.png"]
+    always = {"confusion_matrix.png", "dice_distribution.png", "reliability_diagram.png", "roc_curves.png",
+              "samples_random.png", "samples_worst.png"}
+    # the lesion grid only where it differs from the worst one; the mistakes' grid where there are mistakes
+    assert always <= set(pngs) <= always | {"samples_worst_lesion.png", "samples_misclassified.png"}
+    wrong = sum(r["true_class"] != r["pred_class"] for r in rows)
+    assert ("samples_misclassified.png" in pngs) == (wrong > 0)
     for name in pngs:
         with Image.open(out / "figures" / name) as im:
             assert im.width >= 400 and im.height >= 300, name
@@ -395,7 +399,11 @@ def test_eval_on_a_folder_without_malignant_images(trained_run, tmp_path):
     cls = metrics["raw"]["classification"]
     assert cls["per_class"]["malignant"]["support"] == 0 and cls["per_class"]["malignant"]["auroc"] is None
     assert metrics["raw"]["segmentation"]["original"]["malignant"]["images"] == 0
-    assert len(list((out / "figures").glob("*.png"))) == 7
+    # four figures, the random and worst grids, and the mistakes' grid where the model makes any
+    wrong = cls["confusion_matrix"][0][0] + cls["confusion_matrix"][1][1] + cls["confusion_matrix"][2][2] < 2
+    figures_written = {p.name for p in (out / "figures").glob("*.png")}
+    assert {"confusion_matrix.png", "samples_random.png", "samples_worst.png"} <= figures_written
+    assert ("samples_misclassified.png" in figures_written) == wrong
     json.loads((out / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in metrics.json"))
 
 
@@ -559,3 +567,21 @@ def test_without_the_copies_check_the_network_pass_names_every_unreadable_image(
     message = str(info.value)
     assert message.startswith("2 file(s) cannot be used:") and "benign (2).png" in message
     assert "malignant (1)_mask.png" in message
+
+
+def test_sample_picks_show_each_grid_once_and_the_surest_mistakes():
+    from types import SimpleNamespace
+
+    from busiseg.eval import _pick_samples
+
+    scores = SimpleNamespace(dice=np.array([0.9, 0.1, 0.5, 0.95]), fp=np.zeros(4), fn=np.zeros(4),
+                             true_area=np.array([10, 10, 10, 10]))  # every image a lesion image
+    probs = np.array([[0.1, 0.8, 0.1], [0.2, 0.7, 0.1], [0.1, 0.3, 0.6], [0.9, 0.05, 0.05]])
+    results = SimpleNamespace(names=["a", "b", "c", "d"], final="raw", scores={("raw", "original"): scores},
+                              probs={"raw": probs}, labels=np.array([1, 1, 1, 1]))
+    picks = _pick_samples(results, 2, seed=0)
+    assert picks["worst"] == [1, 2] and "worst_lesion" not in picks  # the same grid twice is shown once
+    # d (a good mask, Dice 0.95) is the surest mistake: in no Dice grid, first among the mistakes
+    assert picks["misclassified"] == [3, 2]
+    scores.true_area = np.array([10, 0, 10, 10])  # b is a normal image: the lesion grid differs now
+    assert _pick_samples(results, 2, seed=0)["worst_lesion"] == [2, 0]

@@ -227,7 +227,8 @@ def write_per_image_csv(path: Path, results: EvalResults) -> None:
 def _pick_samples(results: EvalResults, n: int, seed: int) -> dict[str, list[int]]:
     """A random sample (seeded); the worst by Dice, among all images and among lesion images
     (on most data the normal images with any false positive, Dice 0, fill the first list;
-    ties: the larger error area first)."""
+    ties: the larger error area first; the second list only where it differs from the first);
+    the misclassified images, surest first."""
     count = len(results.names)
     n = min(n, count)
     if not n:
@@ -236,9 +237,15 @@ def _pick_samples(results: EvalResults, n: int, seed: int) -> dict[str, list[int
     s = results.scores[(results.final, "original")]
     order = np.lexsort((-(s.fp + s.fn), s.dice))  # lexsort: the last key is the primary one
     lesion = order[s.true_area[order] > 0]
-    return {"random": sorted(rng.choice(count, size=n, replace=False).tolist()),
-            "worst": order[:n].tolist(),
-            "worst_lesion": lesion[:n].tolist()}
+    picks = {"random": sorted(rng.choice(count, size=n, replace=False).tolist()), "worst": order[:n].tolist()}
+    if lesion[:n].tolist() != picks["worst"]:  # where the worst are all lesion images, one grid says it
+        picks["worst_lesion"] = lesion[:n].tolist()
+    probs = results.probs[results.final]
+    predicted = probs.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != results.labels)
+    if wrong.size:  # the surest mistakes first: a mistake with a good mask is in no Dice grid
+        picks["misclassified"] = wrong[np.argsort(-probs[wrong, predicted[wrong]], kind="stable")][:n].tolist()
+    return picks
 
 
 def _grid(results: EvalResults, picks: list[int], in_channels: int, title: str) -> np.ndarray:
@@ -296,12 +303,16 @@ def write_figures(folder: Path, inputs: EvalInputs, results: EvalResults, metric
               f"The {{n}} images with the lowest Dice ({view}); ties: the larger error area first."),
              ("worst_lesion", "samples_worst_lesion.png", "Worst lesion images by Dice",
               f"Lowest Dice among lesion images — {subtitle}",
-              f"The {{n}} benign or malignant images with the lowest Dice ({view})."))
+              f"The {{n}} benign or malignant images with the lowest Dice ({view})."),
+             ("misclassified", "samples_misclassified.png", "Misclassified images",
+              f"Misclassified, surest first — {subtitle}",
+              f"The {{n}} misclassified images (of {{wrong}}) the model was surest of ({view})."))
     for key, name, heading, title, caption in grids:
         if picks.get(key):
             n = len(picks[key])
+            wrong = int((results.probs[final].argmax(axis=1) != results.labels).sum())
             save(name, heading, _grid(results, picks[key], inputs.in_channels, title.replace("{n}", str(n))),
-                 caption.replace("{n}", str(n)))
+                 caption.replace("{n}", str(n)).replace("{wrong}", str(wrong)))
     return out
 
 
