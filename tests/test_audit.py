@@ -38,6 +38,10 @@ def test_cli_writes_json_markdown_and_group_pictures(tmp_path):
     pictures = sorted((out / "groups").glob("group_*.png"))
     assert len(pictures) == len(planted) and all(f"groups/{p.name}" in md for p in pictures)
     assert list((tmp_path / "data" / ".audit_cache").glob("audit-*.json"))  # cached for training
+    assert "s when first computed" not in md
+    again = _audit_cli(tmp_path, f"data.root={root}")  # from the cache: the time is the first run's, and it says so
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "s when first computed (this report read the cache " in (out / "audit.md").read_text()
 
 
 def test_cli_says_which_files_training_will_refuse(tmp_path):

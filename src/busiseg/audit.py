@@ -377,7 +377,8 @@ def render_markdown(audit: Mapping[str, Any], pictures: Mapping[int, str] | None
         f"Detector: speckle score >= {p['threshold']} joins two images (one scan); "
         f"{p['review_threshold']} <= score < {p['threshold']} joins them as neighbouring frames when the coarse "
         f"correlation is >= {p['frame_coarse']}, else lists them for review. "
-        f"{a['detector']['candidate_pairs']} candidate pairs checked; {a['seconds']['total']} s.",
+        f"{a['detector']['candidate_pairs']} candidate pairs checked; {a['seconds']['total']} s"
+        + (f" when first computed (this report read the cache {a['cached']})." if a.get("cached") else "."),
         "",
         "## Summary",
         "",
@@ -438,6 +439,8 @@ def render_markdown(audit: Mapping[str, Any], pictures: Mapping[int, str] | None
     ):
         lines += [f"## {title}", "", (", ".join(items) if items else "None."), ""]
     lines += ["## Near-duplicate groups", ""]
+    if not a["near_duplicate_groups"]:
+        lines += ["None.", ""]
     for g in a["near_duplicate_groups"]:
         flag = " **label conflict**" if g["conflict"] else ""
         lines.append(f"### Group {g['id']}{flag}: {', '.join(g['members'])}")
@@ -470,8 +473,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
         ensure_phantom(root, **dict(data.synthetic))
     records = scan_busi(root)
-    audit = dict(load_or_audit(records, dict(cfg.get("duplicates") or {}), cfg.get("cache_dir"),
-                               workers=cfg.get("workers")))
+    params = dict(cfg.get("duplicates") or {})
+    cache = Path(cfg.cache_dir).expanduser() / f"audit-{cache_key(records, params)}.json" if cfg.get("cache_dir") \
+        else None
+    was_cached = cache is not None and cache.is_file()
+    audit = dict(load_or_audit(records, params, cfg.get("cache_dir"), workers=cfg.get("workers")))
+    if was_cached:
+        audit["cached"] = str(cache)  # the report says its seconds are the first run's
     audit["root"] = str(Path(root).expanduser().resolve())
     out_dir = Path(cfg.paths.output_dir)
     json_path, md_path = write_report(audit, out_dir, root, thumbnails=bool(cfg.get("thumbnails", True)))
