@@ -32,6 +32,7 @@ import csv
 import json
 import logging
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Mapping, Sequence
@@ -651,7 +652,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{len(summary['folds'])} of {summary['k']} folds, mean +- std over folds")
     table = headline_table(summary)
     if table:
-        table = [tuple(cell.replace("`", "") for cell in row) for row in table]
+        # the console's table: the stages' scores under short headers; the paired gains are the lines below and
+        # every column is in cv_summary.md (the full table is about 300 characters wide)
+        keep = [i for i, head in enumerate(table[0]) if "paired per fold" not in head]
+        table = [tuple(re.sub(r"\s*\(test[^)]*\)$", "", row[i].replace("`", "")).replace("with the ", "")
+                       if r == 0 else row[i].replace("`", "") for i in keep) for r, row in enumerate(table)]
         widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
         for row in table:
             print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
