@@ -93,7 +93,7 @@ def test_out_of_range_training_values_are_refused_before_any_work(tmp_path, data
         check_config(compose_train(tmp_path, data_dir, [override]))
 
 
-def test_metrics_json_reports_the_kept_checkpoints_validation_scores(tmp_path, data_dir):
+def test_metrics_json_reports_the_kept_checkpoints_validation_scores(tmp_path, data_dir, caplog):
     """With test_ckpt=best the kept checkpoint is an earlier epoch's (here: the highest val loss, so not the
     last): metrics.json, and so the value a sweeper optimises, hold its val/* scores, not the last epoch's;
     TensorBoard's curves keep one point per epoch, and the HPARAMS metrics sit apart under hparams/."""
@@ -101,7 +101,12 @@ def test_metrics_json_reports_the_kept_checkpoints_validation_scores(tmp_path, d
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     worst = ["callbacks.model_checkpoint.monitor=val/loss", "callbacks.model_checkpoint.mode=max"]
-    fit = train(compose_train(tmp_path, data_dir, ["trainer.max_epochs=3", "test_ckpt=best", *worst]))
+    with caplog.at_level("INFO", logger="busiseg.train"):
+        fit = train(compose_train(tmp_path, data_dir, ["trainer.max_epochs=3", "test_ckpt=best", *worst]))
+    # one line per epoch, with that epoch's losses and scores and the best val/dice so far
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert [line.split(" (")[0] for line in lines] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    assert all("train/loss " in line and "val/dice " in line and "best val/dice" in line for line in lines)
     best = fit["best_checkpoint"]
     assert best and not best.endswith("epoch_002.ckpt")
     state = torch.load(best, map_location="cpu", weights_only=True)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -197,6 +198,7 @@ def _fake_trainer(tmp_path: Path, datamodule, **overrides) -> SimpleNamespace:
         loggers=[],
         datamodule=datamodule,
         default_root_dir=str(tmp_path),
+        state=SimpleNamespace(fn=TrainerFn.FITTING),  # during a fit (not a validation after it)
     )
     fields.update(overrides)
     return SimpleNamespace(**fields)
@@ -219,8 +221,9 @@ def test_callback_restores_modes_and_handles_rgb_without_logger(tmp_path: Path):
 
 @pytest.mark.parametrize(
     "overrides",
-    [dict(sanity_checking=True), dict(is_global_zero=False), dict(current_epoch=0)],
-    ids=["sanity-check", "not-rank-0", "not-every-n-epochs"],
+    [dict(sanity_checking=True), dict(is_global_zero=False), dict(current_epoch=0),
+     dict(state=SimpleNamespace(fn=TrainerFn.VALIDATING))],
+    ids=["sanity-check", "not-rank-0", "not-every-n-epochs", "validating-after-the-fit"],
 )
 def test_callback_skips(tmp_path: Path, overrides):
     callback = ValidationImageLogger(num_images=2, every_n_epochs=2)

@@ -179,15 +179,16 @@ class ValidationImageLogger(Callback):
 
 class EpochSummary(Callback):
     """One line per epoch in the log (console and ``train.log``), as nnU-Net prints it: the epoch, its time, the
-    training and validation losses, ``val/dice`` and ``val/accuracy``, and the best ``monitor`` value so far, so a
-    long fit can be followed from a piped console or the log file. Rank 0 only; nothing during the sanity check."""
+    training and validation losses, ``val/dice`` and ``val/accuracy`` (where there is a validation part), and the
+    best ``best_of`` value so far, so a long fit can be followed from a piped console or the log file. Rank 0 only.
+    (``best_of``, not ``monitor``: a run without validation images keeps this callback, for the training loss.)"""
 
     KEYS = ("train/loss_epoch", "val/loss", "val/dice", "val/accuracy")
 
-    def __init__(self, monitor: str = "val/dice", mode: str = "max") -> None:
+    def __init__(self, best_of: str = "val/dice", mode: str = "max") -> None:
         if mode not in ("max", "min"):
             raise ValueError(f"EpochSummary: mode must be max or min, got {mode!r}")
-        self.monitor, self.mode = monitor, mode
+        self.best_of, self.mode = best_of, mode
         self.best: tuple[float, int] | None = None
         self._started = 0.0
 
@@ -205,14 +206,14 @@ class EpochSummary(Callback):
             return
         metrics = trainer.callback_metrics
         epoch = trainer.current_epoch
-        value = metrics.get(self.monitor)
+        value = metrics.get(self.best_of)
         if value is not None:
             value = float(value)
             better = self.best is None or (value > self.best[0] if self.mode == "max" else value < self.best[0])
             if better:
                 self.best = (value, epoch)
         shown = ", ".join(f"{k.removesuffix('_epoch')} {float(metrics[k]):.4f}" for k in self.KEYS if k in metrics)
-        best = f"; best {self.monitor} {self.best[0]:.4f} (epoch {self.best[1] + 1})" if self.best else ""
+        best = f"; best {self.best_of} {self.best[0]:.4f} (epoch {self.best[1] + 1})" if self.best else ""
         total = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
         logging.getLogger("busiseg.train").info("epoch %d%s (%.0f s): %s%s", epoch + 1, total,
                                                 time.perf_counter() - self._started, shown, best)
