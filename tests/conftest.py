@@ -49,7 +49,7 @@ def tiny_busi(tmp_path: Path) -> Path:
 
 def lock_folders(monkeypatch, *folders: Path) -> None:
     """Make ``folders`` take no new file, as a read-only or immutable folder would. Root writes through
-    permission bits, so the output checks try an unnamed temporary file (busiseg.onnx_predictor.
+    permission bits, so the output checks try an unnamed temporary file (busiseg.atomic.
     output_folder_problem); here that try fails in these folders."""
     import tempfile
 
@@ -62,3 +62,18 @@ def lock_folders(monkeypatch, *folders: Path) -> None:
         return real(*args, dir=dir, **kwargs)
 
     monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` as a module (the research scripts are not a package; they import their siblings, so
+    the scripts folder goes on ``sys.path`` first)."""
+    import importlib.util
+    import sys
+
+    scripts = str(REPO / "scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

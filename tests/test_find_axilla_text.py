@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import cv2
 import numpy as np
 
-from tests.conftest import REPO
+from tests.conftest import load_script
 
-spec = importlib.util.spec_from_file_location("find_axilla_text", REPO / "scripts" / "find_axilla_text.py")
-find_axilla_text = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(find_axilla_text)
+find_axilla_text = load_script("find_axilla_text")
 
 
 def _speckle(shape, seed):

@@ -1,17 +1,13 @@
 """The ways of scripts/probe_components.py (docs/results.md, e61) on a hand-made scan."""
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 
 from busiseg.data.crops import lesion_box
 from busiseg.models.mask_refiner import MaskRefiner, RefinerSettings
-from tests.conftest import REPO
+from tests.conftest import load_script
 
-spec = importlib.util.spec_from_file_location("probe_components", REPO / "scripts" / "probe_components.py")
-probe = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(probe)
+probe = load_script("probe_components")
 
 SMALL = RefinerSettings(size=32, decoder_channels=(32, 16, 16, 8, 8), test_margins=(1.5,))
 

@@ -1,25 +1,16 @@
 """scripts/probe_fallback_mask.py (e75) and scripts/probe_shape_features.py (e76) on hand-made scans."""
 from __future__ import annotations
 
-import importlib.util
-
 import cv2
 import numpy as np
 import pytest
 
 from busiseg.models.mask_refiner import MaskRefiner, RefinerSettings
-from tests.conftest import REPO
+from tests.conftest import load_script
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-fallback = _load("probe_fallback_mask")
-shape = _load("probe_shape_features")
+fallback = load_script("probe_fallback_mask")
+shape = load_script("probe_shape_features")
 SMALL = RefinerSettings(size=32, decoder_channels=(32, 16, 16, 8, 8), test_margins=(1.5,))
 
 

@@ -1,15 +1,11 @@
 """The rules of scripts/probe_mask_evidence.py (docs/results.md, e59) on small hand-made cases."""
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 
-from tests.conftest import REPO
+from tests.conftest import load_script
 
-spec = importlib.util.spec_from_file_location("probe_mask_evidence", REPO / "scripts" / "probe_mask_evidence.py")
-probe = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(probe)
+probe = load_script("probe_mask_evidence")
 
 
 def test_largest_share_counts_only_the_biggest_component():

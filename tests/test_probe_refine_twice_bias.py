@@ -1,25 +1,14 @@
 """scripts/probe_refine_twice.py (e77) and scripts/probe_class_bias.py (x12) on hand-made maps and probabilities."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import numpy as np
 
 from busiseg.models.mask_refiner import MaskRefiner, RefinerSettings
-from tests.conftest import REPO
+from tests.conftest import load_script
 
 
-def _load(name: str):
-    sys.path.insert(0, str(REPO / "scripts"))  # probe_class_bias imports ensemble_classes beside it
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-twice = _load("probe_refine_twice")
-bias = _load("probe_class_bias")
+twice = load_script("probe_refine_twice")
+bias = load_script("probe_class_bias")
 SMALL = RefinerSettings(size=32, decoder_channels=(32, 16, 16, 8, 8), test_margins=(1.5,))
 
 
@@ -74,8 +63,9 @@ def test_class_bias_finds_the_shift_that_undoes_a_bias_and_none_where_argmax_is_
     truth = np.array(["benign"] * 6 + ["normal"] * 4)
     probs = np.array([[0.5, 0.45, 0.05]] * 6 + [[0.8, 0.15, 0.05]] * 4)  # benign under-called
     assert bias.shifted_accuracy(truth, probs, (0.0, 0.0)) == 0.4
-    a, b = bias.chosen_shift(truth, probs)
-    assert 0.1 <= a <= 1.6 and bias.shifted_accuracy(truth, probs, (a, b)) == 1.0
-    assert (a, b) == (0.2, 0.0) or abs(b) <= abs(a)  # the smallest shift that does it
+    # benign needs log 0.45 + a > log 0.5 (a >= 0.2 on the grid) and a < log(0.8 / 0.15) for the normal ones:
+    # every such shift is perfect, and the smallest is chosen
+    assert bias.chosen_shift(truth, probs) == (0.2, 0.0)
+    assert bias.shifted_accuracy(truth, probs, (0.2, 0.0)) == 1.0 and bias.shifted_accuracy(truth, probs, (0.1, 0.0)) == 0.4
     right = np.array([[0.1, 0.8, 0.1]] * 6 + [[0.8, 0.15, 0.05]] * 4)
     assert bias.chosen_shift(truth, right) == (0.0, 0.0)

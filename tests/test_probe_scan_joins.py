@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 
 import numpy as np
 
-from tests.conftest import REPO
+from tests.conftest import REPO, load_script
 from tests.test_ensemble_classes import _write
 
 SCRIPT = REPO / "scripts" / "probe_scan_joins.py"
-spec = importlib.util.spec_from_file_location("probe_scan_joins", SCRIPT)
-probe = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(probe)
+probe = load_script("probe_scan_joins")
 
 
 def test_the_weight_comes_from_the_other_folds_and_ties_go_nearest_one_half():

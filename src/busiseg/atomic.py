@@ -44,3 +44,21 @@ def write_csv_atomic(path: str | Path, rows: Iterable[Mapping[str, Any]], column
     writer.writeheader()
     writer.writerows(rows)
     write_text_atomic(path, buffer.getvalue())
+
+
+def output_folder_problem(folder: str | Path) -> str | None:
+    """Why the folder ``folder`` cannot be made or written into, found before any work: a file in the way, or its
+    nearest existing folder takes no new file (tried with an unnamed temporary file, so that root, a read-only or
+    immutable folder and ``/proc`` are judged by what happens, not by permission bits); None when it can. Nothing
+    is left behind. predict, the ONNX predictor, export and cv_summary check their output with it."""
+    folder = Path(folder).expanduser()
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, so the output folder cannot be made"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        return (f"{existing} is not writable ({exc.strerror or exc})"
+                + (", so the output folder cannot be made" if existing != folder else ""))
+    return None

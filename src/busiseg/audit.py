@@ -31,7 +31,8 @@ from PIL import Image, ImageDraw
 
 from busiseg.atomic import write_json_atomic
 from busiseg.cli import entry_point, fail
-from busiseg.data.busi import DatasetError, Record, _open, image_to_array, mask_to_bool, scan_busi, summarize
+from busiseg.data.busi import (DatasetError, Record, _open, image_to_array, mask_size_problem, mask_to_bool,
+                               scan_busi, summarize)
 from busiseg.data.duplicates import DuplicateParams, PairMatch, dhash, find_duplicates, fingerprint, to_grey
 from busiseg.data.labels import CLASS_NAMES
 
@@ -88,10 +89,7 @@ def _inspect(record: Record, params: DuplicateParams) -> dict[str, Any]:
             continue
         out["mask_modes"].append(mask.mode)
         if mask.size != image.size:
-            out["problems"].append(
-                f"{path}: mask size {mask.size[0]}x{mask.size[1]} differs from its image's "
-                f"{image.size[0]}x{image.size[1]}"
-            )
+            out["problems"].append(mask_size_problem(path, mask.size, image.size))
             continue
         lesion |= mask_to_bool(mask)
     out["lesion_pixels"] = int(lesion.sum())
@@ -275,6 +273,11 @@ def cache_key(records: Sequence[Record], params: DuplicateParams | Mapping[str, 
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
+def cache_file(cache_dir: str | Path | None, key: str) -> Path | None:
+    """Where the audit of ``key`` (:func:`cache_key`) is cached; None without a cache folder."""
+    return Path(cache_dir).expanduser() / f"audit-{key}.json" if cache_dir else None
+
+
 def load_or_audit(
     records: Sequence[Record],
     params: DuplicateParams | Mapping[str, Any] | None = None,
@@ -285,7 +288,7 @@ def load_or_audit(
     """The audit of these records from ``cache_dir/<key>.json`` if there, else computed and saved there."""
     params = duplicate_params(params)
     key = cache_key(records, params)
-    path = Path(cache_dir).expanduser() / f"audit-{key}.json" if cache_dir else None
+    path = cache_file(cache_dir, key)
     if path is not None and path.is_file():
         try:
             result = json.loads(path.read_text())
@@ -474,8 +477,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         ensure_phantom(root, **dict(data.synthetic))
     records = scan_busi(root)
     params = dict(cfg.get("duplicates") or {})
-    cache = Path(cfg.cache_dir).expanduser() / f"audit-{cache_key(records, params)}.json" if cfg.get("cache_dir") \
-        else None
+    cache = cache_file(cfg.get("cache_dir"), cache_key(records, params))
     was_cached = cache is not None and cache.is_file()
     audit = dict(load_or_audit(records, params, cfg.get("cache_dir"), workers=cfg.get("workers")))
     if was_cached:

@@ -39,7 +39,7 @@ from typing import Any, Callable, ContextManager, Mapping, Sequence
 
 from hydra.experimental.callback import Callback
 
-from busiseg.atomic import write_csv_atomic, write_json_atomic, write_text_atomic
+from busiseg.atomic import output_folder_problem, write_csv_atomic, write_json_atomic, write_text_atomic
 from busiseg.data.labels import CLASS_NAMES
 
 log = logging.getLogger("busiseg.cv_summary")
@@ -640,8 +640,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.out is not None:  # before the runs are read; a write that fails later is reported as well
-            from busiseg.onnx_predictor import output_folder_problem  # the file handling predict and export share
-
             problem = output_folder_problem(args.out)
             if problem is not None:
                 raise CVSummaryError(f"--out {args.out}: {problem}")

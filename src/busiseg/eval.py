@@ -307,10 +307,10 @@ def write_figures(folder: Path, inputs: EvalInputs, results: EvalResults, metric
              ("misclassified", "samples_misclassified.png", "Misclassified images",
               f"Misclassified, surest first — {subtitle}",
               f"The {{n}} misclassified images (of {{wrong}}) the model was surest of ({view})."))
+    wrong = int((probs.argmax(axis=1) != results.labels).sum())
     for key, name, heading, title, caption in grids:
         if picks.get(key):
             n = len(picks[key])
-            wrong = int((results.probs[final].argmax(axis=1) != results.labels).sum())
             save(name, heading, _grid(results, picks[key], inputs.in_channels, title.replace("{n}", str(n))),
                  caption.replace("{n}", str(n)).replace("{wrong}", str(wrong)))
     return out

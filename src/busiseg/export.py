@@ -40,8 +40,9 @@ from busiseg.checkpoint import CheckpointError, load_model, training_run_dir  # 
 from busiseg.cli import entry_point, fail, require  # noqa: E402
 from busiseg.data.labels import CLASS_NAMES  # noqa: E402
 from busiseg.inference import prepare_image  # noqa: E402
-from busiseg.onnx_predictor import (IMAGE_SUFFIXES, InputError, find_images, output_folder_problem,  # noqa: E402
-                                    read_image, sidecar_path, write_bytes_atomic)
+from busiseg.atomic import output_folder_problem  # noqa: E402
+from busiseg.onnx_predictor import (IMAGE_SUFFIXES, InputError, find_images, read_image, sidecar_path,  # noqa: E402
+                                    write_bytes_atomic)
 
 log = logging.getLogger("busiseg.export")
 

@@ -23,7 +23,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
-from busiseg.atomic import write_bytes_atomic  # noqa: F401  (also used by predict and export)
+from busiseg.atomic import output_folder_problem, write_bytes_atomic  # noqa: F401  (also used by predict and export)
 from busiseg.data.busi import IMAGE_SUFFIXES, image_to_array
 from busiseg.models.reporting import overlay_mask, save_png
 
@@ -178,24 +177,6 @@ def safe_output_path(output_root: Path, relative: PurePosixPath) -> Path:
     if not candidate.resolve().is_relative_to(root):
         raise UnsafeOutputPath(f"{relative}: the output path {candidate} resolves outside the output folder {root}")
     return candidate
-
-
-def output_folder_problem(folder: str | Path) -> str | None:
-    """Why the folder ``folder`` cannot be made or written into, found before any work: a file in the way, or its
-    nearest existing folder takes no new file (tried with an unnamed temporary file, so that root, a read-only or
-    immutable folder and ``/proc`` are judged by what happens, not by permission bits); None when it can. Nothing
-    is left behind. ``busiseg.export``, ``busiseg.cv_summary`` and this module's CLI check their output with it."""
-    folder = Path(folder).expanduser()
-    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
-    if not existing.is_dir():
-        return f"{existing} is a file, so the output folder cannot be made"
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as exc:
-        return (f"{existing} is not writable ({exc.strerror or exc})"
-                + (", so the output folder cannot be made" if existing != folder else ""))
-    return None
 
 
 # --------------------------------------------------------------------------- pixels

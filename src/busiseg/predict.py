@@ -33,8 +33,9 @@ from busiseg.models.crop_classifier import (CropClassifier, CropClassifierError,
                                             load_crop_classifier)
 from busiseg.models.scan_classifier import join_scan_probs, load_scan_classifier, scan_probs  # noqa: E402
 from busiseg.models.mask_refiner import MaskRefiner, MaskRefinerError, load_mask_refiner, read_outside  # noqa: E402
+from busiseg.atomic import output_folder_problem  # noqa: E402
 from busiseg.onnx_predictor import (DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, InputError, PredictionSummary,  # noqa: E402
-                                    find_images, output_folder_problem, predict_files)
+                                    find_images, predict_files)
 
 log = logging.getLogger("busiseg.predict")
 

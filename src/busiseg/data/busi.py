@@ -176,7 +176,8 @@ def _open(path: Path) -> Image.Image:
         raise DatasetError(f"{path}: cannot read the image ({exc.__class__.__name__}: {exc})") from exc
 
 
-def _size_problem(path: Path, mask_size: tuple[int, int], size: tuple[int, int]) -> str:
+def mask_size_problem(path: Path, mask_size: tuple[int, int], size: tuple[int, int]) -> str:
+    """The one wording of a mask whose size is not its image's (scan, decode and audit say it alike)."""
     return f"{path}: mask size {mask_size[0]}x{mask_size[1]} differs from its image's {size[0]}x{size[1]}"
 
 
@@ -195,7 +196,7 @@ def file_problems(record: Record) -> list[str]:
             problems.append(str(exc))
             continue
         if size is not None and mask_size != size:
-            problems.append(_size_problem(path, mask_size, size))
+            problems.append(mask_size_problem(path, mask_size, size))
     return problems
 
 
@@ -222,7 +223,7 @@ def merge_masks(mask_images: list[Image.Image], paths: list[Path], size: tuple[i
     merged = np.zeros((size[1], size[0]), dtype=bool)
     for im, path in zip(mask_images, paths):
         if im.size != size:
-            raise DatasetError(_size_problem(path, im.size, size))
+            raise DatasetError(mask_size_problem(path, im.size, size))
         merged |= mask_to_bool(im)
     return merged
 

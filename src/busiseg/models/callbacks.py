@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from busiseg.data.labels import CLASS_NAMES
 from busiseg.models.reporting import render_prediction_grid, save_png
+
+_TRAIN_LOG = logging.getLogger("busiseg.train")  # the epoch lines go with train.py's
 
 __all__ = ["ValidationImageLogger"]
 
@@ -193,15 +197,10 @@ class EpochSummary(Callback):
         self._started = 0.0
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        import time
-
         self._started = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # after the epoch's validation, with the epoch's mean training loss in callback_metrics
-        import logging
-        import time
-
         if not trainer.is_global_zero:
             return
         metrics = trainer.callback_metrics
@@ -215,7 +214,7 @@ class EpochSummary(Callback):
         shown = ", ".join(f"{k.removesuffix('_epoch')} {float(metrics[k]):.4f}" for k in self.KEYS if k in metrics)
         best = f"; best {self.best_of} {self.best[0]:.4f} (epoch {self.best[1] + 1})" if self.best else ""
         total = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
-        logging.getLogger("busiseg.train").info("epoch %d%s (%.0f s): %s%s", epoch + 1, total,
+        _TRAIN_LOG.info("epoch %d%s (%.0f s): %s%s", epoch + 1, total,
                                                 time.perf_counter() - self._started, shown, best)
 
     def state_dict(self) -> dict[str, Any]:
