@@ -34,7 +34,7 @@ class ValidationImageLogger(Callback):
     softmax arg-max with its probability).
 
     The picture goes to every :class:`~lightning.pytorch.loggers.TensorBoardLogger` as the
-    image ``"val/predictions"`` at ``trainer.global_step``, and, if ``save_dir_png``, to
+    image ``"val/predictions"`` at the step of the same validation's ``val/*`` scalars, and, if ``save_dir_png``, to
     ``<log dir>/val_predictions/epoch_{E:03d}.png`` where the log dir is the first logger's
     (as ``trainer.log_dir``) or ``trainer.default_root_dir`` without loggers.
 
@@ -128,6 +128,16 @@ class ValidationImageLogger(Callback):
         probs = torch.softmax(class_logits, dim=1)
         return pred_masks.cpu(), probs.cpu()
 
+    @staticmethod
+    def _logger_step(trainer: Trainer) -> int:
+        """The step Lightning gives this validation's scalars (``val/*``), so the grid sits beside them.
+
+        Lightning logs a validation run inside a fit at the count of batches that stepped so far, which it
+        raises only after the validation: one less than ``trainer.global_step`` there.
+        """
+        epoch_loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+        return int(getattr(epoch_loop, "_batches_that_stepped", trainer.global_step))
+
     # ------------------------------------------------------------------ hook
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # a fit's epochs only: not the sanity check, nor a validation of the kept checkpoint after the fit
@@ -146,7 +156,7 @@ class ValidationImageLogger(Callback):
 
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image(self.TAG, figure, global_step=trainer.global_step, dataformats="HWC")
+                logger.experiment.add_image(self.TAG, figure, global_step=self._logger_step(trainer), dataformats="HWC")
                 logger.experiment.flush()
 
         if self.save_dir_png:
