@@ -166,6 +166,16 @@ def test_ece_and_auroc_agree_with_torchmetrics():
         assert auroc(labels == k, probs[:, k]) == pytest.approx(float(tm_auc[k]), abs=1e-6)
 
 
+def test_auroc_is_exact_in_counts():
+    # 3 positives above 7 negatives: adding up the rates gave 0.9999999999999999
+    positive = np.r_[np.ones(3, bool), np.zeros(7, bool)]
+    scores = np.r_[np.linspace(1, 2, 3), np.linspace(0, 0.5, 7)]
+    assert auroc(positive, scores) == 1.0
+    # one tie between a positive and a negative counts half a pair of the 3 * 7
+    scores[3] = scores[0]
+    assert auroc(positive, scores) == (21 - 0.5) / 21
+
+
 def test_absent_class_rules():
     probs = np.array([[0.2, 0.7, 0.1], [0.1, 0.8, 0.1], [0.1, 0.2, 0.7]])
     s = classification_summary(probs, np.array([1, 1, 2]))

@@ -270,12 +270,21 @@ def roc_curve(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def auroc(positive: np.ndarray, scores: np.ndarray) -> float | None:
-    """Area under the ROC curve (trapezoids; a tie counts half), None without positives or negatives."""
+    """Area under the ROC curve (trapezoids; a tie counts half), None without positives or negatives.
+
+    Summed in whole counts (twice the ranked-right pairs) and divided once at the end, so a perfect
+    ranking is exactly 1.0 and not 0.9999999999999999 from adding up rates."""
+    positive = np.asarray(positive, dtype=bool)
     try:
         fpr, tpr, _ = roc_curve(positive, scores)
     except ValueError:
         return None
-    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))
+    n_pos = int(positive.sum())
+    n_neg = positive.size - n_pos
+    fps = np.rint(fpr * n_neg).astype(np.int64)
+    tps = np.rint(tpr * n_pos).astype(np.int64)
+    twice_pairs = int(np.sum(np.diff(fps) * (tps[1:] + tps[:-1])))
+    return twice_pairs / (2 * n_pos * n_neg)
 
 
 def calibration_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> dict[str, np.ndarray]:
