@@ -51,7 +51,7 @@ def test_same_masks_and_classes_as_predict(tiny_ckpt, tiny_onnx, tmp_path):
     assert set(torch_rows) == set(onnx_rows) == set(COMPARE)
     for name, row in torch_rows.items():
         other = onnx_rows[name]
-        assert row["class"] == other["class"], name
+        assert row["pred_class"] == other["pred_class"], name
         for key in ("prob_normal", "prob_benign", "prob_malignant"):
             assert abs(float(row[key]) - float(other[key])) <= 2e-4, (name, key)
         a = np.asarray(Image.open(tmp_path / "torch" / row["mask"])) > 0

@@ -130,9 +130,10 @@ def test_every_input_mode_restored_to_its_size_and_mirrored(tiny_ckpt, tmp_path)
         row = rows[name]
         assert (int(row["width"]), int(row["height"])) == (w, h)
         assert int(row["lesion_area_px"]) == int((np.asarray(mask) > 0).sum())
-        assert row["class"] in ("normal", "benign", "malignant")
+        assert row["pred_class"] in ("normal", "benign", "malignant")
         probs = [float(row[f"prob_{c}"]) for c in ("normal", "benign", "malignant")]
         assert abs(sum(probs) - 1) < 1e-3
+        assert row["pred_class"] == ("normal", "benign", "malignant")[int(np.argmax(probs))]
         if int(row["lesion_area_px"]):
             ys, xs = np.nonzero(np.asarray(mask))
             assert [int(row[k]) for k in ("bbox_x_min", "bbox_y_min", "bbox_x_max", "bbox_y_max")] == \
@@ -201,6 +202,18 @@ def test_an_earlier_prediction_folder_inside_the_input_is_not_read_as_scans(tiny
         second = run_predict(tiny_ckpt, tmp_path / "in", tmp_path / "in" / "out2")
     assert sorted(r["file"] for r in second.rows) == ["a.png", "b/c.png", "notes/d.png"]
     assert f"{tmp_path / 'in' / 'out'}: skipped, an earlier prediction folder" in caplog.text
+
+
+def test_a_prediction_folder_from_before_the_pred_class_column_is_still_recognised(tmp_path):
+    from busiseg.onnx_predictor import _earlier_predictions
+
+    header = "file,class,prob_normal,prob_benign,prob_malignant,lesion_area_px,width,height,mask,overlay\n"
+    (tmp_path / "predictions.csv").write_text(header)
+    assert _earlier_predictions(tmp_path, ["predictions.csv"])
+    (tmp_path / "predictions.csv").write_text(header.replace("file,class", "file,pred_class"))
+    assert _earlier_predictions(tmp_path, ["predictions.csv"])
+    (tmp_path / "predictions.csv").write_text("patient,diagnosis\n")
+    assert not _earlier_predictions(tmp_path, ["predictions.csv"])
 
 
 def test_same_stem_different_suffix_do_not_overwrite(tiny_ckpt, tmp_path):

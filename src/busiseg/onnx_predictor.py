@@ -79,7 +79,8 @@ def _earlier_predictions(folder: Path, filenames: Sequence[str]) -> bool:
             header = f.readline().strip()
     except OSError:
         return False
-    return header.startswith("file,class,prob_") and header.endswith(",mask,overlay")
+    # "class" is the column's name in folders written before it became "pred_class"
+    return header.startswith(("file,pred_class,prob_", "file,class,prob_")) and header.endswith(",mask,overlay")
 
 
 def find_images(input_path: str | Path, skip_masks: bool | str = "auto",
@@ -294,7 +295,7 @@ class PredictionSummary:
         return 1 if self.failed else 0
 
     def report(self) -> str:
-        counts = Counter(r["class"] for r in self.rows)
+        counts = Counter(r["pred_class"] for r in self.rows)
         lines = [f"predicted {len(self.rows)} image(s) -> {self.output}"
                  + (f" ({', '.join(f'{n} {c}' for n, c in sorted(counts.items()))})" if counts else "")]
         if self.skipped_masks:
@@ -308,7 +309,7 @@ class PredictionSummary:
 
 
 def _csv_columns(class_names: Sequence[str]) -> list[str]:
-    return (["file", "class"] + [f"prob_{n}" for n in class_names]
+    return (["file", "pred_class"] + [f"prob_{n}" for n in class_names]
             + ["lesion_area_px", "bbox_x_min", "bbox_y_min", "bbox_x_max", "bbox_y_max", "width", "height",
                "mask", "overlay"])
 
@@ -356,7 +357,7 @@ def predict_files(predictor: BatchPredictor, images: list[InputImage], output: s
             grey = image if image.ndim == 2 else image.mean(axis=-1)
             save_png(render_overlay(grey, mask, class_names, probs, title=item.name.as_posix()), overlay_path)
         area, box = lesion_stats(mask)
-        row: dict[str, Any] = {"file": item.name.as_posix(), "class": class_names[int(np.argmax(probs))]}
+        row: dict[str, Any] = {"file": item.name.as_posix(), "pred_class": class_names[int(np.argmax(probs))]}
         row.update({f"prob_{n}": f"{p:.4f}" for n, p in zip(class_names, probs)})
         row.update({"lesion_area_px": area, "width": mask.shape[1], "height": mask.shape[0],
                     "mask": mask_rel.as_posix(), "overlay": overlay_rel.as_posix() if overlays else ""})
