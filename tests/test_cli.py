@@ -128,3 +128,25 @@ def test_predict_refuses_a_missing_input_before_making_the_output_folder(tmp_pat
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == f"busiseg.predict: error: input {tmp_path / 'nowhere'}: no such file or folder"
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_dir_that_cannot_be_made_is_named_before_hydra_tries():
+    from busiseg.cli import run_dir_problem
+
+    assert run_dir_problem(["hydra.run.dir=/proc/busiseg_run"]).startswith(
+        "hydra.run.dir=/proc/busiseg_run: /proc is not writable")
+    # with -m the sweep dir is the one made; the run dir's value is then not used
+    assert run_dir_problem(["-m", "hydra.sweep.dir=/proc/busiseg_sweep", "seed=1,2"]).startswith(
+        "hydra.sweep.dir=/proc/busiseg_sweep: /proc is not writable")
+    assert run_dir_problem(["-m", "hydra.run.dir=/proc/x"]) is None
+    assert run_dir_problem(["hydra.run.dir=logs/${now:%H}"]) is None  # only Hydra resolves it
+    assert run_dir_problem(["seed=3"]) is None
+
+
+def test_train_names_a_run_dir_in_a_file_in_one_line_with_status_2(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    result = subprocess.run([sys.executable, "-m", "busiseg.train", f"hydra.run.dir={tmp_path / 'notes.txt' / 'run'}"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (f"busiseg: error: hydra.run.dir={tmp_path / 'notes.txt' / 'run'}: "
+                                     f"{tmp_path / 'notes.txt'} is a file, so the output folder cannot be made")

@@ -62,6 +62,20 @@ def override_values(argv: Sequence[str], keys: Sequence[str]) -> dict[str, Any]:
     return {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(args)}
 
 
+def run_dir_problem(argv: Sequence[str]) -> str | None:
+    """Why the run dir the command line names (``hydra.run.dir``, or ``hydra.sweep.dir`` with ``-m``) cannot be
+    made or written into, before Hydra tries and fails with a traceback; None when it can, or when the command
+    line names none (or one with an interpolation, which only Hydra can resolve)."""
+    from busiseg.atomic import output_folder_problem
+
+    key = "hydra.sweep.dir" if ("-m" in argv or "--multirun" in argv) else "hydra.run.dir"
+    value = override_values(argv, [key]).get(key)
+    if not isinstance(value, str) or not value or "${" in value:
+        return None
+    problem = output_folder_problem(value)
+    return None if problem is None else f"{key}={value}: {problem}"
+
+
 # numeric defaults that take a word too (``trainer.precision=bf16-mixed``, ``trainer.devices=auto``,
 # ``data.num_workers=auto``): their own checks judge the value
 NUMBER_OR_WORD = ("trainer.precision", "trainer.devices", "data.num_workers")
@@ -118,7 +132,8 @@ def entry_point(prog: str, config_path: str, config_name: str,
                 ) -> Callable[[Callable[[Any], Any]], Callable[[], Any]]:
     """``@hydra.main(config_path, config_name)`` for a task, so that a command line it cannot use ends with exit
     status 2 (the run could not start) and one line naming the fault: a ``key=value`` Hydra cannot parse gets
-    the quoting that works (:func:`unreadable_override`), ``precheck(argv)``'s message (checks needed before
+    the quoting that works (:func:`unreadable_override`), a run dir that cannot be made is named
+    (:func:`run_dir_problem`), ``precheck(argv)``'s message (checks needed before
     Hydra creates the run dir) ends it, and Hydra's own refusals before the task starts (an unknown key, a
     missing config group option), which Hydra ends with status 1, are given status 2 and a closing line."""
     import hydra
@@ -141,7 +156,8 @@ def entry_point(prog: str, config_path: str, config_name: str,
         @functools.wraps(task)
         def run() -> Any:
             argv = sys.argv[1:]
-            problem = unreadable_override(argv) or (precheck(argv) if precheck is not None else None)
+            problem = (unreadable_override(argv) or run_dir_problem(argv)
+                       or (precheck(argv) if precheck is not None else None))
             if problem is not None:
                 print(f"{prog}: error: {problem}", file=sys.stderr)
                 sys.exit(2)
