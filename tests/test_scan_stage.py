@@ -125,6 +125,49 @@ def test_a_stage_file_is_reused_only_for_its_own_settings_and_split(scanned_swee
     assert trained_before_stop(tmp_path / "missing.pt", settings, root, split, state["precision"], read_crop_file) is None
 
 
+def test_a_complete_stage_file_is_reused_and_read_once(scanned_sweep, monkeypatch):
+    """A resumed run whose stage files were written before the stop: each is reused, not trained again (the scan
+    stage's was trained again on every resume: its file stores the crop classifier's settings, which were
+    compared with the scan stage's own), and read once (the loader takes the content its settings were checked
+    on)."""
+    from omegaconf import OmegaConf
+
+    import busiseg.models.crop_classifier as crop_module
+    import busiseg.models.scan_classifier as scan_module
+    from busiseg.crop_stage import FILE_NAME as CROP_FILE
+    from busiseg.crop_stage import trained_or_reused
+    from busiseg.scan_stage import trained_or_reused_scan
+    from busiseg.train import scan_settings
+
+    _, sweep = scanned_sweep
+    run = sweep / "1"
+    reads = []
+    for module in (crop_module, scan_module):
+        real = module.read_stage_file
+        monkeypatch.setattr(module, "read_stage_file", lambda path, *a, _real=real, **k: reads.append(Path(path))
+                            or _real(path, *a, **k))
+    monkeypatch.setattr("busiseg.scan_stage.train_for_split", lambda *a, **k: pytest.fail("scan stage trained again"))
+
+    def never_trained():
+        raise AssertionError("crop stage trained again")
+
+    state = crop_module.read_crop_file(run / CROP_FILE)
+    reads.clear()
+    model, info = trained_or_reused(run / CROP_FILE, crop_module.CropSettings(**state["settings"]),
+                                    Path(state["data_root"]), Path(state["split_file"]), state["precision"], True,
+                                    crop_module.read_crop_file, crop_module.load_crop_classifier, never_trained, None)
+    assert reads == [run / CROP_FILE]
+    assert model.trained_on == state["trained_on"] and info["fit_seconds"] == state["fit_seconds"]
+
+    state = crop_module.read_crop_file(run / FILE_NAME)
+    reads.clear()
+    settings = scan_settings(OmegaConf.load(run / "config.yaml"))  # as the resumed run builds them
+    model, info = trained_or_reused_scan(run / FILE_NAME, settings, Path(state["data_root"]),
+                                         Path(state["split_file"]), state["precision"], True)
+    assert reads == [run / FILE_NAME]
+    assert model.trained_on == state["trained_on"] and info["fit_seconds"] == state["fit_seconds"]
+
+
 def test_cv_summary_sets_the_scan_stage_beside_the_others(scanned_sweep):
     from busiseg.cv_summary import headline_table, summarize
 

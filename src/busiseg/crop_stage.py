@@ -178,11 +178,12 @@ def trained_before_stop(out: Path, settings: Any, root: Path, split_file: Path, 
 def trained_or_reused(out: Path, settings: Any, root: Path, split_file: Path, precision: str, reuse: bool,
                       read: Any, load: Any, train: Any, save: Any) -> tuple[Any, dict[str, Any]]:
     """A second stage's model and what its file stores about its training: with ``reuse`` (a resumed run) the file
-    at ``out`` when :func:`trained_before_stop` accepts it (``read``: its reader, ``load``: its loader); otherwise
+    at ``out`` when :func:`trained_before_stop` accepts it (``read``: its reader, ``load(out, state)``: its loader
+    from the content ``read`` returned); otherwise
     ``train()`` (model, info, figure), written to ``out`` by ``save`` with its figure."""
     stored = trained_before_stop(out, settings, root, split_file, precision, read) if reuse else None
     if stored is not None:
-        return load(out), {k: stored[k] for k in INFO_KEYS}
+        return load(out, stored), {k: stored[k] for k in INFO_KEYS}  # the file is read once
     model, info, figure = train()
     save_with_figure(model, out, figure, save, **info)
     return model, info

@@ -109,6 +109,17 @@ def scan_figure(history: Sequence[float], images: Sequence[np.ndarray], labels: 
     return stage_figure(history, "cross-entropy", panels, title, max(1, -(-len(panels) // 2)))
 
 
+def trained_or_reused_scan(out: Path, settings: ScanSettings, root: Path, split_file: Path, dtype: str, reuse: bool,
+                           device: str = "auto", progress: bool = True) -> tuple[CropClassifier, dict[str, Any]]:
+    """The scan classifier at ``out`` when ``reuse`` and it was trained with ``settings`` on ``split_file``'s
+    training part (read once), else trained and written there. The file stores the crop classifier's settings it
+    was trained with (:meth:`ScanSettings.crop_settings`), so those are what it is compared with."""
+    return trained_or_reused(out, settings.crop_settings(), root, split_file, dtype, reuse, read_crop_file,
+                             load_scan_classifier,
+                             lambda: train_for_split(root, split_file, settings, device, dtype, progress),
+                             save_crop_classifier)
+
+
 def for_training_run(settings: ScanSettings, root: Path, split_file: Path, net: torch.nn.Module,
                      parts: dict[str, list[Record]], image_size: int, in_channels: int, batch_size: int, *,
                      precision: str, channels_last: bool, device: str, out: Path, progress: bool = True,
@@ -121,10 +132,7 @@ def for_training_run(settings: ScanSettings, root: Path, split_file: Path, net: 
     ``{part: results}``. ``reuse`` (a resumed run): a file at ``out`` trained with these settings on this split is
     read, not retrained."""
     dtype = "bf16-mixed" if precision.startswith("bf16") else "32"
-    model, info = trained_or_reused(out, settings, root, split_file, dtype, reuse, read_crop_file,
-                                    load_scan_classifier,
-                                    lambda: train_for_split(root, split_file, settings, device, dtype, progress),
-                                    save_crop_classifier)
+    model, info = trained_or_reused_scan(out, settings, root, split_file, dtype, reuse, device, progress)
     results = score_parts(net, parts, image_size, in_channels, batch_size, precision=precision,
                           channels_last=channels_last, progress=progress,
                           check=lambda names: check_not_trained_on(model, names, out),

@@ -251,10 +251,12 @@ def save_mask_refiner(model: MaskRefiner, path: str | Path, **extra: Any) -> Pat
     return save_stage_file(path, FORMAT, model.net, model.settings, model.trained_on, **extra)
 
 
-def load_mask_refiner(path: str | Path) -> MaskRefiner:
-    """The mask refiner stored at ``path`` (eval mode, CPU); errors name the file."""
-    state = read_stage_file(path, FORMAT, MaskRefinerError, "mask refiner",
-                            "scripts/probe_crop_refine.py trains one per fold")
+def load_mask_refiner(path: str | Path, state: dict[str, Any] | None = None) -> MaskRefiner:
+    """The mask refiner stored at ``path`` (eval mode, CPU); errors name the file. ``state``: the file's content
+    when already read (a resumed run's check of it)."""
+    if state is None:
+        state = read_stage_file(path, FORMAT, MaskRefinerError, "mask refiner",
+                                "scripts/probe_crop_refine.py trains one per fold")
     try:
         model = MaskRefiner(RefinerSettings(**state["settings"]), state.get("trained_on") or [])
         model.net.load_state_dict(state["state_dict"])

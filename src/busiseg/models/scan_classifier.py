@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -116,11 +116,12 @@ def check_scan_classes(classes: Sequence[str], source: str | Path) -> None:
                                   f"{list(CLASS_NAMES)} (python -m busiseg.scan_stage train RUN writes one)")
 
 
-def load_scan_classifier(path: str | Path) -> CropClassifier:
+def load_scan_classifier(path: str | Path, state: dict[str, Any] | None = None) -> CropClassifier:
     """The scan classifier stored at ``path`` (eval mode, CPU); a missing, damaged or crop-stage file is refused
-    with a message naming the file."""
-    state = read_stage_file(path, FORMAT, ScanClassifierError, "scan classifier",
-                            "python -m busiseg.scan_stage train RUN writes RUN/scan_classifier.pt")
+    with a message naming the file. ``state``: the file's content when already read (a resumed run's check of it)."""
+    if state is None:
+        state = read_stage_file(path, FORMAT, ScanClassifierError, "scan classifier",
+                                "python -m busiseg.scan_stage train RUN writes RUN/scan_classifier.pt")
     check_scan_classes(state.get("classes") or (), path)
     return load_crop_classifier(path, state)
 
