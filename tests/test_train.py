@@ -189,6 +189,31 @@ def test_cpu_bf16_warns_only_without_native_bfloat16(tmp_path, data_dir, monkeyp
     assert "bfloat16" not in caplog.text
 
 
+@pytest.mark.parametrize("flags, onednn, native", [
+    ({"avx512f", "avx512bw", "avx512vl", "avx512dq"}, True, False),  # Skylake-SP..Ice Lake: oneDNN emulates bf16
+    ({"avx512f", "avx512bw", "avx512_bf16"}, True, True),  # Cooper Lake, Zen 4
+    ({"avx512bw", "amx_bf16", "amx_tile"}, True, True),  # Sapphire Rapids
+    ({"fp", "asimd", "bf16"}, True, True),  # Arm with BF16 (Features)
+    ({"avx2", "fma"}, False, False),
+    (None, True, True),  # no /proc/cpuinfo (macOS...): oneDNN's answer
+    (None, False, False),
+])
+def test_native_bf16_needs_the_instructions_not_only_onednn(flags, onednn, native):
+    from busiseg.run_info import native_bf16
+
+    assert native_bf16(None if flags is None else frozenset(flags), onednn) is native
+
+
+def test_cpu_flags_read_from_proc_cpuinfo():
+    from busiseg.run_info import cpu_flags
+
+    flags = cpu_flags()
+    if Path("/proc/cpuinfo").is_file():
+        assert flags and ({"fpu", "sse2"} <= flags or "fp" in flags)  # x86 or Arm
+    else:
+        assert flags is None
+
+
 @pytest.mark.parametrize("native", [False, True])
 def test_precision_auto_is_bf16_only_where_native(tmp_path, data_dir, monkeypatch, caplog, native):
     import busiseg.train as train_module

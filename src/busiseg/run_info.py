@@ -134,8 +134,35 @@ def record_run(output_dir: Path, config: dict[str, Any], resumed: bool = False) 
     write_text_atomic(info_path, json.dumps(info, indent=2) + "\n")
 
 
+# CPU flags (Linux /proc/cpuinfo) of instructions that compute in bfloat16: x86's AVX-512 BF16 and AMX, Arm's BF16
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_flags() -> frozenset[str] | None:
+    """The first processor's instruction-set flags (``flags`` on x86, ``Features`` on Arm) from Linux
+    ``/proc/cpuinfo``; None where there is none to read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return None
+
+
+def native_bf16(flags: frozenset[str] | None, onednn_bf16: bool) -> bool:
+    """Whether bfloat16 runs natively: oneDNN has a bf16 path (``onednn_bf16``) and, where the CPU's flags can be
+    read, the CPU has bf16 instructions. oneDNN's own answer is yes on any AVX-512 CPU (it emulates bf16 with
+    avx512bw there: Skylake-SP to Ice Lake Xeons), where bf16-mixed trains several times slower than fp32."""
+    if not onednn_bf16:
+        return False
+    return flags is None or bool(flags & NATIVE_BF16_FLAGS)
+
+
 def cpu_has_bf16() -> bool:
-    """Whether this CPU runs bfloat16 natively (oneDNN: avx512_bf16 or AMX), where bf16-mixed is fast.
+    """Whether this CPU runs bfloat16 natively (avx512_bf16 or AMX; Arm's BF16), where bf16-mixed is fast.
 
     Lives here, not in ``busiseg.train``: that module runs as ``__main__``, whose functions the
     joblib launcher pickles by value, and ``torch.ops`` cannot be pickled.
@@ -143,6 +170,7 @@ def cpu_has_bf16() -> bool:
     import torch
 
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+    return native_bf16(cpu_flags(), onednn)
