@@ -4,10 +4,11 @@
 
 For a sweep run with ``exclude=...`` (B) against one without (A): the images it left out are in A's test parts
 only, so the run's own test metrics are not paired with A's. This reads each fold's per-image predictions
-(RUN/predictions.csv, predictions_refined.csv, predictions_two_stage.csv; the test part) and scores both sweeps on
+(RUN/predictions.csv, predictions_refined.csv, predictions_two_stage.csv, predictions_scan_stage.csv; the test part) and scores both sweeps on
 the images both tested, less those in ``--exclude`` (a YAML file with an ``exclude:`` list, as conf/exclude/*.yaml):
 lesion-image Dice (the mean of the per-image Dice of benign and malignant images, as ``test/dice_per_image_lesion``)
-and 3-class accuracy, of the network, its refined masks and the two-stage classes where the runs wrote them. With
+and 3-class accuracy, of the network, its refined masks, the two-stage classes and the scan stage's (the recipe's
+diagnosis) where the runs wrote them. With
 B = A and ``--exclude``, it gives A's numbers without those images. Nothing is trained or re-scored: the Dice of
 each image is the one its run wrote.
 """
@@ -27,6 +28,7 @@ WAYS = (
     ("lesion-image Dice, refined", "predictions_refined.csv", "dice"),
     ("accuracy, network", "predictions.csv", "accuracy"),
     ("accuracy, two-stage", "predictions_two_stage.csv", "accuracy"),
+    ("accuracy, scan stage", "predictions_scan_stage.csv", "accuracy"),
 )
 
 

@@ -12,9 +12,9 @@ SCRIPT = REPO / "scripts" / "paired_subset.py"
 HEADER = ["part", "image", "true_class", "pred_class", "prob_normal", "prob_benign", "prob_malignant", "dice"]
 
 
-def _write(run, rows):
+def _write(run, rows, name="predictions.csv"):
     run.mkdir(parents=True, exist_ok=True)
-    with open(run / "predictions.csv", "w", newline="") as f:
+    with open(run / name, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(HEADER)
         for image, true, pred, dice in rows:
@@ -41,7 +41,20 @@ def test_scores_both_on_the_common_images_less_the_list(tmp_path):
     assert "| 0.700 +- 0.000 | 0.800 +- 0.000 | +0.100" in dice  # (0.8 + 0.6) / 2 against (0.9 + 0.7) / 2
     acc = next(line for line in proc.stdout.splitlines() if line.startswith("| accuracy, network"))
     assert "| 0.500 +- 0.000 | 1.000 +- 0.000 | +0.500" in acc
-    assert "refined" not in proc.stdout  # no predictions_refined.csv: that row is left out
+    assert "refined" not in proc.stdout and "scan stage" not in proc.stdout  # no such files: those rows left out
+
+
+def test_the_scan_stage_row_reads_its_own_file(tmp_path):
+    rows = [("benign/b1.png", "benign", "normal", 0.8), ("malignant/m1.png", "malignant", "benign", 0.6)]
+    for side in ("a", "b"):
+        _write(tmp_path / side / "0", rows)
+        _write(tmp_path / side / "0", [("benign/b1.png", "benign", "benign", 0.8),
+                                       ("malignant/m1.png", "malignant", "benign", 0.6)], "predictions_scan_stage.csv")
+    proc = _run(tmp_path / "a", tmp_path / "b", "--folds", "0")
+    assert proc.returncode == 0, proc.stderr
+    scan = next(line for line in proc.stdout.splitlines() if line.startswith("| accuracy, scan stage"))
+    assert "| 0.500 +- 0.000 | 0.500 +- 0.000 | +0.000" in scan  # the network's rows score 0.000
+    assert "| accuracy, network | 0.000 +- 0.000" in proc.stdout
 
 
 def test_refuses_sweeps_of_different_folds(tmp_path):
