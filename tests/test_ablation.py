@@ -40,7 +40,10 @@ def test_paired_differences_against_the_reference(tmp_path):
 
 def test_cli_writes_the_table_and_refuses_unpaired_arms(tmp_path, capsys):
     a, b = _arm(tmp_path, "seg_only", 0.0), _arm(tmp_path, "ce", 0.02)
+    held = {arm: sorted(p.name for p in arm.iterdir()) for arm in (a, b)}
     assert main([f"seg_only={a}", f"ce={b}", "--out", str(tmp_path / "out")]) == 0
+    # the arms' folders are read, not written into (it wrote each arm's cv_summary files there)
+    assert {arm: sorted(p.name for p in arm.iterdir()) for arm in (a, b)} == held
     out = capsys.readouterr().out
     assert "| ce | accuracy |" not in out  # seg_only's class head is untrained: no accuracy pairing
     assert "| ce | dice_per_image_lesion |" in out

@@ -50,7 +50,7 @@ def compare(arms: Mapping[str, str | Path], reference: str) -> dict[str, Any]:
     summaries: dict[str, dict[str, Any]] = {}
     for name, directory in arms.items():
         try:
-            summaries[name] = summarize(directory)
+            summaries[name] = summarize(directory, write=False)  # the arms' folders are only read
         except CVSummaryError as exc:
             raise AblationError(f"arm {name}: {exc}") from exc
     assignments = {name: _assignment(s) for name, s in summaries.items()}

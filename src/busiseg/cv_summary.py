@@ -169,8 +169,9 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(var)
 
 
-def summarize(directory: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:
-    """Aggregate the fold runs under ``directory``; write the summary files; return the summary."""
+def summarize(directory: str | Path, out_dir: str | Path | None = None, write: bool = True) -> dict[str, Any]:
+    """Aggregate the fold runs under ``directory``; write the summary files (into ``out_dir``, by default
+    ``directory``; nothing with ``write=False``); return the summary."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CVSummaryError(f"{directory}: no such folder (give the sweep folder holding the fold runs)")
@@ -272,6 +273,8 @@ def summarize(directory: str | Path, out_dir: str | Path | None = None) -> dict[
         "scan_over_crop_gain": _stage_gain(per_fold, order, "test_scan_stage", TWO_STAGE_PAIRED, "test_two_stage"),
         "refined_gain": _stage_gain(per_fold, order, "test_refined", REFINED_PAIRED),
     }
+    if not write:
+        return summary
     out_dir = Path(out_dir) if out_dir else directory
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
