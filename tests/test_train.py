@@ -171,6 +171,9 @@ def test_bad_config_values_named(tmp_path, data_dir):
     cfg = compose_train(tmp_path, data_dir, ["mix=cutmix", "mix.p=2"])
     with pytest.raises(ConfigError, match=r"mix\.p must be in \[0, 1\], got 2"):
         train(cfg)
+    cfg = compose_train(tmp_path, data_dir, ["train=false", "test=false"])  # was an AttributeError traceback
+    with pytest.raises(ConfigError, match="train=false test=false: nothing to do"):
+        train(cfg)
 
 
 def test_cpu_bf16_warns_only_without_native_bfloat16(tmp_path, data_dir, monkeypatch, caplog):

@@ -63,6 +63,9 @@ PRECISIONS = ("32", "32-true", "64", "64-true", "bf16-mixed", "16-mixed", "bf16-
 def check_config(cfg: DictConfig) -> None:
     """Catch impossible values before any heavy work, naming the key."""
     data = cfg.data
+    if not cfg.get("train", True) and not cfg.get("test", True):
+        raise ConfigError("train=false test=false: nothing to do (train=false ckpt_path=FILE tests a checkpoint; "
+                          "busiseg.eval ckpt_path=FILE evaluates one)")
     if data.get("root") in (None, "", "???"):
         raise ConfigError("data.root is not set: pass data.root=/path/to/Dataset_BUSI_with_GT or set BUSI_ROOT")
     for key, value in (("data.image_size", data.image_size), ("seed", cfg.get("seed", 0)),
