@@ -71,6 +71,9 @@ def test_cli(tiny_onnx, tmp_path):
                              str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 1  # one file failed
     assert "bad.jpg" in result.stdout + result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (  # the closing line, as busiseg.predict's
+        f"busiseg.onnx_predictor: error: 1 file(s) could not be predicted (listed above); the other 2 are in "
+        f"{tmp_path / 'out'}")
     assert Image.open(tmp_path / "out" / "a" / "b_pred_mask.png").size == (50, 40)
     assert Image.open(tmp_path / "out" / "c_pred_mask.png").size == (33, 66)
     assert set(_rows(tmp_path / "out")) == {"a/b.png", "c.tif"}

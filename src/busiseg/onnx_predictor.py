@@ -307,6 +307,15 @@ class PredictionSummary:
             lines += [f"  - {path}: {reason}" for path, reason in self.failed]
         return "\n".join(lines)
 
+    def failure_line(self, prog: str, log_file: Path | None = None) -> str | None:
+        """The closing stderr line of a run with failed files (None without): how many, where they are listed,
+        where the rest went."""
+        if not self.failed:
+            return None
+        listed = f"listed above and in {log_file}" if log_file is not None else "listed above"
+        return (f"{prog}: error: {len(self.failed)} file(s) could not be predicted ({listed}); the other "
+                f"{len(self.rows)} are in {self.output}")
+
 
 def _csv_columns(class_names: Sequence[str]) -> list[str]:
     return (["file", "pred_class"] + [f"prob_{n}" for n in class_names]
@@ -542,6 +551,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"busiseg.onnx_predictor: error: {exc}", file=sys.stderr)
         return 2
     print(summary.report())
+    if summary.failed:
+        print(summary.failure_line("busiseg.onnx_predictor"), file=sys.stderr)
     return summary.exit_code
 
 

@@ -221,9 +221,7 @@ def main(cfg: DictConfig) -> None:
     # Hydra's logging prints to the console and to predict.log in the output folder.
     log.info("%s", summary.report())
     if summary.failed:  # each failure is logged above (console and predict.log); the status line goes to stderr
-        print(f"busiseg.predict: error: {len(summary.failed)} file(s) could not be predicted (listed above and in "
-              f"{summary.output / 'predict.log'}); the other {len(summary.rows)} are in {summary.output}",
-              file=sys.stderr)
+        print(summary.failure_line("busiseg.predict", summary.output / "predict.log"), file=sys.stderr)
         sys.exit(summary.exit_code)
 
 
