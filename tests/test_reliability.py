@@ -169,6 +169,9 @@ def test_nonfinite_loss_skip_mode_finishes(tmp_path, data_dir, monkeypatch, capl
     (["data.image_size=100"], "data.image_size"),
     (["trainer.precision=8"], "trainer.precision"),
     (["trainer=cpu", "trainer.precision=16-mixed"], "16-mixed"),
+    # the default trainer (accelerator auto) on a machine without a GPU: Lightning ran it as bf16-mixed in silence
+    pytest.param(["trainer.precision=16-mixed"], "16-mixed",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs 16-mixed")),
     (["guard.nonfinite=ignore"], "guard.nonfinite"),
     (["callbacks.step_checkpoint.every_n_train_steps=0"], "every_n_train_steps"),
 ])
@@ -191,6 +194,28 @@ def test_missing_data_root_and_bad_resume_dir(tmp_path, data_dir):
     (tmp_path / "empty_run" / "checkpoints" / "last.ckpt").write_bytes(b"")
     with pytest.raises(ConfigError, match=r"last.ckpt: a file; resume= takes the run dir \(resume=.*empty_run\)"):
         train(compose_train(tmp_path, data_dir, [f"resume={tmp_path / 'empty_run' / 'checkpoints' / 'last.ckpt'}"]))
+
+
+def test_a_moved_run_dir_resumes_into_itself(tmp_path, data_dir):
+    """config.yaml is stored resolved: a run dir moved (or copied) since must not send the resumed checkpoints and
+    events to the old place (nor into the original of a copy)."""
+    from omegaconf import OmegaConf
+
+    from busiseg.train import _plain, resume_config
+
+    old, new = tmp_path / "run", tmp_path / "project" / "run"  # compose_train makes the run in tmp_path/run
+    stored = compose_train(tmp_path, data_dir, [])
+    (new / "checkpoints").mkdir(parents=True)
+    (new / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (new / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(_plain(stored))))  # as record_run writes it
+    assert str(old) in (new / "config.yaml").read_text()  # the folders are stored under the old dir
+    resumed = resume_config(compose_train(tmp_path, data_dir, [f"resume={new}"]))
+    text = OmegaConf.to_yaml(resumed)
+    assert str(old) not in text
+    assert resumed.callbacks.last_checkpoint.dirpath == str(new / "checkpoints")
+    assert resumed.logger.tensorboard.save_dir.startswith(str(new))
+    assert resumed.ckpt_path == str(new / "checkpoints" / "last.ckpt") and resumed.paths.output_dir == str(new)
+    assert resumed.data.root == stored.data.root  # paths outside the run dir stay
 
 
 def test_cli_negative_loss_weight_is_one_line(tmp_path):

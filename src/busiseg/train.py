@@ -94,14 +94,14 @@ def check_config(cfg: DictConfig) -> None:
     accelerator = cfg.trainer.get("accelerator", "auto")
     if accelerator == "gpu" and not torch.cuda.is_available():
         raise ConfigError("trainer.accelerator=gpu but no CUDA device is visible; use trainer=cpu or trainer=default (auto)")
-    if precision == "16-mixed" and accelerator == "cpu":
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if precision == "16-mixed" and on_cpu:  # Lightning would run it as bf16-mixed, the run recording 16-mixed
         raise ConfigError("trainer.precision=16-mixed needs a GPU; on CPU use 32 or bf16-mixed")
     if data.get("device_resident") and not cfg.get("augment_on_device") and cfg.augment.get("_target_", "").split(".")[-1] != "no_augmentation":
         raise ConfigError("data.device_resident=true skips the CPU augmentation: set augment_on_device=true (or augment=none)")
     if precision.startswith("bf16") and accelerator in ("gpu", "cuda") and torch.cuda.is_available() \
             and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"trainer.precision={precision}: this GPU has no bfloat16; use 16-mixed or 32")
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     if precision == "bf16-mixed" and on_cpu and not cpu_has_bf16():
         log.warning("trainer.precision=bf16-mixed on a CPU without bfloat16 instructions (no avx512_bf16 or AMX): "
                     "it will be emulated, 13-20x slower than trainer.precision=32 on one such CPU "
@@ -352,7 +352,17 @@ def resume_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"resume={run}: no checkpoints/last.ckpt to resume from (the run stopped before its "
                           f"first checkpoint; start it again)")
     stored = run / CONFIG_NAME
-    resumed = OmegaConf.create(OmegaConf.to_container(OmegaConf.load(stored))) if stored.is_file() else cfg.copy()
+    if stored.is_file():
+        container = OmegaConf.to_container(OmegaConf.load(stored))
+        # the stored config is resolved: checkpoint and logger folders name the dir the run was made in; a run dir
+        # moved or copied since writes into itself, not into the old place (nor into the original of a copy)
+        made_in = str((container.get("paths") or {}).get("output_dir") or "")
+        if made_in and Path(made_in).resolve() != run.resolve():
+            container = _moved(container, made_in.rstrip("/"), str(run.resolve()))
+            log.info("resume=%s: the run was made in %s; its folders are taken to be here", run, made_in)
+        resumed = OmegaConf.create(container)
+    else:
+        resumed = cfg.copy()
     with open_dict(resumed):
         resumed.resume = str(run)
         resumed.paths.output_dir = str(run)
@@ -360,6 +370,17 @@ def resume_config(cfg: DictConfig) -> DictConfig:
         if (run / "split.json").is_file() and resumed.get("split") is not None:
             resumed.split.file = str(run / "split.json")
     return resumed
+
+
+def _moved(node: Any, old: str, new: str) -> Any:
+    """``node`` (plain containers) with every string naming ``old`` or a path under it pointed at ``new``."""
+    if isinstance(node, dict):
+        return {k: _moved(v, old, new) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_moved(v, old, new) for v in node]
+    if isinstance(node, str) and (node == old or node.startswith(old + "/")):
+        return new + node[len(old):]
+    return node
 
 
 def _resumed_step(ckpt_path: str | None) -> int | None:
