@@ -150,3 +150,16 @@ def test_train_names_a_run_dir_in_a_file_in_one_line_with_status_2(tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == (f"busiseg: error: hydra.run.dir={tmp_path / 'notes.txt' / 'run'}: "
                                      f"{tmp_path / 'notes.txt'} is a file, so the output folder cannot be made")
+
+
+def test_a_config_group_set_to_null_gets_the_override_that_works():
+    from busiseg.cli import null_group_override
+    from tests.conftest import REPO
+
+    conf = str(REPO / "conf")
+    assert null_group_override(["logger=null"], conf) == (
+        "logger=null: logger is a config group; to leave it out write ~logger (quoted in zsh: '~logger')")
+    assert null_group_override(["refine_stage=null"], conf) == (
+        "refine_stage=null: refine_stage is a config group; to turn it off write refine_stage=none")
+    for fine in (["ckpt_path=null"], ["model.encoder_weights=null"], ["~logger"], ["logger=csv"]):
+        assert null_group_override(fine, conf) is None, fine

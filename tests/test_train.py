@@ -176,6 +176,15 @@ def test_bad_config_values_named(tmp_path, data_dir):
         train(cfg)
 
 
+def test_a_run_without_a_logger_trains(tmp_path, data_dir, caplog):
+    """``~logger``: the learning-rate monitor, which refuses a trainer without a logger, is left out (it ended in
+    Lightning's MisconfigurationException after the data was read)."""
+    with caplog.at_level("INFO", logger="busiseg.train"):
+        summary = train(compose_train(tmp_path, data_dir, ["~logger"]))
+    assert "no logger: callbacks.lr_monitor (a learning-rate monitor) is off" in caplog.text
+    assert "test/dice" in summary["metrics"] and not (tmp_path / "run" / "tensorboard").exists()
+
+
 def test_cpu_bf16_warns_only_without_native_bfloat16(tmp_path, data_dir, monkeypatch, caplog):
     import busiseg.train as train_module
 

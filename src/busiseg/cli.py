@@ -62,6 +62,24 @@ def override_values(argv: Sequence[str], keys: Sequence[str]) -> dict[str, Any]:
     return {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(args)}
 
 
+def null_group_override(argv: Sequence[str], config_path: str) -> str | None:
+    """``GROUP=null`` for a config group (``logger=null``), which Hydra refuses with a traceback: how to drop the
+    group instead (``~GROUP``); None when the command line has none."""
+    from pathlib import Path
+
+    for arg in argv:
+        match = _OVERRIDE.match(arg)
+        if match is None or match.group(1) or match.group(3) != "null":
+            continue
+        key = match.group(2)
+        group = Path(config_path) / key
+        if "." not in key and group.is_dir():
+            if (group / "none.yaml").is_file():
+                return f"{arg}: {key} is a config group; to turn it off write {key}=none"
+            return f"{arg}: {key} is a config group; to leave it out write ~{key} (quoted in zsh: '~{key}')"
+    return None
+
+
 def run_dir_problem(argv: Sequence[str]) -> str | None:
     """Why the run dir the command line names (``hydra.run.dir``, or ``hydra.sweep.dir`` with ``-m``) cannot be
     made or written into, before Hydra tries and fails with a traceback; None when it can, or when the command
@@ -156,7 +174,7 @@ def entry_point(prog: str, config_path: str, config_name: str,
         @functools.wraps(task)
         def run() -> Any:
             argv = sys.argv[1:]
-            problem = (unreadable_override(argv) or run_dir_problem(argv)
+            problem = (unreadable_override(argv) or null_group_override(argv, config_path) or run_dir_problem(argv)
                        or (precheck(argv) if precheck is not None else None))
             if problem is not None:
                 print(f"{prog}: error: {problem}", file=sys.stderr)

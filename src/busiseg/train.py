@@ -457,6 +457,13 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback]) -> L.Trainer:
                      ", ".join(watching), ", ".join(sorted({str(configured[k].monitor) for k in watching})),
                      "are" if len(watching) > 1 else "is")
         configured = {k: c for k, c in configured.items() if k not in watching}
+    if not any(c for c in (cfg.get("logger") or {}).values()):
+        # ~logger: Lightning's learning-rate monitor refuses a trainer without a logger (a traceback after the data
+        # was read); it has nothing to write to, so it is left out
+        needing = [k for k, c in configured.items() if str(c.get("_target_", "")).endswith("LearningRateMonitor")]
+        if needing:
+            log.info("no logger: callbacks.%s (a learning-rate monitor) is off", ", callbacks.".join(needing))
+        configured = {k: c for k, c in configured.items() if k not in needing}
     callbacks = [hydra.utils.instantiate(c) for c in configured.values()] + callbacks
     # always on: exact resume (epoch position, RNG states) and a checkpoint on SIGTERM/SIGINT
     callbacks += [ResumeState(), GracefulInterrupt(output_dir / "checkpoints")]

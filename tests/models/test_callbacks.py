@@ -240,3 +240,18 @@ def test_select_indices_even_and_deterministic():
     assert cb.select_indices(0) == []
     with pytest.raises(ValueError):
         ValidationImageLogger(num_images=0)
+
+
+def test_epoch_summary_times_an_epoch_resumed_midway_from_the_fit_start(caplog):
+    """Lightning skips on_train_epoch_start for an epoch resumed mid-way: its time counted from 0 (the machine's
+    uptime was printed)."""
+    from busiseg.models.callbacks import EpochSummary
+
+    callback = EpochSummary()
+    trainer = SimpleNamespace(is_global_zero=True, current_epoch=1, max_epochs=3,
+                              callback_metrics={"val/dice": torch.tensor(0.5)})
+    callback.on_train_start(trainer, None)  # then straight to the epoch's end, as after a mid-epoch resume
+    with caplog.at_level("INFO", logger="busiseg.train"):
+        callback.on_train_epoch_end(trainer, None)
+    seconds = int(caplog.text.split("epoch 2/3 (")[1].split(" s)")[0])
+    assert seconds < 60, caplog.text

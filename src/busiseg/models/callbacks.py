@@ -206,6 +206,10 @@ class EpochSummary(Callback):
         self.best: tuple[float, int] | None = None
         self._started = 0.0
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # a fit resumed mid-epoch does not call on_train_epoch_start for that epoch: its time counts from here
+        self._started = time.perf_counter()
+
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._started = time.perf_counter()
 
