@@ -339,6 +339,45 @@ def test_the_machine_of_each_fold_and_a_warning_when_they_differ(sweep, caplog):
     assert "different machines" in caplog.text
 
 
+def test_folds_trained_with_other_settings_are_named(sweep, caplog):
+    """One cross-validation is one recipe: a fold trained with other settings (a sweep folder reused with other
+    overrides) is named, key by key; the run's own folders, caches and the fold number are not settings."""
+    import yaml
+
+    for f in range(K):
+        config = {"seed": 42, "split": {"fold": f, "k": K, "cache_dir": f"/wt{f}/.audit_cache"},
+                  "paths": {"output_dir": str(sweep / str(f))}, "model": {"encoder_name": "resnet34"},
+                  "callbacks": {"best_checkpoint": {"dirpath": str(sweep / str(f) / "checkpoints")}},
+                  "data": {"image_size": 128}}
+        (sweep / str(f) / "config.yaml").write_text(yaml.safe_dump(config))
+    summary = summarize(sweep)
+    assert summary["setting_differences"] == {} and "different settings" not in caplog.text
+    config = yaml.safe_load((sweep / "3" / "config.yaml").read_text())
+    config["model"]["encoder_name"], config["data"]["image_size"] = "resnet18", 96
+    (sweep / "3" / "config.yaml").write_text(yaml.safe_dump(config))
+    summary = summarize(sweep)
+    assert summary["setting_differences"] == {
+        "data.image_size": {f: 96 if f == 3 else 128 for f in range(K)},
+        "model.encoder_name": {f: "resnet18" if f == 3 else "resnet34" for f in range(K)}}
+    assert "the folds were trained with different settings" in caplog.text and "fold 3: resnet18" in caplog.text
+    assert "**The folds were trained with different settings**" in (sweep / "cv_summary.md").read_text()
+
+
+def test_a_checkpoint_picked_on_the_test_fold_is_called_optimistic(sweep, caplog):
+    summarize(sweep)  # metrics.json without tested_checkpoint (older runs): nothing to say
+    assert "optimistic" not in caplog.text
+    for f, tested in ((0, "last"), (1, str(sweep / "1" / "checkpoints" / "epoch_007.ckpt"))):
+        metrics = json.loads((sweep / str(f) / "metrics.json").read_text())
+        (sweep / str(f) / "metrics.json").write_text(json.dumps({**metrics, "tested_checkpoint": tested}))
+    split = json.loads((sweep / "1" / "split.json").read_text())
+    split["meta"]["test_is_val"] = True
+    (sweep / "1" / "split.json").write_text(json.dumps(split))
+    summary = summarize(sweep)
+    assert summary["checkpoint_picked_on_test"] == [1]
+    assert "fold(s) 1 tested the checkpoint picked by val/dice on the validation fold" in caplog.text
+    assert "**Optimistic**" in (sweep / "cv_summary.md").read_text()
+
+
 def test_a_headline_cell_from_some_folds_only_says_so(tmp_path):
     """The crop stage run on fold 0 only: its column is one fold's figure, and the table says so."""
     sweep = tmp_path / "sweep"

@@ -185,6 +185,18 @@ def test_a_run_without_a_logger_trains(tmp_path, data_dir, caplog):
     assert "test/dice" in summary["metrics"] and not (tmp_path / "run" / "tensorboard").exists()
 
 
+def test_kfold_warns_when_the_test_fold_picks_the_checkpoint(tmp_path, data_dir, caplog):
+    with caplog.at_level("WARNING", logger="busiseg.train"):
+        check_config(compose_train(tmp_path, data_dir, ["split=kfold"]))
+    assert "test_ckpt=best picks the checkpoint by val/dice on the images it then scores" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="busiseg.train"):
+        check_config(compose_train(tmp_path, data_dir, ["split=kfold", "test_ckpt=last"]))
+        check_config(compose_train(tmp_path, data_dir, ["split=kfold", "split.test_fraction=0.2"]))
+        check_config(compose_train(tmp_path, data_dir, []))  # holdout: a test part of its own
+    assert "picks the checkpoint" not in caplog.text
+
+
 def test_cpu_bf16_warns_only_without_native_bfloat16(tmp_path, data_dir, monkeypatch, caplog):
     import busiseg.train as train_module
 

@@ -139,6 +139,46 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CVSummaryError(f"{path}: cannot read ({exc})") from exc
 
 
+# config keys that differ between the folds of one cross-validation by design, or only say where files are kept
+# or how progress is shown: not what the folds were trained with
+PER_FOLD_KEYS = ("split.fold", "split.file", "resume", "ckpt_path", "task_name", "paths.", "hydra.",
+                 "callbacks.progress_bar", "trainer.enable_progress_bar")
+WHERE_KEYS = ("cache_dir", "dirpath", "save_dir", "default_root_dir")
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def training_settings(run: Path) -> dict[str, Any] | None:
+    """A run's config.yaml flattened (``a.b.c: value``), less the keys that differ per fold by design and the
+    values naming the run's own folders; None where it has none."""
+    try:
+        import yaml
+
+        config = yaml.safe_load((run / "config.yaml").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    own = str((config.get("paths") or {}).get("output_dir") or run)
+    return {k: v for k, v in _flat(config).items()
+            if not k.startswith(PER_FOLD_KEYS) and not k.endswith(WHERE_KEYS) and not (isinstance(v, str) and own in v)}
+
+
+def settings_differences(settings: Mapping[int, Mapping[str, Any] | None]) -> dict[str, dict[int, Any]]:
+    """``{key: {fold: value}}`` for every setting that is not the same in all folds with a config.yaml."""
+    known = {f: s for f, s in settings.items() if s is not None}
+    keys = sorted({k for s in known.values() for k in s})
+    return {k: {f: s.get(k) for f, s in known.items()} for k in keys
+            if len({json.dumps(s.get(k), sort_keys=True, default=str) for s in known.values()}) > 1}
+
+
 def machine_of(run: Path) -> str | None:
     """One line naming the machine a run trained on (its ``run_info.json``), or None where it was not recorded."""
     try:
@@ -200,7 +240,8 @@ def summarize(directory: str | Path, out_dir: str | Path | None = None, write: b
             metrics.update(_per_class_dice(refined, "test_refined"))
         folds[fold] = {"dir": run, "meta": meta, "metrics": metrics, "predictions": predictions,
                        **{key: _read_predictions(run / name) for key, name, _, _ in CLASS_STAGES},
-                       "machine": machine_of(run)}
+                       "machine": machine_of(run), "settings": training_settings(run),
+                       "tested": _read_json(run / "metrics.json").get("tested_checkpoint")}
     if len(ks) > 1 or len(assignments) > 1:
         raise CVSummaryError(
             f"{directory}: the runs use different fold assignments (k {sorted(ks)}; seeds or data differ), "
@@ -216,6 +257,15 @@ def summarize(directory: str | Path, out_dir: str | Path | None = None, write: b
     if len(set(machines.values())) > 1:
         log.warning("cv_summary: the folds ran on different machines (%s); bf16 results reproduce bit for bit only "
                     "on the same CPU model", "; ".join(f"fold {f}: {m or 'not recorded'}" for f, m in machines.items()))
+    differences = settings_differences({f: folds[f]["settings"] for f in order})
+    if differences:
+        log.warning("cv_summary: the folds were trained with different settings, so their mean is not one "
+                    "recipe's: %s", _differences_text(differences))
+    # the test part is the validation fold (split.test_fraction=0) and the checkpoint was picked on it
+    picked_on_test = [f for f in order if folds[f]["meta"].get("test_is_val")
+                      and folds[f]["tested"] not in (None, "last")]
+    if picked_on_test:
+        log.warning("cv_summary: %s", _picked_on_test_text(picked_on_test))
     names = sorted({m for f in order for m in folds[f]["metrics"]})
     per_fold = {f: {m: folds[f]["metrics"].get(m) for m in names} for f in order}
     mean, std = {}, {}
@@ -256,6 +306,8 @@ def summarize(directory: str | Path, out_dir: str | Path | None = None, write: b
         "complete": not missing and not oof_missing_runs and not uncovered,
         "runs": {f: str(folds[f]["dir"]) for f in order},
         "machines": machines,
+        "setting_differences": differences,
+        "checkpoint_picked_on_test": picked_on_test,
         "mean": mean,
         "std": std,
         "per_fold": per_fold,
@@ -543,11 +595,29 @@ def _pooled_lines(m: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _differences_text(differences: Mapping[str, Mapping[Any, Any]], shown: int = 6) -> str:
+    items = [f"{k} ({', '.join(f'fold {f}: {v}' for f, v in values.items())})"
+             for k, values in list(differences.items())[:shown]]
+    more = f" and {len(differences) - shown} more" if len(differences) > shown else ""
+    return "; ".join(items) + more
+
+
+def _picked_on_test_text(folds: Sequence[int]) -> str:
+    return (f"fold(s) {', '.join(map(str, folds))} tested the checkpoint picked by val/dice on the validation fold, "
+            "which is also their test part (split.test_fraction=0, test_ckpt=best): those test metrics are "
+            "optimistic; test_ckpt=last tests the weights each fit ends with (experiment=busi_cpu does)")
+
+
 def render_markdown(summary: Mapping[str, Any]) -> str:
     s = summary
     lines = [f"# Cross-validation summary: {s['directory']}", ""]
     missing = f" (missing: {s['missing_folds']})" if s["missing_folds"] else ""
     lines.append(f"{len(s['folds'])} of {s['k']} folds{missing}. Mean +- sample std over folds.")
+    if s.get("setting_differences"):
+        lines += ["", "**The folds were trained with different settings**, so their mean is not one recipe's: "
+                  + _differences_text(s["setting_differences"]) + "."]
+    if s.get("checkpoint_picked_on_test"):
+        lines += ["", "**Optimistic**: " + _picked_on_test_text(s["checkpoint_picked_on_test"]) + "."]
     machines = s.get("machines") or {}
     if len(set(machines.values())) == 1 and None not in machines.values():
         lines.append(f"Trained on {next(iter(machines.values()))}.")

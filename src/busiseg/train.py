@@ -106,6 +106,13 @@ def check_config(cfg: DictConfig) -> None:
         log.warning("trainer.precision=bf16-mixed on a CPU without bfloat16 instructions (no avx512_bf16 or AMX): "
                     "it will be emulated, 13-20x slower than trainer.precision=32 on one such CPU "
                     "(docs/performance.md, 4b); trainer.precision=auto picks 32 here")
+    split = cfg.get("split") or {}
+    if ("fold" in split and not float(split.get("test_fraction") or 0) and cfg.get("test_ckpt", "best") == "best"
+            and cfg.get("train", True) and cfg.get("test", True)):
+        log.warning("split=kfold with split.test_fraction=0: the validation fold is the test part, and "
+                    "test_ckpt=best picks the checkpoint by val/dice on the images it then scores, so the test "
+                    "metrics are optimistic; test_ckpt=last tests the weights the fit ends with (experiment=busi_cpu "
+                    "does)")
     nonfinite = (cfg.get("guard") or {}).get("nonfinite", "stop")
     if nonfinite not in NONFINITE_ACTIONS:
         raise ConfigError(f"guard.nonfinite must be one of {', '.join(NONFINITE_ACTIONS)}, got {nonfinite!r}")
