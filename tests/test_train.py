@@ -407,3 +407,25 @@ def test_one_cycle_schedule_spans_the_whole_fit(tmp_path, data_dir):
         reference.step()
         schedule.step()
     assert logged == pytest.approx(expected, rel=1e-6)
+
+
+def test_ctrl_c_outside_the_fit_names_the_resume(tmp_path, data_dir, monkeypatch):
+    """A KeyboardInterrupt after the fit (a second stage, the test) was a traceback: one line with the resume
+    command where the run has a checkpoint, else that there is nothing to resume."""
+    import busiseg.train as train_module
+
+    cfg = compose_train(tmp_path, data_dir, [])
+    assert "nothing to resume" in train_module.interrupted_outside_fit(cfg)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert train_module.interrupted_outside_fit(cfg).startswith(
+        f"interrupted (Ctrl-C); continue with python -m busiseg.train resume={tmp_path / 'run'} ")
+
+    def interrupted(_cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train", interrupted)
+    monkeypatch.setattr(sys, "argv", ["busiseg.train"])
+    with pytest.raises(SystemExit) as stop:
+        train_module.main.__wrapped__(cfg)
+    assert stop.value.code == 130

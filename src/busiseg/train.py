@@ -672,6 +672,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
+def interrupted_outside_fit(cfg: DictConfig) -> str:
+    """What a Ctrl-C outside the fit leaves, and how to go on: the run resumes from its last checkpoint (a finished
+    fit is not run again, and the second-stage files already written are reused)."""
+    run = Path(str(cfg.resume)).expanduser() if cfg.get("resume") else Path(str(cfg.paths.output_dir))
+    if (run / "checkpoints" / "last.ckpt").is_file():
+        return (f"interrupted (Ctrl-C); continue with python -m busiseg.train resume={run} (what the fit saved and "
+                "the second-stage files already written are reused)")
+    return f"interrupted (Ctrl-C) before the first checkpoint: nothing to resume in {run}; start the run again"
+
+
 @entry_point("busiseg", CONFIG_DIR, "train")
 def main(cfg: DictConfig) -> float | None:
     try:
@@ -683,6 +693,8 @@ def main(cfg: DictConfig) -> float | None:
         fail(log, exc, 1)
     except TrainingInterrupted as exc:
         fail(log, exc, 128 + exc.signum, prefix="", level=logging.WARNING)
+    except KeyboardInterrupt:  # Ctrl-C outside the fit (whose own handler saves a checkpoint): data, test, stages
+        fail(log, TrainingInterrupted(interrupted_outside_fit(cfg), 2), 130, prefix="", level=logging.WARNING)
     value = summary["metrics"].get(cfg.get("optimized_metric") or "")
     return float(value) if value is not None else None
 
