@@ -196,6 +196,22 @@ def test_missing_data_root_and_bad_resume_dir(tmp_path, data_dir):
         train(compose_train(tmp_path, data_dir, [f"resume={tmp_path / 'empty_run' / 'checkpoints' / 'last.ckpt'}"]))
 
 
+def test_a_resume_after_the_fit_keeps_its_train_metrics_and_fit_time(tmp_path, data_dir):
+    """A kill after the fit (during the test or a second stage: no metrics.json yet), then resume=: the fit runs
+    no epoch, and metrics.json had lost every train/* metric and counted only the resume's seconds as the fit's."""
+    first = train(compose_train(tmp_path, data_dir, []))
+    run = tmp_path / "run"
+    (run / "metrics.json").unlink()
+    stored = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    seconds = stored["callbacks"]["busiseg.FitClock"]["seconds"]
+    assert 0 < seconds <= first["fit_seconds"]  # the time so far, stored with the checkpoint
+    resumed = train(compose_train(tmp_path / "again", data_dir, [f"resume={run}"]))
+    train_metrics = {k: v for k, v in first["metrics"].items() if k.startswith("train/")}
+    assert train_metrics and {k: v for k, v in resumed["metrics"].items() if k.startswith("train/")} == train_metrics
+    assert resumed["fit_seconds"] >= seconds
+    assert json.loads((run / "metrics.json").read_text())["fit_seconds"] == resumed["fit_seconds"]
+
+
 def test_a_moved_run_dir_resumes_into_itself(tmp_path, data_dir):
     """config.yaml is stored resolved: a run dir moved (or copied) since must not send the resumed checkpoints and
     events to the old place (nor into the original of a copy)."""

@@ -36,7 +36,8 @@ from busiseg.data.labels import CLASS_NAMES  # noqa: E402
 from busiseg.data.splits import PARTS, load_split  # noqa: E402
 from busiseg.distributed import adopt_parent_run, end_ddp_job, share_run_dir  # noqa: E402
 from busiseg.models.guards import (NONFINITE_ACTIONS, AtomicCheckpointIO, GracefulInterrupt,  # noqa: E402
-                                   NonFiniteLossError, ResumeState, TrainingInterrupted, fit_or_raise_interrupted)
+                                   FitClock, NonFiniteLossError, ResumeState, TrainingInterrupted,
+                                   fit_or_raise_interrupted)
 from busiseg.models.crop_classifier import CropClassifierError, CropSettings  # noqa: E402
 from busiseg.models.mask_refiner import MaskRefinerError, RefinerSettings  # noqa: E402
 from busiseg.models.scan_classifier import ScanClassifierError, ScanSettings  # noqa: E402
@@ -473,7 +474,7 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback]) -> L.Trainer:
         configured = {k: c for k, c in configured.items() if k not in needing}
     callbacks = [hydra.utils.instantiate(c) for c in configured.values()] + callbacks
     # always on: exact resume (epoch position, RNG states) and a checkpoint on SIGTERM/SIGINT
-    callbacks += [ResumeState(), GracefulInterrupt(output_dir / "checkpoints")]
+    callbacks += [ResumeState(), GracefulInterrupt(output_dir / "checkpoints"), FitClock()]
     purge_step = _resumed_step(cfg.get("ckpt_path"))
     loggers = []
     for c in (cfg.get("logger") or {}).values():
@@ -561,8 +562,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     if cfg.get("train", True):
         fit_or_raise_interrupted(trainer, module, datamodule, cfg.get("ckpt_path"), output_dir, "busiseg.train")
-    fit_seconds = time.perf_counter() - started
+    clock = next((c for c in trainer.callbacks if isinstance(c, FitClock)), None)
+    # across resumes: the time the checkpoint stored plus this process's
+    fit_seconds = clock.seconds() if clock is not None and clock._started is not None else time.perf_counter() - started
     fit_metrics = dict(trainer.callback_metrics)
+    if cfg.get("train", True) and trainer.is_global_zero:
+        fit_metrics = _with_fit_record(output_dir, fit_metrics, fit_seconds)
 
     best_ckpt = None
     picker = trainer.checkpoint_callback  # the first ModelCheckpoint: the best one, unless it is off (split=all)
@@ -670,6 +675,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("run dir: %s", output_dir)
     end_ddp_job()  # the next job of a sweep starts its own DDP ranks
     return summary
+
+
+FIT_RECORD = "fit_record.json"
+
+
+def _with_fit_record(output_dir: Path, fit_metrics: dict[str, Any], fit_seconds: float) -> dict[str, Any]:
+    """The fit's last-epoch ``train/*`` metrics, kept in RUN/fit_record.json when the fit ends: a resume after
+    the fit had ended (a kill during the test or a second stage) runs no epoch, so it has none of its own and
+    takes them from there (metrics.json lost them)."""
+    train_metrics = _scalars(fit_metrics, "train/")
+    path = output_dir / FIT_RECORD
+    if train_metrics:
+        write_json(path, {"train_metrics": train_metrics, "fit_seconds": round(fit_seconds, 2)})
+        return fit_metrics
+    try:
+        stored = json.loads(path.read_text())["train_metrics"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return fit_metrics
+    log.info("the fit had ended before this resume: train/* metrics from %s", path)
+    return {**stored, **fit_metrics}
 
 
 def interrupted_outside_fit(cfg: DictConfig) -> str:

@@ -22,6 +22,7 @@ import os
 import random
 import signal
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,33 @@ def _set_rng_states(states: dict[str, Any]) -> None:
 
 
 _LIGHTNING_NOT_RESUMABLE = r"You're resuming from a checkpoint that ended before the epoch ended"
+
+
+class FitClock(L.Callback):
+    """The fit's training time across resumes: the seconds before this process (from the checkpoint it resumed,
+    where every checkpoint stores the time so far) plus this process's since its fit started. A resumed run's
+    ``fit_seconds`` was this process's alone (a few seconds for a resume after the fit had ended)."""
+
+    def __init__(self) -> None:
+        self.before = 0.0
+        self._started: float | None = None
+
+    @property
+    def state_key(self) -> str:
+        return "busiseg.FitClock"
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._started = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.before + (time.perf_counter() - self._started if self._started is not None else 0.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seconds": self.seconds()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.before = float(state_dict.get("seconds", 0.0))
 
 
 class ResumeState(L.Callback):
