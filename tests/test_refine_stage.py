@@ -8,6 +8,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,17 +135,31 @@ def test_eval_reads_beyond_the_crops_as_told(refined_sweep, tmp_path):
 
 
 def test_predict_with_the_mask_refiner(refined_sweep, tmp_path):
-    from tests.test_predict import read_rows, run_predict, write_inputs
+    import shutil
+
+    from tests.test_predict import read_rows, run_predict
 
     _, sweep = refined_sweep
     run = sweep / "0"
-    write_inputs(tmp_path / "in")
+    # the fold's test scans (phantom lesions the network draws, so the refiner has crops to re-draw)
+    root = Path(json.loads((run / "metrics.json").read_text())["data_root"])
+    (tmp_path / "in").mkdir()
+    for name in json.loads((run / "split.json").read_text())["test"]:
+        if not name.startswith("normal/"):
+            shutil.copy(root / name, tmp_path / "in" / name.replace("/", "_"))
     ckpt = run / "checkpoints" / "last.ckpt"
+    plain = run_predict(ckpt, tmp_path / "in", tmp_path / "plain")
     summary = run_predict(ckpt, tmp_path / "in", tmp_path / "out", f"mask_refiner='{run / FILE_NAME}'")
-    assert summary.failed == [] and summary.exit_code == 0 and read_rows(tmp_path / "out")
+    assert summary.failed == [] and summary.exit_code == 0
     erased = run_predict(ckpt, tmp_path / "in", tmp_path / "erased", f"mask_refiner='{run / FILE_NAME}'",
                          "mask_refiner_outside=erase")
-    assert erased.failed == [] and erased.exit_code == 0 and read_rows(tmp_path / "erased")
+    assert erased.failed == [] and erased.exit_code == 0 and plain.exit_code == 0
+    area = {d: {n: int(r["lesion_area_px"]) for n, r in read_rows(tmp_path / d).items()}
+            for d in ("plain", "out", "erased")}
+    assert area["plain"].keys() == area["out"].keys() == area["erased"].keys() and any(area["plain"].values())
+    # the refiner re-drew masks (a predictor that loaded it and never used it passed before)
+    assert any(area["out"][n] != area["plain"][n] for n in area["plain"]), area
+    assert all(area["erased"][n] <= area["out"][n] for n in area["out"])  # erase never draws more than keep
     (tmp_path / "bad.pt").write_bytes(b"not a file")
     from busiseg.predict import ConfigError
 
