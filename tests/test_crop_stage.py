@@ -84,18 +84,26 @@ def test_train_for_a_run_then_eval_and_predict(trained_run, tmp_path):  # noqa: 
     with pytest.raises(EvalError, match=r"leaky.pt: the crop classifier was trained on 1 of"):
         run_eval(tmp_path / "leak", [f"ckpt_path={ckpt}", f"crop_classifier={leaky}"])
 
-    # predict: the same class rule on new images; P(normal) untouched, masks untouched
+    # predict: the same class rule on the test scans (as files) and new images; P(normal) untouched, masks untouched
+    import shutil
+
     write_inputs(tmp_path / "in", {"a.png": ("L", (120, 90)), "b.png": ("RGB", (64, 80)), "c.png": ("L", (200, 150))})
+    root = Path(json.loads((run / "metrics.json").read_text())["data_root"])
+    for name in split["test"]:
+        shutil.copy(root / name, tmp_path / "in" / name.replace("/", "_"))
     assert run_predict(ckpt, tmp_path / "in", tmp_path / "p0", "overlays=false").exit_code == 0
     assert run_predict(ckpt, tmp_path / "in", tmp_path / "p1", "overlays=false",
                        f"crop_classifier={crop_file}").exit_code == 0
     rows0, rows1 = read_rows(tmp_path / "p0"), read_rows(tmp_path / "p1")
     assert rows0.keys() == rows1.keys()
+    moved = 0
     for file in rows0:
         p0 = np.array([float(rows0[file][f"prob_{c}"]) for c in CLASS_NAMES])
         p1 = np.array([float(rows1[file][f"prob_{c}"]) for c in CLASS_NAMES])
         assert p1[0] == pytest.approx(p0[0], abs=1e-4) and p1.sum() == pytest.approx(1.0, abs=1e-4)
         assert rows0[file]["lesion_area_px"] == rows1[file]["lesion_area_px"]
+        moved += not np.allclose(p1, p0, atol=1e-6)
+    assert moved > 0  # the crop classifier's view was used (a predict that ignored it passed before)
     with pytest.raises(ConfigError, match=r"nope.pt: crop classifier not found"):
         run_predict(ckpt, tmp_path / "in", tmp_path / "p2", f"crop_classifier={tmp_path / 'nope.pt'}")
 
