@@ -398,6 +398,13 @@ def test_eval_on_a_plain_folder_with_postprocessing(trained_run, tmp_path, folde
     assert {int(r["height"]) for r in rows} == {70, 100}  # original sizes
     page = (out / "report.html").read_text()
     assert "postprocessed, original size" in page and "raw, 64×64 (as training)" in page
+    # the post-processing acts: the same TTA without it scores other masks (an eval that only thresholded passed)
+    _, tta_only = run_eval(tmp_path / "tta_only", [f"ckpt_path={ckpt}", "data=busi", f"data.root={folder}", "part=all",
+                                                   "inference=refined", "inference.min_component_px=0",
+                                                   "inference.fill_holes=false", "inference.keep_largest=false",
+                                                   "inference.class_gating=false"])
+    plain = {r["file"]: (r["dice"], r["pred_area_px"]) for r in csv.DictReader(open(tta_only / "per_image.csv"))}
+    assert any(plain[r["file"]] != (r["dice"], r["pred_area_px"]) for r in rows)
 
 
 def test_eval_on_a_folder_without_malignant_images(trained_run, tmp_path):
