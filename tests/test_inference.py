@@ -30,6 +30,27 @@ def test_flip_tta_is_exact_for_an_equivariant_net():
     torch.testing.assert_close(cls_plain, cls_tta)
 
 
+class RampNet(torch.nn.Module):
+    """Not flip-equivariant: mask logit = image x a left-to-right ramp; class logits from the left half's mean."""
+
+    def forward(self, x):
+        ramp = torch.linspace(-4, 4, x.shape[-1])
+        left = x[..., : x.shape[-1] // 2].mean(dim=(1, 2, 3))
+        return x[:, :1] * ramp, torch.stack([left, 1 - left, torch.zeros_like(left)], dim=1) * 10
+
+
+def test_flip_tta_averages_the_plain_and_the_mirrored_view():
+    """The flipped view is added and mapped back: a TTA that skipped it passed the equivariant test above."""
+    x = torch.rand(2, 1, 32, 32)
+    net = RampNet()
+    plain, cls_plain = predict_probs(net, x, InferenceOptions())
+    tta, cls_tta = predict_probs(net, x, InferenceOptions(tta_flip=True, tta_scales=[1.0]))
+    flipped, cls_flipped = predict_probs(net, torch.flip(x, dims=[-1]), InferenceOptions())
+    torch.testing.assert_close(tta, (plain + torch.flip(flipped, dims=[-1])) / 2)
+    torch.testing.assert_close(cls_tta, (cls_plain + cls_flipped) / 2)
+    assert not torch.allclose(tta, plain, atol=1e-3)
+
+
 class ShiftedNet(MirrorNet):
     """MirrorNet with its mask logits shifted and class logits permuted: another member."""
 
