@@ -371,8 +371,22 @@ def test_augment_on_device_run(tmp_path, data_dir):
     cfg = compose_train(tmp_path, data_dir, ["debug=fdr", "augment_on_device=true", "augment=standard"])
     datamodule, module, _ = build(cfg)
     assert datamodule.train_transform is None and isinstance(module.device_augment, StandardTensorAugment)
-    summary = train(cfg)
+    calls = []
+    real = StandardTensorAugment.__call__
+
+    def counted(self, *args, **kwargs):
+        calls.append(args[0].shape[0])
+        return real(self, *args, **kwargs)
+
+    StandardTensorAugment.__call__ = counted
+    try:
+        summary = train(cfg)
+    finally:
+        StandardTensorAugment.__call__ = real
     assert 0.0 <= summary["metrics"]["test/dice"] <= 1.0
+    # the module augments its one training batch (fast_dev_run) on the device, and not the validation or test
+    # batches (a module that never called it passed before)
+    assert calls == [cfg.data.batch_size]
 
 
 def test_device_resident_run_and_its_config_check(tmp_path, data_dir):

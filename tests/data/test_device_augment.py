@@ -89,6 +89,10 @@ def test_recipes_keep_masks_aligned_and_binary(recipe):
     for img, m in zip(images, masks):
         if m.sum() > 0:
             assert img[m > 0].mean() > img[m == 0].mean() + 0.15
+    # it augments: most images change, and some masks move with them (an identity passed the checks above)
+    changed = (images - ti).abs().flatten(1).amax(dim=1) > 1e-3
+    assert changed.float().mean() > 0.5
+    assert ((masks - tm).abs().flatten(1).sum(dim=1) > 0).any()
 
 
 def test_seed_recipe_draws_as_is_lighter_darker_like_albumentations():
