@@ -330,8 +330,16 @@ def test_lesion_pooled_class_head_trains_and_reloads(tmp_path, data_dir):
 
 
 def test_channels_last_run_matches_default_metrics_keys(tmp_path, data_dir):
+    from busiseg.train import build
+
     cfg = compose_train(tmp_path, data_dir, ["debug=fdr", "channels_last=true"])
+    _, module, _ = build(cfg)
+    module.setup("fit")
+    first_conv = next(m for m in module.net.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.weight.is_contiguous(memory_format=torch.channels_last)
     summary = train(cfg)
+    default = train(compose_train(tmp_path / "default", data_dir, ["debug=fdr"]))
+    assert summary["metrics"].keys() == default["metrics"].keys()
     assert 0.0 <= summary["metrics"]["test/dice"] <= 1.0
 
 

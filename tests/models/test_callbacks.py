@@ -231,6 +231,9 @@ def test_callback_skips(tmp_path: Path, overrides):
     trainer = _fake_trainer(tmp_path, _FakeDataModule(), **{"current_epoch": 1, **overrides})
     callback.on_validation_epoch_end(trainer, _FakeModule())
     assert not (tmp_path / "val_predictions").exists()
+    # the control: the same callback, the same trainer but for the one override, writes (epoch 2 of every 2)
+    callback.on_validation_epoch_end(_fake_trainer(tmp_path, _FakeDataModule(), current_epoch=1), _FakeModule())
+    assert [p.name for p in (tmp_path / "val_predictions").iterdir()] == ["epoch_001.png"]
 
 
 def test_select_indices_even_and_deterministic():
