@@ -196,7 +196,7 @@ def test_missing_data_root_and_bad_resume_dir(tmp_path, data_dir):
         train(compose_train(tmp_path, data_dir, [f"resume={tmp_path / 'empty_run' / 'checkpoints' / 'last.ckpt'}"]))
 
 
-def test_a_resume_after_the_fit_keeps_its_train_metrics_and_fit_time(tmp_path, data_dir):
+def test_a_resume_after_the_fit_keeps_its_train_metrics_and_fit_time(tmp_path, data_dir, caplog):
     """A kill after the fit (during the test or a second stage: no metrics.json yet), then resume=: the fit runs
     no epoch, and metrics.json had lost every train/* metric and counted only the resume's seconds as the fit's."""
     first = train(compose_train(tmp_path, data_dir, []))
@@ -205,11 +205,22 @@ def test_a_resume_after_the_fit_keeps_its_train_metrics_and_fit_time(tmp_path, d
     stored = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     seconds = stored["callbacks"]["busiseg.FitClock"]["seconds"]
     assert 0 < seconds <= first["fit_seconds"]  # the time so far, stored with the checkpoint
-    resumed = train(compose_train(tmp_path / "again", data_dir, [f"resume={run}"]))
+    with caplog.at_level("INFO"):  # the root logger at INFO, as under Hydra
+        resumed = train(compose_train(tmp_path / "again", data_dir, [f"resume={run}"]))
     train_metrics = {k: v for k, v in first["metrics"].items() if k.startswith("train/")}
     assert train_metrics and {k: v for k, v in resumed["metrics"].items() if k.startswith("train/")} == train_metrics
     assert resumed["fit_seconds"] >= seconds
     assert json.loads((run / "metrics.json").read_text())["fit_seconds"] == resumed["fit_seconds"]
+    # the run's own train.log goes on (the resumed process's log went only to its own run dir)
+    assert "the fit had ended before this resume" in (run / "train.log").read_text()
+
+
+def test_overrides_beside_resume_are_named_as_ignored(tmp_path, data_dir):
+    from busiseg.train import _overrides_beside_resume
+
+    compose_train(tmp_path, data_dir, [f"resume={tmp_path}", "trainer.max_epochs=4", "hydra.job.chdir=false"])
+    ignored = _overrides_beside_resume()
+    assert "trainer.max_epochs=4" in ignored and not any(o.startswith(("resume=", "hydra.")) for o in ignored)
 
 
 def test_a_moved_run_dir_resumes_into_itself(tmp_path, data_dir):

@@ -528,13 +528,57 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, MultiTaskModule, L.Tr
     return datamodule, module, build_trainer(cfg, extra_callbacks)
 
 
+_RESUME_LOG: list[logging.Handler] = []
+
+
+def _log_into_the_resumed_run(run: Path) -> None:
+    """The resumed process's log goes on in RUN/train.log too (Hydra writes it to the resume's own run dir), so
+    the run's log does not end at the interruption."""
+    root = logging.getLogger()
+    for handler in _RESUME_LOG:  # one resumed run per process at a time (tests run several)
+        root.removeHandler(handler)
+        handler.close()
+    _RESUME_LOG.clear()
+    target = (run / "train.log").resolve()
+    if any(getattr(h, "baseFilename", None) == str(target) for h in root.handlers):
+        return  # the resume runs in the run dir itself
+    handler = logging.FileHandler(target, mode="a", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    handler.setLevel(logging.INFO)
+    root.addHandler(handler)
+    _RESUME_LOG.append(handler)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        own = HydraConfig.get().runtime.output_dir
+    except (ValueError, AttributeError):
+        own = None
+    log.info("resumed: this process's log goes on in %s%s", target, f" (and in {own}/train.log)" if own else "")
+
+
+def _overrides_beside_resume() -> list[str]:
+    """The command line's overrides other than ``resume=`` and Hydra's own (which a resume does not apply)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        task = list(HydraConfig.get().overrides.task)
+    except (ValueError, AttributeError):  # not under Hydra (a config composed by hand)
+        return []
+    return [o for o in task if not o.split("=", 1)[0].lstrip("+~").startswith(("resume", "hydra."))]
+
+
 def prepare_run(cfg: DictConfig) -> tuple[DictConfig, bool, Path]:
     """What every fitting entry point does first: the stored config for ``resume=RUN_DIR``, the
     precision resolved, the config checked, the seed set, the run dir made.
     Returns ``(config, resumed, run dir)``."""
     resumed = bool(cfg.get("resume"))
     if resumed:
+        ignored = _overrides_beside_resume()
         cfg = resume_config(cfg)
+        _log_into_the_resumed_run(Path(cfg.paths.output_dir))
+        if ignored:
+            log.warning("resume= continues the run with the settings it was started with: %s ignored (for other "
+                        "settings, start a new run from its weights: ckpt_path=%s)", " ".join(ignored), cfg.ckpt_path)
     resolve_precision(cfg)
     check_config(cfg)
     if cfg.get("seed") is not None:
