@@ -154,6 +154,27 @@ def test_figures_from_the_folds_curves_and_oof_predictions(sweep):
     assert [e for e, _ in curves["train/loss_epoch"]] == [0, 1, 2, 3]
 
 
+def test_learning_curves_from_tensorboard_events_without_a_csv_log(tmp_path):
+    """The default logger is TensorBoard: its runs have curves too (only a CSV log was read)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from busiseg.cv_summary import learning_curves
+
+    run = tmp_path / "run"
+    writer = SummaryWriter(str(run / "tensorboard"))
+    for epoch in range(3):
+        step = 9 * epoch + 8  # Lightning logs an epoch's scalars at its last step, with the epoch beside them
+        writer.add_scalar("epoch", epoch, step)
+        writer.add_scalar("val/dice_per_image", 0.5 + 0.1 * epoch, step)
+        writer.add_scalar("train/loss_epoch", 1.0 - 0.2 * epoch, step + 1)  # a step with no epoch: left out
+    writer.close()
+    curves = learning_curves(run)
+    assert [e for e, _ in curves["val/dice_per_image"]] == [0, 1, 2]
+    assert [v for _, v in curves["val/dice_per_image"]] == pytest.approx([0.5, 0.6, 0.7])
+    assert "train/loss_epoch" not in curves and "val/accuracy" not in curves
+    assert learning_curves(tmp_path / "nothing") == {}
+
+
 def test_missing_duplicate_and_mismatched_folds(tmp_path, sweep):
     import shutil
 

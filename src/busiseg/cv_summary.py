@@ -227,8 +227,9 @@ def summarize(directory: str | Path, out_dir: str | Path | None = None, write: b
         fold = int(meta["fold"])
         if fold in folds:
             raise CVSummaryError(
-                f"fold {fold} appears twice: {folds[fold]['dir']} and {run} "
-                "(summarise one sweep at a time: pass its own directory)"
+                f"fold {fold} appears twice: {folds[fold]['dir']} and {run} (a sweep over more than the folds, "
+                "e.g. seed=1,2, or two sweeps in one folder: give each set of folds its own folder, e.g. "
+                "'hydra.sweep.subdir=seed${seed}/${split.fold}', and summarise each of them)"
             )
         ks.add(int(meta["k"]))
         assignments.add(meta.get("assignment"))
@@ -454,7 +455,8 @@ CURVES = (("val/dice_per_image", "validation Dice per image"), ("val/accuracy", 
 
 
 def learning_curves(run: Path) -> dict[str, list[tuple[int, float]]]:
-    """``{metric: [(epoch, value), ...]}`` from a run's CSV log (``logger=csv`` or ``many``), if it has one."""
+    """``{metric: [(epoch, value), ...]}`` from a run's CSV log (``logger=csv`` or ``many``), else from its
+    TensorBoard events (the default logger), if it has either."""
     files = sorted(run.glob("csv/**/metrics.csv")) + sorted(run.glob("csv/metrics.csv"))
     curves: dict[str, list[tuple[int, float]]] = {m: [] for m, _ in CURVES}
     for path in dict.fromkeys(files):
@@ -463,7 +465,26 @@ def learning_curves(run: Path) -> dict[str, list[tuple[int, float]]]:
                 for m, _ in CURVES:
                     if row.get(m) not in (None, "") and row.get("epoch") not in (None, ""):
                         curves[m].append((int(float(row["epoch"])), float(row[m])))
+    if not files and (run / "tensorboard").is_dir():
+        curves = _tensorboard_curves(run / "tensorboard")
     return {m: sorted(dict(v).items()) for m, v in curves.items() if v}
+
+
+def _tensorboard_curves(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """The curves of :data:`CURVES` from TensorBoard event files, each step mapped to the epoch Lightning logged
+    beside it (its ``epoch`` scalar); empty where the events cannot be read."""
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+        events.Reload()
+        tags = set(events.Tags().get("scalars", []))
+        epoch_at = {e.step: int(e.value) for e in events.Scalars("epoch")} if "epoch" in tags else {}
+        return {m: [(epoch_at[e.step], float(e.value)) for e in events.Scalars(m) if e.step in epoch_at]
+                for m, _ in CURVES if m in tags}
+    except Exception as exc:  # noqa: BLE001 - a figure must never cost the summary
+        log.warning("cv_summary: %s: learning curves not read (%s: %s)", folder, type(exc).__name__, exc)
+        return {}
 
 
 def write_figures(summary: Mapping[str, Any], out_dir: Path) -> list[str]:
@@ -485,9 +506,11 @@ def write_figures(summary: Mapping[str, Any], out_dir: Path) -> list[str]:
             for f, c in curves.items():
                 if metric in c:
                     epochs, values = zip(*c[metric])
-                    ax.plot(epochs, values, lw=1.5, label=f"fold {f}")
+                    ax.plot(epochs, values, lw=1.5, marker="o" if len(epochs) < 20 else None, ms=3,
+                            label=f"fold {f}")  # a marker: a one-epoch curve is a point
             ax.set_title(title)
             ax.set_xlabel("epoch")
+            ax.xaxis.get_major_locator().set_params(integer=True)
             ax.grid(alpha=0.3)
         axes[0].legend(loc="lower right")
         fig.suptitle(f"Learning curves, {len(curves)} fold(s): {summary['directory']}", fontsize=11)
