@@ -175,12 +175,17 @@ def test_learning_curves_from_tensorboard_events_without_a_csv_log(tmp_path):
     assert learning_curves(tmp_path / "nothing") == {}
 
 
-def test_missing_duplicate_and_mismatched_folds(tmp_path, sweep):
+def test_missing_duplicate_and_mismatched_folds(tmp_path, sweep, caplog):
     import shutil
 
     shutil.rmtree(sweep / "3")
     summary = summarize(sweep)
     assert summary["missing_folds"] == [3] and not summary["complete"]
+    (sweep / "1" / "predictions.csv").unlink()  # test=false, or an older run: the per-image figures lack it
+    with caplog.at_level("WARNING", logger="busiseg.cv_summary"):
+        summary = summarize(sweep)
+    assert summary["oof"]["runs_without_predictions"] == [str(sweep / "1")]
+    assert f"no predictions.csv in {sweep / '1'}: the per-image figures" in caplog.text
     assert summary["mean"]["test/dice"] == pytest.approx(np.mean([0.5, 0.55, 0.6, 0.7]))
     fake_fold_run(sweep / "again" / "1", 1, fold_metrics(1))
     with pytest.raises(CVSummaryError, match="fold 1 appears twice"):

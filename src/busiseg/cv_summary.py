@@ -280,6 +280,10 @@ def summarize(directory: str | Path, out_dir: str | Path | None = None, write: b
             oof_missing_runs.append(str(folds[f]["dir"]))
             continue
         oof_rows += [{"fold": f, **row} for row in folds[f]["predictions"] if row["part"] == "val"]
+    if oof_missing_runs:
+        # the per-image figures (lesion-image Dice, per-class Dice, out of fold) then come from the other folds
+        log.warning("cv_summary: no predictions.csv in %s: the per-image figures (lesion-image Dice, Dice per "
+                    "class, out of fold) are the other folds' only", ", ".join(oof_missing_runs))
     seen: dict[str, int] = {}
     for row in oof_rows:
         if row["image"] in seen:
