@@ -338,6 +338,13 @@ def test_cli_exit_status_and_run_dir(tiny_ckpt, tmp_path):
         capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert again.returncode == 0, again.stderr
     assert "already holds a prediction" in again.stdout + again.stderr
+    # ... but not when the run cannot start: a missing checkpoint replaces nothing
+    refused = subprocess.run(
+        [sys.executable, "-m", "busiseg.predict", f"ckpt_path={tmp_path / 'missing.ckpt'}",
+         f"input={tmp_path / 'in' / 'ok.png'}", f"output={tmp_path / 'out'}", "device=cpu"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert refused.returncode == 2 and "missing.ckpt" in refused.stderr
+    assert "already holds a prediction" not in refused.stdout + refused.stderr
 
 
 def test_cli_with_nothing_given_names_every_missing_key(tmp_path):

@@ -179,12 +179,12 @@ def predict(cfg: DictConfig) -> PredictionSummary:
     if not images:
         raise InputError(f"input {input_path}: no images found ({', '.join(IMAGE_SUFFIXES)}; hidden files and "
                          f"mask files are skipped)")
-    if (output / "predictions.csv").is_file():
+    predictor = load_predictor(ckpt_path, options, _device(str(cfg.get("device", "auto"))), cfg.get("crop_classifier"),
+                               cfg.get("mask_refiner"), cfg.get("mask_refiner_outside"), cfg.get("scan_classifier"))
+    if (output / "predictions.csv").is_file():  # said once the run can start (a missing checkpoint replaces nothing)
         log.warning("output %s already holds a prediction: its predictions.csv is replaced by this run's, and masks "
                     "and overlays of images this run does not read stay there; use a new output folder to keep runs "
                     "apart", output)
-    predictor = load_predictor(ckpt_path, options, _device(str(cfg.get("device", "auto"))), cfg.get("crop_classifier"),
-                               cfg.get("mask_refiner"), cfg.get("mask_refiner_outside"), cfg.get("scan_classifier"))
     members = len(predictor.net.members) if isinstance(predictor.net, Ensemble) else 1
     log.info("%d image(s) from %s, %s %s, image size %d", len(images), input_path,
              f"ensemble of {members} checkpoints" if members > 1 else "checkpoint", ckpt_path, predictor.image_size)
