@@ -245,8 +245,7 @@ class GracefulInterrupt(L.Callback):
         if isinstance(exception, SIGTERMException):
             self.signum = self.signum or signal.SIGTERM
             trainer.save_checkpoint(self.path, weights_only=False)
-            self.saved = self.path
-            log.warning("interrupted at step %d: saved %s", trainer.global_step, self.path)
+            self.saved = self.path  # fit_or_raise_interrupted's message names it, with the command that resumes
 
 
 def fit_or_raise_interrupted(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule,
