@@ -87,7 +87,6 @@ def test_init_weights_loads_the_pretrained_network_and_trains_on_the_same_fold(p
         summary = train(_compose("train", tmp_path, data_dir, "ft", [*KFOLD, "split.fold=0", f"init_weights={weights}"]))
     n = len(ckpt[TRAINED_ON_KEY])
     assert f"network weights loaded; none of this run's validation or test images is among the {n} images" in caplog.text
-    assert summary["metrics"]["test/dice"] >= 0
     # its own checkpoint lists its training images too (a later init_weights from it is checked the same way)
     ft = torch.load(tmp_path / "ft" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ft[TRAINED_ON_KEY] == ckpt[TRAINED_ON_KEY]

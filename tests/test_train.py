@@ -92,8 +92,9 @@ def test_fast_dev_run_writes_metrics_and_split(tmp_path, data_dir):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["metrics"] == summary["metrics"]
     assert 0.0 <= metrics["metrics"]["test/dice"] <= 1.0
-    assert metrics["test_confusion_matrix"] is not None
     split = json.loads((run / "split.json").read_text())
+    confusion = torch.tensor(metrics["test_confusion_matrix"])
+    assert confusion.shape == (3, 3) and int(confusion.sum()) == len(split["test"])  # every test image once
     assert sum(len(split[p]) for p in ("train", "val", "test")) == 22
     assert not set(split["train"]) & set(split["test"])
     assert (data_dir / "phantom" / ".busiseg_phantom.json").exists()

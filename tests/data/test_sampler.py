@@ -99,6 +99,8 @@ def test_validation_and_test_loaders_are_not_resampled(skewed_busi):
     dm = _datamodule(skewed_busi, sampler="balanced")
     seen = torch.cat([b["index"] for b in dm.val_dataloader()]).tolist()
     assert sorted(seen) == sorted(dm.val_dataset.indices)  # every validation image exactly once
+    seen = torch.cat([b["index"] for b in dm.test_dataloader()]).tolist()
+    assert sorted(seen) == sorted(dm.test_dataset.indices)  # and every test image
 
 
 def test_sampler_is_a_data_config_key(tmp_path):
