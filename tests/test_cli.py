@@ -112,13 +112,14 @@ def test_a_value_of_the_wrong_kind_is_refused_naming_its_key(tmp_path, override,
 
 def test_values_of_the_right_kind_and_words_numeric_keys_take_pass(tmp_path):
     """true/false, numbers for numbers (an int for a float too), null, group choices and the keys that take a
-    word where their default is a number: the check passes them to the task (here: a missing checkpoint)."""
+    word where their default is a number: the check passes them to the task (here: which refuses train=false
+    test=false)."""
     result = subprocess.run([sys.executable, "-m", "busiseg.train", f"data.root={tmp_path}", "test=false",
                              "optimizer.lr=1", "trainer.precision=bf16-mixed", "trainer.devices=auto",
                              "data.num_workers=auto", "model.encoder_weights=null", "trainer=cpu",
                              f"ckpt_path={tmp_path / 'missing.ckpt'}", "train=false", f"hydra.run.dir={tmp_path / 'r'}"],
                             capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert "takes" not in result.stderr and "missing.ckpt" in result.stderr, result.stderr
+    assert "takes" not in result.stderr and "train=false test=false: nothing to do" in result.stderr, result.stderr
 
 
 def test_predict_refuses_a_missing_input_before_making_the_output_folder(tmp_path):
