@@ -119,7 +119,7 @@ def stage_figure(history: Sequence[float], ylabel: str, panels: Sequence[tuple[n
     fig = Figure(figsize=(4.2 + 1.6 * per_row, 4.0), dpi=100, facecolor="white", layout="constrained")
     grid = fig.add_gridspec(2, per_row + 2)
     ax = fig.add_subplot(grid[:, :2])
-    ax.plot(range(1, len(history) + 1), history, lw=1.8)
+    ax.plot(range(1, len(history) + 1), history, lw=1.8, marker="o" if len(history) < 20 else None, ms=3)
     ax.set(xlabel="epoch", ylabel=ylabel, title="training loss")
     ax.grid(alpha=0.3)
     for n, (crop, outline, label, colour) in enumerate(panels):

@@ -55,6 +55,7 @@ def confusion_matrix_figure(cm: np.ndarray, class_names: Sequence[str] = CLASS_N
     k = len(class_names)
     with rc_context(_STYLE):
         fig = _new((5.2 * 2 + 0.8, 4.9))
+        fig.get_layout_engine().set(w_pad=0.12, wspace=0.08)  # the right panel's label clear of the left colour bar
         axes = fig.subplots(1, 2)
         panels = ((cm.astype(np.float64), "Counts", lambda i, j: f"{cm[i, j]:d}", max(1, int(cm.max(initial=0)))),
                   (norm, "Row-normalised (fraction of each true class)",
