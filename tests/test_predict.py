@@ -113,6 +113,14 @@ def read_rows(output: Path) -> dict[str, dict[str, str]]:
         return {row["file"]: row for row in csv.DictReader(fh)}
 
 
+def test_a_tiny_image_is_predicted_with_a_warning(tiny_ckpt, tmp_path, caplog):
+    write_inputs(tmp_path / "in", {"dot.png": ("L", (1, 1)), "scan.png": ("L", (80, 60))})
+    with caplog.at_level("WARNING", logger="busiseg.predict"):
+        summary = run_predict(tiny_ckpt, tmp_path / "in", tmp_path / "out", "overlays=false")
+    assert summary.exit_code == 0 and set(read_rows(tmp_path / "out")) == {"dot.png", "scan.png"}
+    assert "dot.png: 1x1 px, far smaller than an ultrasound scan" in caplog.text and "scan.png: " not in caplog.text
+
+
 def test_every_input_mode_restored_to_its_size_and_mirrored(tiny_ckpt, tmp_path):
     sizes = write_inputs(tmp_path / "in")
     summary = run_predict(tiny_ckpt, tmp_path / "in", tmp_path / "out", "batch_size=4")

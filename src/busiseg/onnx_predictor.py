@@ -37,6 +37,8 @@ from busiseg.data.busi import IMAGE_SUFFIXES, image_to_array
 from busiseg.models.reporting import overlay_mask, save_png
 
 log = logging.getLogger("busiseg.predict")
+# images with a side below this (px) are predicted with a warning: BUSI's scans are some 500 px across
+TINY_SIDE = 32
 
 MASK_SUFFIX = "_pred_mask.png"
 OVERLAY_SUFFIX = "_overlay.png"
@@ -393,6 +395,10 @@ def predict_files(predictor: BatchPredictor, images: list[InputImage], output: s
         for item in images:
             try:
                 batch.append((item, read_image(item.path, predictor.in_channels, max_pixels)))
+                if min(batch[-1][1].shape[:2]) < TINY_SIDE:
+                    log.warning("%s: %dx%d px, far smaller than an ultrasound scan; predicted (stretched to the "
+                                "training size), but the result says little", item.path, batch[-1][1].shape[1],
+                                batch[-1][1].shape[0])
             except InputError as exc:
                 summary.failed.append((str(item.path), str(exc).removeprefix(f"{item.path}: ")))
                 log.error("%s", exc)
