@@ -59,12 +59,15 @@ def test_train_with_the_refine_stage(refined_sweep, tmp_path):
     # busiseg.eval with the file the run wrote gives the same numbers
     ckpt = f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
     refined, _ = run_eval(tmp_path / "a", [ckpt, f"mask_refiner={run / FILE_NAME}"])
+    # the refiner alone is not the run's set of stages (it had the crop stage too): nothing of its own to check
     assert refined["mask_refiner"] == str(run / FILE_NAME) and "training_check" not in refined
     for key in ("dice", "iou", "dice_per_image", "accuracy"):
         assert refined["raw"]["as_training"][key] == pytest.approx(m[f"test_refined/{key}"], abs=1e-5), key
     both, _ = run_eval(tmp_path / "b", [ckpt, f"mask_refiner={run / FILE_NAME}",
                                         f"crop_classifier={run / 'crop_classifier.pt'}"])
     assert both["raw"]["as_training"]["accuracy"] == pytest.approx(m["test_two_stage/accuracy"], abs=1e-5)
+    check = both["training_check"]  # the run's own stages: checked against its test_two_stage/* metrics
+    assert check["prefix"] == "test_two_stage" and check["max_abs_diff"] <= 1e-5, check
     # predictions_refined.csv: one row per validation-fold image, labelled val and test
     assert _dice_rows(run / "predictions_refined.csv").keys() == set(split["val"])
 

@@ -70,9 +70,15 @@ def test_train_with_the_scan_stage(scanned_sweep, tmp_path):
     ckpt = f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
     evaluated, _ = run_eval(tmp_path / "a", [ckpt, f"crop_classifier={run / 'crop_classifier.pt'}",
                                              f"scan_classifier={run / FILE_NAME}"])
-    assert evaluated["scan_classifier"] == str(run / FILE_NAME) and "training_check" not in evaluated
+    assert evaluated["scan_classifier"] == str(run / FILE_NAME)
     for key in ("accuracy", "f1_macro", "dice"):
         assert evaluated["raw"]["as_training"][key] == pytest.approx(m[f"test_scan_stage/{key}"], abs=1e-5), key
+    # ... and says so: the check against the run's own numbers, for the run's stages (no file left out)
+    check = evaluated["training_check"]
+    assert check["prefix"] == "test_scan_stage" and check["max_abs_diff"] <= 1e-5, check
+    assert {"accuracy", "dice"} <= set(check["metrics"])
+    scan_only, _ = run_eval(tmp_path / "b", [ckpt, f"scan_classifier={run / FILE_NAME}"])  # the crop stage left out
+    assert "training_check" not in scan_only
 
 
 def test_a_run_killed_during_the_scan_stage_resumes_to_the_same_numbers(scanned_sweep, tmp_path):

@@ -110,9 +110,19 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def check_against_training(inputs: EvalInputs, results: EvalResults) -> dict[str, Any] | None:
+# the run's metrics a stage's view reproduces: the last stage given names them (the scan stage's join the crop
+# stage's classes and the refined masks; the crop stage reads the refined masks)
+STAGE_METRICS = (("scan_stage", "test_scan_stage"), ("crop_stage", "test_two_stage"), ("refine_stage", "test_refined"))
+
+
+def check_against_training(inputs: EvalInputs, results: EvalResults,
+                           stages: dict[str, Path] | None = None,
+                           refiner_outside: str | None = None) -> dict[str, Any] | None:
     """Compare the raw preprocessed view with the training run's ``test/*`` metrics when they
-    measure the same thing: test part, the run's split.json, its data root, the checkpoint it tested."""
+    measure the same thing: test part, the run's split.json, its data root, the checkpoint it tested. With second
+    stages (``stages``: ``{"crop_stage"|"refine_stage"|"scan_stage": file}``), the run's metrics of those stages
+    (``test_scan_stage/*``, ``test_two_stage/*`` or ``test_refined/*``), when they are the very stages the run
+    trained (the same files, none left out)."""
     metrics_file = inputs.run_dir / "metrics.json"
     if inputs.is_ensemble or inputs.part != "test" or not inputs.same_data_as_training or not metrics_file.is_file():
         return None
@@ -129,16 +139,24 @@ def check_against_training(inputs: EvalInputs, results: EvalResults) -> dict[str
     tested = "last.ckpt" if tested == "last" else tested
     if not tested or Path(tested).name != inputs.ckpt_path.name:
         return None
+    stages = stages or {}
+    ran = {k: Path(summary[k]["file"]).name for k, _ in STAGE_METRICS if (summary.get(k) or {}).get("file")}
+    if {k: Path(v).name for k, v in stages.items()} != ({k: ran[k] for k in ran} if stages else {}):
+        return None  # other stage files than the run's, or some of them only: other numbers than its own
+    outside = ((summary.get("refine_stage") or {}).get("settings") or {}).get("outside", "keep")
+    if stages.get("refine_stage") and refiner_outside not in (None, outside):
+        return None
+    prefix = next((name for key, name in STAGE_METRICS if key in stages), "test")
     train_metrics = summary.get("metrics") or {}
     compared = {}
     for key, value in results.as_training.items():
-        ref = train_metrics.get(f"test/{key}")
+        ref = train_metrics.get(f"{prefix}/{key}")
         if value is None or ref is None:
             continue
         compared[key] = {"eval": value, "training": float(ref), "abs_diff": abs(value - float(ref))}
     if not compared:
         return None
-    return {"metrics_json": str(metrics_file), "tolerance": TRAINING_TOLERANCE,
+    return {"metrics_json": str(metrics_file), "tolerance": TRAINING_TOLERANCE, "prefix": prefix,
             "max_abs_diff": max(v["abs_diff"] for v in compared.values()), "metrics": compared}
 
 
@@ -185,8 +203,10 @@ def build_metrics(inputs: EvalInputs, options: InferenceOptions, results: EvalRe
             "segmentation": {s: segmentation_summary(results.scores[(p, s)], results.labels) for s in SIZES},
         }
     payload["raw"]["as_training"] = results.as_training
-    # with a second stage the classes or masks are no longer the training test step's: nothing to reproduce
-    check = None if crop_classifier or mask_refiner or scan_classifier else check_against_training(inputs, results)
+    # with second stages: the run's own metrics of those stages, when they are the stages it trained
+    stages = {k: v for k, v in (("crop_stage", crop_classifier), ("refine_stage", mask_refiner),
+                                 ("scan_stage", scan_classifier)) if v}
+    check = check_against_training(inputs, results, stages, refiner_outside)
     if check is not None:
         payload["training_check"] = check
     return _finite(payload)
@@ -537,9 +557,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     check = metrics.get("training_check")
     if check:
         level = logging.INFO if check["max_abs_diff"] <= TRAINING_TOLERANCE else logging.WARNING
-        log.log(level, "training run's test metrics reproduced to %.1e (raw, at the network's %d px input, as the "
-                "training's test step scores them; %s)", check["max_abs_diff"], metrics["image_size"],
-                check["metrics_json"])
+        log.log(level, "training run's %s/* metrics reproduced to %.1e (raw%s, at the network's %d px input, as the "
+                "training's test scores them; %s)", check.get("prefix", "test"), check["max_abs_diff"],
+                " with the run's second stages" if check.get("prefix", "test") != "test" else "",
+                metrics["image_size"], check["metrics_json"])
     log.info("report: %s", output_dir / "report.html")
     return metrics
 
