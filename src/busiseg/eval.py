@@ -548,10 +548,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         return "n/a" if v is None else f"{v:.{digits}f}"
 
     # the raw view first where post-processing or a stage changes it, so the console shows what they bring
+    staged = [name for key, name in (("mask_refiner", "refine"), ("crop_classifier", "crop"),
+                                     ("scan_classifier", "scan")) if metrics.get(key)]
+    with_stages = f" (with the {', '.join(staged)} stage{'s' if len(staged) > 1 else ''})" if staged else ""
     for view in dict.fromkeys(("raw", results.final)):
         overall = metrics[view]["segmentation"]["original"]["overall"]
         cls = metrics[view]["classification"]
-        log.info("%s, original size: Dice/image %s, IoU/image %s, HD95 %s px; accuracy %s, macro F1 %s", view,
+        log.info("%s%s, original size: Dice/image %s, IoU/image %s, HD95 %s px; accuracy %s, macro F1 %s", view,
+                 with_stages,
                  fmt(overall["dice_per_image"]), fmt(overall["iou_per_image"]), fmt(overall["hd95"], 2),
                  fmt(cls["accuracy"]), fmt(cls["macro"]["f1"]))
     check = metrics.get("training_check")
