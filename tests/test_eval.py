@@ -239,7 +239,9 @@ def _compose(config_name: str, overrides: list[str], root: Path, output_dir: Pat
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> tuple[Path, dict]:
-    """A two-epoch run on a 22-image phantom: (best checkpoint, the run's metrics.json)."""
+    """A one-epoch run (a few batches) on a 22-image phantom: (best checkpoint, the run's metrics.json). Its network
+    is barely trained (it calls the test images benign): the tests that use it check that eval reproduces what
+    the run measured, not that the numbers are good."""
     root = tmp_path_factory.mktemp("eval_train")
     summary = train(_compose("train", TINY, root, root / "run"))
     return Path(summary["best_checkpoint"]), json.loads((root / "run" / "metrics.json").read_text())
