@@ -53,7 +53,7 @@ def test_child_argv_reuses_the_parent_job(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     argv = child_argv(["train.py", "-m", "split=kfold", "split.fold=0,1", "hydra.run.dir=x"])
     assert argv == ["train.py", "split=kfold", "split.fold=1", 'hydra.run.dir="/runs/a b"',
-                    "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+                    "hydra.output_subdir=null", "hydra/job_logging=ddp_child"]
     monkeypatch.setenv("LOCAL_RANK", "0")  # the launching process itself keeps its command line
     assert child_argv(["train.py", "-m", "a=1,2"]) == ["train.py", "-m", "a=1,2"]
 

@@ -9,8 +9,8 @@ and its run dir would be the *run* pattern, not the parent's sweep job dir. Ligh
 So the launching process exports its job's overrides and run dir (``share_run_dir``, called by
 ``train``) and a child rewrites its own ``sys.argv`` before Hydra parses it
 (``adopt_parent_run``, at import of ``busiseg.train``): same overrides as the parent's job, the
-parent's run dir, no ``.hydra/`` and no log file of its own (Hydra logs the children to
-stdout). Everything else a run writes (checkpoints, metrics.json, split.json, predictions,
+parent's run dir, no ``.hydra/`` and no log file of its own (the children log their warnings and errors to
+stdout: conf/hydra/job_logging/ddp_child.yaml; rank 0 logs the run). Everything else a run writes (checkpoints, metrics.json, split.json, predictions,
 figures, TensorBoard) is written by global rank 0 only.
 
 Processes started by a cluster (SLURM via ``hydra/launcher=submitit_slurm``, torchrun) do
@@ -101,7 +101,7 @@ def child_argv(argv: Sequence[str]) -> list[str]:
         *overrides,
         f'hydra.run.dir="{run_dir}"',
         "hydra.output_subdir=null",  # the parent's .hydra/ is the run's record
-        "hydra/job_logging=stdout",  # one train.log, the parent's; children log to the console
+        "hydra/job_logging=ddp_child",  # one train.log, the parent's; children log their warnings to the console
     ]
 
 
