@@ -141,7 +141,7 @@ def check_against_training(inputs: EvalInputs, results: EvalResults,
         return None
     stages = stages or {}
     ran = {k: Path(summary[k]["file"]).name for k, _ in STAGE_METRICS if (summary.get(k) or {}).get("file")}
-    if {k: Path(v).name for k, v in stages.items()} != ({k: ran[k] for k in ran} if stages else {}):
+    if stages and {k: Path(v).name for k, v in stages.items()} != ran:
         return None  # other stage files than the run's, or some of them only: other numbers than its own
     outside = ((summary.get("refine_stage") or {}).get("settings") or {}).get("outside", "keep")
     if stages.get("refine_stage") and refiner_outside not in (None, outside):

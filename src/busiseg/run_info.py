@@ -55,21 +55,28 @@ def git_commit(cwd: str | Path | None = None) -> dict[str, Any]:
         return {"commit": None, "dirty": None}
 
 
-def cpu_model() -> dict[str, str | None]:
-    """The CPU's model name, vendor family and model number (Linux ``/proc/cpuinfo``; elsewhere the platform's)."""
-    fields = {"model name": "name", "cpu family": "family", "model": "model"}
-    found: dict[str, str | None] = {v: None for v in fields.values()}
+def _first_processor() -> dict[str, str]:
+    """The first processor's block of Linux ``/proc/cpuinfo`` (``key: value``); empty where there is none."""
+    block: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
+                if not line.strip():
+                    if block:
+                        break  # the first processor's block is enough
+                    continue
                 key, _, value = line.partition(":")
-                key = key.strip()
-                if key in fields and found[fields[key]] is None:
-                    found[fields[key]] = value.strip()
-                elif not line.strip() and found["name"]:
-                    break  # the first processor's block is enough
+                block.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    return block
+
+
+def cpu_model() -> dict[str, str | None]:
+    """The CPU's model name, vendor family and model number (Linux ``/proc/cpuinfo``; elsewhere the platform's)."""
+    block = _first_processor()
+    found: dict[str, str | None] = {"name": block.get("model name"), "family": block.get("cpu family"),
+                                    "model": block.get("model")}
     if found["name"] is None:
         found["name"] = platform.processor() or None
     return found
@@ -141,15 +148,9 @@ NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 def cpu_flags() -> frozenset[str] | None:
     """The first processor's instruction-set flags (``flags`` on x86, ``Features`` on Arm) from Linux
     ``/proc/cpuinfo``; None where there is none to read."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    return frozenset(value.split())
-    except OSError:
-        pass
-    return None
+    block = _first_processor()
+    value = block.get("flags", block.get("Features"))
+    return None if value is None else frozenset(value.split())
 
 
 def native_bf16(flags: frozenset[str] | None, onednn_bf16: bool) -> bool:

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -547,23 +546,20 @@ def _log_into_the_resumed_run(run: Path) -> None:
     handler.setLevel(logging.INFO)
     root.addHandler(handler)
     _RESUME_LOG.append(handler)
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        own = HydraConfig.get().runtime.output_dir
-    except (ValueError, AttributeError):
-        own = None
+    own = _hydra_config().get("runtime", {}).get("output_dir")
     log.info("resumed: this process's log goes on in %s%s", target, f" (and in {own}/train.log)" if own else "")
+
+
+def _hydra_config() -> DictConfig | dict:
+    """Hydra's own config of this job; empty when not under Hydra (a config composed by hand)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else {}
 
 
 def _overrides_beside_resume() -> list[str]:
     """The command line's overrides other than ``resume=`` and Hydra's own (which a resume does not apply)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        task = list(HydraConfig.get().overrides.task)
-    except (ValueError, AttributeError):  # not under Hydra (a config composed by hand)
-        return []
+    task = list(_hydra_config().get("overrides", {}).get("task") or [])
     return [o for o in task if not o.split("=", 1)[0].lstrip("+~").startswith(("resume", "hydra."))]
 
 
@@ -603,12 +599,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         record_run(output_dir, _plain(cfg), resumed=resumed)
 
-    started = time.perf_counter()
     if cfg.get("train", True):
         fit_or_raise_interrupted(trainer, module, datamodule, cfg.get("ckpt_path"), output_dir, "busiseg.train")
-    clock = next((c for c in trainer.callbacks if isinstance(c, FitClock)), None)
-    # across resumes: the time the checkpoint stored plus this process's
-    fit_seconds = clock.seconds() if clock is not None and clock._started is not None else time.perf_counter() - started
+    # across resumes: the time the checkpoint stored plus this process's (build_trainer adds the clock)
+    fit_seconds = next(c for c in trainer.callbacks if isinstance(c, FitClock)).seconds()
     fit_metrics = dict(trainer.callback_metrics)
     if cfg.get("train", True) and trainer.is_global_zero:
         fit_metrics = _with_fit_record(output_dir, fit_metrics, fit_seconds)
