@@ -184,6 +184,9 @@ def test_a_run_without_a_logger_trains(tmp_path, data_dir, caplog):
         summary = train(compose_train(tmp_path, data_dir, ["~logger"]))
     assert "no logger: callbacks.lr_monitor (a learning-rate monitor) is off" in caplog.text
     assert "test/dice" in summary["metrics"] and not (tmp_path / "run" / "tensorboard").exists()
+    # the epoch lines count from 1, the checkpoint files from 0: the best names the file that holds it
+    last = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")][-1]
+    assert summary["best_checkpoint"] and last.endswith(f", {Path(summary['best_checkpoint']).name})"), last
 
 
 def test_kfold_warns_when_the_test_fold_picks_the_checkpoint(tmp_path, data_dir, caplog):

@@ -258,3 +258,26 @@ def test_epoch_summary_times_an_epoch_resumed_midway_from_the_fit_start(caplog):
         callback.on_train_epoch_end(trainer, None)
     seconds = int(caplog.text.split("epoch 2/3 (")[1].split(" s)")[0])
     assert seconds < 60, caplog.text
+
+
+def test_epoch_summary_names_the_kept_checkpoint_of_the_same_best(caplog, tmp_path):
+    """The log counts epochs from 1 and checkpoint files from 0 (Lightning's epoch_002.ckpt is epoch 3): the best
+    names the file a checkpoint callback keeps for the same best (formatted, since that callback saves after the
+    summary), and nothing where it keeps another metric's best or its name needs values the summary lacks."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from busiseg.models.callbacks import EpochSummary
+
+    same = ModelCheckpoint(dirpath=tmp_path, filename="epoch_{epoch:03d}", monitor="val/dice", mode="max",
+                           auto_insert_metric_name=False)
+    other = ModelCheckpoint(dirpath=tmp_path, filename="epoch_{epoch:03d}", monitor="val/loss", mode="min")
+    by_step = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}-{step}", monitor="val/dice", mode="max")
+    for callbacks, shown in (([other, same], "(epoch 3, epoch_002.ckpt)"), ([other], "(epoch 3)"),
+                             ([by_step], "(epoch 3)")):
+        callback = EpochSummary()
+        trainer = SimpleNamespace(is_global_zero=True, current_epoch=2, max_epochs=3, checkpoint_callbacks=callbacks,
+                                  callback_metrics={"val/dice": torch.tensor(0.5)})
+        caplog.clear()
+        with caplog.at_level("INFO", logger="busiseg.train"):
+            callback.on_train_epoch_end(trainer, None)
+        assert caplog.text.rstrip().endswith("best val/dice 0.5000 " + shown), caplog.text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
@@ -226,10 +228,27 @@ class EpochSummary(Callback):
             if better:
                 self.best = (value, epoch)
         shown = ", ".join(f"{k.removesuffix('_epoch')} {float(metrics[k]):.4f}" for k in self.KEYS if k in metrics)
-        best = f"; best {self.best_of} {self.best[0]:.4f} (epoch {self.best[1] + 1})" if self.best else ""
+        best = (f"; best {self.best_of} {self.best[0]:.4f} (epoch {self.best[1] + 1}{self._kept_file(trainer)})"
+                if self.best else "")
         total = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
         _TRAIN_LOG.info("epoch %d%s (%.0f s): %s%s", epoch + 1, total,
                                                 time.perf_counter() - self._started, shown, best)
+
+    def _kept_file(self, trainer: Trainer) -> str:
+        """", epoch_002.ckpt": the file a checkpoint callback keeps for the same best, whose name counts epochs
+        from 0 as Lightning does (the log counts from 1); "" where none keeps it or its name needs other values.
+        (The name is formatted here: a checkpoint callback saves after this callback has logged the epoch.)"""
+        assert self.best is not None
+        value, epoch = self.best
+        for cb in getattr(trainer, "checkpoint_callbacks", None) or ():
+            if not (isinstance(cb, ModelCheckpoint) and cb.monitor == self.best_of and cb.mode == self.mode
+                    and cb.save_top_k != 0):
+                continue
+            keys = set(re.findall(r"\{(.*?)[:\}]", cb.filename or "{epoch}-{step}"))
+            if keys <= {"epoch", self.best_of}:
+                name = cb.format_checkpoint_name({"epoch": torch.tensor(epoch), self.best_of: torch.tensor(value)})
+                return f", {Path(name).name}"
+        return ""
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": list(self.best) if self.best else None}
