@@ -239,11 +239,51 @@ def test_the_scan_stage_refusals(scanned_sweep, tmp_path):
         train(_compose("train", [*TINY, *SCAN, "scan_stage.zoom=[1.2,1.0]"], tmp_path, tmp_path / "d"))
     with pytest.raises(ConfigError, match=r"scan_stage.margin is not a scan-stage setting"):
         train(_compose("train", [*TINY, *SCAN, "+scan_stage.margin=3"], tmp_path, tmp_path / "d"))
+    start = "scan_stage.start=network"
+    with pytest.raises(ConfigError, match=r"scan_stage.start=network .* must be one of resnet18, resnet34, resnet50: "
+                                          r"model.encoder_name=mobilenet_v2 \(or scan_stage.start=scratch\)"):
+        train(_compose("train", [*TINY, *SCAN, start, "model.encoder_name=mobilenet_v2"], tmp_path, tmp_path / "d"))
+    with pytest.raises(ConfigError, match=r"scan_stage.arch=resnet34: .* a resnet18 \(model.encoder_name\); set "
+                                          r"scan_stage.arch=null"):
+        train(_compose("train", [*TINY, *SCAN, start, "scan_stage.arch=resnet34"], tmp_path, tmp_path / "d"))
+    with pytest.raises(ConfigError, match=r"crop_stage.start=network: the crop classifier trains from scratch"):
+        train(_compose("train", [*TINY, *CROP, "+crop_stage.start=network"], tmp_path, tmp_path / "d"))
     assert not (tmp_path / "d" / "checkpoints").exists()  # refused before any training
     (tmp_path / "run").mkdir()
     proc = subprocess.run([sys.executable, "-m", "busiseg.scan_stage", "train", str(tmp_path / "run")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "split.json: not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_scan_stage_can_start_from_the_networks_encoder(scanned_sweep, tmp_path):
+    """scan_stage.start=network (e78): the classifier is a ResNet of the network's encoder (arch null) and starts
+    from its weights (at a learning rate too small to move them, its trained weights are the encoder's), and its
+    file says so; ``python -m busiseg.scan_stage train RUN --start network`` does the same from RUN's checkpoint."""
+    from busiseg.checkpoint import load_model
+    from busiseg.scan_stage import main
+    from busiseg.train import train
+
+    root, sweep = scanned_sweep
+    tiny = [o for o in TINY if not o.startswith("split.")]
+    still = ["scan_stage.lr=1e-12", "scan_stage.weight_decay=0", "scan_stage.epochs=1"]
+    run = tmp_path / "run"
+    train(_compose("train", [*tiny, *SCAN, "scan_stage.start=network", *still, "split=kfold", "split.k=2",
+                             "split.fold=0", "test_ckpt=last"], root, run))
+    stage = json.loads((run / "metrics.json").read_text())["scan_stage"]
+    assert (stage["settings"]["arch"], stage["settings"]["start"]) == ("resnet18", "network")
+    cli = tmp_path / "cli.pt"
+    assert main(["train", str(sweep / "0"), "--start", "network", "--epochs", "1", "--size", "32", "--batch-size", "8",
+                 "--lr", "1e-12", "--weight-decay", "0", "--out", str(cli), "--no-progress"]) == 0
+    key = "layer2.0.conv1.weight"
+    for source, file in ((run, run / FILE_NAME), (sweep / "0", cli)):
+        encoder = load_model(source / "checkpoints" / "last.ckpt")[0].unet.encoder.state_dict()
+        model = load_scan_classifier(file)
+        assert (model.settings.arch, model.settings.start) == ("resnet18", "network")
+        np.testing.assert_allclose(model.net.state_dict()[key].numpy(), encoder[key].numpy(), atol=1e-6)
+    # the stage's default classifier starts from scratch: none of the network's weights
+    scratch = load_scan_classifier(sweep / "0" / FILE_NAME)
+    assert scratch.settings.start == "scratch" and not np.allclose(scratch.net.state_dict()[key].numpy(),
+                                                                   encoder[key].numpy(), atol=1e-3)
 
 
 def test_whole_box_and_the_join():

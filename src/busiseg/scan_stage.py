@@ -45,8 +45,11 @@ from busiseg.data.busi import DatasetError, Record, load_record  # noqa: E402
 from busiseg.data.labels import CLASS_NAMES  # noqa: E402
 from busiseg.evaluation.runner import EvalResults  # noqa: E402
 from busiseg.models.crop_classifier import (  # noqa: E402
+    ARCHS,
+    STARTS,
     CropClassifier,
     CropClassifierError,
+    network_encoder,
     read_crop_file,
     save_crop_classifier,
 )
@@ -66,10 +69,11 @@ FILE_NAME = "scan_classifier.pt"
 
 
 def train_for_split(root: Path, split_file: Path, settings: ScanSettings, device: str = "auto",
-                    precision: str = "auto", progress: bool = True) -> tuple[CropClassifier, dict[str, Any], np.ndarray]:
+                    precision: str = "auto", progress: bool = True, init: dict[str, torch.Tensor] | None = None
+                    ) -> tuple[CropClassifier, dict[str, Any], np.ndarray]:
     """Train the scan classifier on every image of ``split_file``'s training part under ``root`` (in the split's
     order); returns it, what to store beside its weights (time, loss per epoch, where the images came from) and
-    :func:`scan_figure`."""
+    :func:`scan_figure`. ``init``: the network's encoder weights it starts from (``settings.start == "network"``)."""
     dev = stage_device(device, ScanClassifierError)
     try:
         records = training_records(root, split_file)
@@ -83,16 +87,24 @@ def train_for_split(root: Path, split_file: Path, settings: ScanSettings, device
     started = time.perf_counter()
     images = [load_record(r)[0] for r in records]
     labels = [r.label for r in records]
-    log.info("scan classifier: %d images of %s (%s), %d px, %d epochs on %s%s, seed %d", len(records), split_file,
-             root, settings.size, settings.epochs, dev, ", bf16" if dtype is not None else "", settings.seed)
+    log.info("scan classifier (%s): %d images of %s (%s), %d px, %d epochs on %s%s, seed %d", describe(settings),
+             len(records), split_file, root, settings.size, settings.epochs, dev, ", bf16" if dtype is not None else "",
+             settings.seed)
     with epoch_bar("scan classifier", settings.epochs, progress) as on_epoch:
         model, history = train_scan_classifier(images, labels, settings, [r.name for r in records], dev, dtype,
-                                               on_epoch=on_epoch)
+                                               on_epoch=on_epoch, init=init)
     info = stage_info(started, history, root, split_file, dev, dtype)
     log.info("scan classifier trained in %.0f s, last epoch's loss %.3f", info["fit_seconds"], history[-1])
     figure = scan_figure(history, images, labels, settings,
-                         f"scan classifier: {len(records)} images of {split_file}, {info['fit_seconds']:.0f} s")
+                         f"scan classifier ({describe(settings)}): {len(records)} images of {split_file}, "
+                         f"{info['fit_seconds']:.0f} s")
     return model.cpu(), info, figure
+
+
+def describe(settings: ScanSettings) -> str:
+    """"ResNet-34 from the network's encoder", "ResNet-18 from scratch": what the classifier is and starts from."""
+    name = settings.arch.replace("resnet", "ResNet-")
+    return f"{name} from the network's encoder" if settings.start == "network" else f"{name} from scratch"
 
 
 def scan_figure(history: Sequence[float], images: Sequence[np.ndarray], labels: Sequence[int],
@@ -110,13 +122,15 @@ def scan_figure(history: Sequence[float], images: Sequence[np.ndarray], labels: 
 
 
 def trained_or_reused_scan(out: Path, settings: ScanSettings, root: Path, split_file: Path, dtype: str, reuse: bool,
-                           device: str = "auto", progress: bool = True) -> tuple[CropClassifier, dict[str, Any]]:
+                           device: str = "auto", progress: bool = True,
+                           init: dict[str, torch.Tensor] | None = None) -> tuple[CropClassifier, dict[str, Any]]:
     """The scan classifier at ``out`` when ``reuse`` and it was trained with ``settings`` on ``split_file``'s
-    training part (read once), else trained and written there. The file stores the crop classifier's settings it
-    was trained with (:meth:`ScanSettings.crop_settings`), so those are what it is compared with."""
+    training part (read once), else trained (from ``init``, the network's encoder, where ``settings.start`` says
+    so) and written there. The file stores the crop classifier's settings it was trained with
+    (:meth:`ScanSettings.crop_settings`), so those are what it is compared with."""
     return trained_or_reused(out, settings.crop_settings(), root, split_file, dtype, reuse, read_crop_file,
                              load_scan_classifier,
-                             lambda: train_for_split(root, split_file, settings, device, dtype, progress),
+                             lambda: train_for_split(root, split_file, settings, device, dtype, progress, init),
                              save_crop_classifier)
 
 
@@ -130,14 +144,28 @@ def for_training_run(settings: ScanSettings, root: Path, split_file: Path, net: 
     the run's other stages (``crop_classifier``, ``mask_refiner``), on each part of ``parts`` by the runner, at
     ``precision``, on the CPU. Returns what the run's ``metrics.json`` records about the stage, and
     ``{part: results}``. ``reuse`` (a resumed run): a file at ``out`` trained with these settings on this split is
-    read, not retrained."""
+    read, not retrained. With ``settings.start == "network"`` the classifier starts from ``net``'s encoder."""
     dtype = "bf16-mixed" if precision.startswith("bf16") else "32"
-    model, info = trained_or_reused_scan(out, settings, root, split_file, dtype, reuse, device, progress)
+    init = network_encoder(net) if settings.start == "network" else None
+    model, info = trained_or_reused_scan(out, settings, root, split_file, dtype, reuse, device, progress, init)
     results = score_parts(net, parts, image_size, in_channels, batch_size, precision=precision,
                           channels_last=channels_last, progress=progress,
                           check=lambda names: check_not_trained_on(model, names, out),
                           crop_classifier=crop_classifier, mask_refiner=mask_refiner, scan_classifier=model)
     return stage_record(out, info, model.trained_on, settings), results
+
+
+def run_encoder(ckpt: Path) -> tuple[str, dict[str, torch.Tensor]]:
+    """The arch and encoder weights of the network in the training checkpoint ``ckpt``, for ``--start network``;
+    an encoder the classifier cannot be is refused with a message naming the file."""
+    from busiseg.checkpoint import load_model
+
+    net, config = load_model(ckpt)
+    arch = str((config.get("model") or {}).get("encoder_name", ""))
+    if arch not in ARCHS:
+        raise ScanClassifierError(f"{ckpt}: the network's encoder is {arch or 'unknown'}; --start network needs one "
+                                  f"of {', '.join(ARCHS)} (or --start scratch)")
+    return arch, network_encoder(net)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -146,6 +174,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     train = sub.add_parser("train", help="train the scan classifier on a run's training part")
     add_run_training_arguments(train, FILE_NAME, ScanSettings(), "side the scan is resized to (px)",
                                "scan_stage")
+    train.add_argument("--start", choices=STARTS, default=ScanSettings().start,
+                       help="scratch: a ResNet-18 with random weights; network: the run's network's encoder (a "
+                            "ResNet of its arch, read from --checkpoint), fine-tuned")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(os.cpu_count() or 1)
@@ -154,10 +185,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not split_file.is_file():
             raise ScanClassifierError(f"{split_file}: not found (RUN is a training run dir: split.json, checkpoints/)")
         seed = args.seed if args.seed is not None else run_seed(args.run, args.checkpoint)
+        arch, init = "resnet18", None
+        if args.start == "network":
+            arch, init = run_encoder(args.run / "checkpoints" / args.checkpoint)
         settings = ScanSettings(size=args.size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                weight_decay=args.weight_decay, seed=seed)
+                                weight_decay=args.weight_decay, seed=seed, arch=arch, start=args.start)
         root = args.data_root or run_data_root(args.run, args.checkpoint)
-        model, info, figure = train_for_split(root, split_file, settings, args.device, progress=not args.no_progress)
+        model, info, figure = train_for_split(root, split_file, settings, args.device, progress=not args.no_progress,
+                                              init=init)
         path = save_with_figure(model, args.out or args.run / FILE_NAME, figure, save_crop_classifier,
                                 run=str(args.run), **info)
         print(f"scan classifier: {path} ({len(model.trained_on)} images, {info['fit_seconds']:.0f} s); "

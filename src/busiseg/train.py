@@ -202,8 +202,13 @@ def _stage_settings(cfg: DictConfig, group: str, settings_class: type, errors: t
 
 
 def crop_settings(cfg: DictConfig) -> CropSettings | None:
-    """The ``crop_stage`` group's settings (None when the group is null or ``crop_stage=none``); a bad value names its key."""
-    return _stage_settings(cfg, "crop_stage", CropSettings, (CropClassifierError,))
+    """The ``crop_stage`` group's settings (None when the group is null or ``crop_stage=none``); a bad value names its key.
+    The crop classifier trains from scratch (``start: network`` is the scan stage's)."""
+    settings = _stage_settings(cfg, "crop_stage", CropSettings, (CropClassifierError,))
+    if settings is not None and settings.start != "scratch":
+        raise ConfigError(f"crop_stage.start={settings.start}: the crop classifier trains from scratch (starting from "
+                          "the network's encoder is the scan stage's: scan_stage.start=network)")
+    return settings
 
 
 def refine_settings(cfg: DictConfig) -> RefinerSettings | None:
@@ -217,11 +222,25 @@ def refine_settings(cfg: DictConfig) -> RefinerSettings | None:
 
 def scan_settings(cfg: DictConfig) -> ScanSettings | None:
     """The ``scan_stage`` group's settings (None when the group is null or ``scan_stage=none``); a bad value names its key. Its
-    ``seed: null`` is the run's seed plus the k-fold fold, as the refine stage's."""
+    ``seed: null`` is the run's seed plus the k-fold fold, as the refine stage's; ``arch: null`` is the network's
+    encoder (``model.encoder_name``) with ``start: network``, else resnet18. ``start: network`` with an encoder
+    the classifier cannot be is a ConfigError before the fit."""
+    from busiseg.models.crop_classifier import ARCHS
     from busiseg.refine_stage import stage_seed
 
-    return _stage_settings(cfg, "scan_stage", ScanSettings, (ScanClassifierError,),
-                           seed=stage_seed(int(cfg.get("seed", 42)), cfg.get("split")))
+    stage = cfg.get("scan_stage") or {}
+    encoder = str((cfg.get("model") or {}).get("encoder_name", ""))
+    from_network = stage.get("start") == "network"
+    if from_network and encoder not in ARCHS:
+        raise ConfigError(f"scan_stage.start=network starts the scan classifier from the network's encoder, which "
+                          f"must be one of {', '.join(ARCHS)}: model.encoder_name={encoder} (or scan_stage.start=scratch)")
+    settings = _stage_settings(cfg, "scan_stage", ScanSettings, (ScanClassifierError,),
+                               seed=stage_seed(int(cfg.get("seed", 42)), cfg.get("split")),
+                               arch=encoder if from_network else "resnet18")
+    if settings is not None and from_network and settings.arch != encoder:
+        raise ConfigError(f"scan_stage.arch={settings.arch}: scan_stage.start=network starts the scan classifier from "
+                          f"the network's encoder, a {encoder} (model.encoder_name); set scan_stage.arch=null")
+    return settings
 
 
 def _stage_parts(datamodule: L.LightningDataModule, evaluate: bool) -> tuple[dict[str, list], bool]:

@@ -15,7 +15,9 @@ from busiseg.models.crop_classifier import (
     combine_class_probs,
     combine_none_probs,
     load_crop_classifier,
+    make_net,
     save_crop_classifier,
+    start_from_encoder,
     train_crop_classifier,
 )
 
@@ -120,6 +122,52 @@ def test_training_refusals():
         train_crop_classifier(images, boxes, [0, 0, 0, 0], SMALL)
     with pytest.raises(CropClassifierError, match="non-empty mask"):
         train_crop_classifier(images, [None, *boxes[1:]], labels, SMALL)
+    with pytest.raises(CropClassifierError, match=r"start=network: it needs the network's encoder weights"):
+        train_crop_classifier(images, boxes, labels, CropSettings(size=32, epochs=1, start="network"))
+    with pytest.raises(CropClassifierError, match="encoder weights given .init. to a classifier from scratch"):
+        train_crop_classifier(images, boxes, labels, SMALL, init=make_net(2).state_dict())
+
+
+def _encoder(arch: str, in_channels: int) -> dict[str, torch.Tensor]:
+    import segmentation_models_pytorch as smp
+
+    return smp.encoders.get_encoder(arch, in_channels=in_channels, weights=None).state_dict()
+
+
+def test_a_classifier_starts_from_an_encoder_of_its_arch():
+    """start=network: every weight but the last layer's is the encoder's (smp's ResNet encoder holds
+    torchvision's keys); a three-channel encoder's first filters are summed for the grey scan; another arch is
+    refused, naming the first weight that does not fit."""
+    encoder = _encoder("resnet18", 3)
+    net = make_net(3, "resnet18")
+    fc = net.fc.weight.detach().clone()
+    start_from_encoder(net, encoder, "resnet18")
+    own = net.state_dict()
+    torch.testing.assert_close(own["conv1.weight"], encoder["conv1.weight"].sum(dim=1, keepdim=True))
+    for key in ("layer4.1.conv2.weight", "layer1.0.bn1.running_mean", "bn1.bias"):
+        torch.testing.assert_close(own[key], encoder[key])
+    torch.testing.assert_close(own["fc.weight"], fc)  # the new 3-class layer keeps its random start
+    # a ResNet-18 encoder fits a ResNet-34's first blocks, not its third block of layer1
+    with pytest.raises(CropClassifierError, match=r"the network's encoder is not a resnet34 \(its layer1.2.\S+: missing"):
+        start_from_encoder(make_net(3, "resnet34"), _encoder("resnet18", 1), "resnet34")
+    with pytest.raises(CropClassifierError, match="not a resnet18"):
+        start_from_encoder(make_net(3, "resnet18"), _encoder("resnet50", 1), "resnet18")
+    with pytest.raises(CropClassifierError, match=r"arch='vgg16' \(one of resnet18, resnet34, resnet50\)"):
+        CropSettings(arch="vgg16")
+    with pytest.raises(CropClassifierError, match=r"start='imagenet' \(one of scratch, network\)"):
+        CropSettings(start="imagenet")
+
+
+def test_training_from_an_encoder_keeps_it_where_nothing_is_learnt():
+    """``init`` is what training starts from: with a learning rate too small to move them, the trained
+    classifier's weights are the encoder's (a classifier trained from scratch shares none of them)."""
+    images, boxes, labels = _scans(8, seed=0)
+    encoder = _encoder("resnet18", 1)
+    settings = CropSettings(size=32, epochs=1, batch_size=8, lr=1e-12, weight_decay=0.0, start="network")
+    model, _ = train_crop_classifier(images, boxes, labels, settings, init=encoder)
+    torch.testing.assert_close(model.net.state_dict()["layer3.0.conv1.weight"], encoder["layer3.0.conv1.weight"])
+    scratch, _ = train_crop_classifier(images, boxes, labels, CropSettings(size=32, epochs=1, batch_size=8))
+    assert not torch.allclose(scratch.net.state_dict()["layer3.0.conv1.weight"], encoder["layer3.0.conv1.weight"])
 
 
 def test_three_classes_train_read_round_trip_and_refine(tmp_path):

@@ -49,6 +49,11 @@ FORMAT = "busiseg.crop_classifier/1"
 LESION_CLASSES = ("benign", "malignant")
 # with normal_boxes > 0: three outputs, the multi-task labels 0 (no lesion in the crop), 1 and 2
 NONE_CLASSES = ("none", "benign", "malignant")
+# the torchvision ResNets a classifier can be (one input channel); smp's encoders of these names hold the same
+# weights under the same keys, without the last layer, so a classifier can start from a network's encoder
+ARCHS = ("resnet18", "resnet34", "resnet50")
+# where its weights start: "scratch" (random), or "network": the multi-task network's encoder (same arch)
+STARTS = ("scratch", "network")
 
 
 class CropClassifierError(ValueError):
@@ -66,7 +71,9 @@ class CropSettings:
     probabilities averaged. seed: the training's random seed. normal_boxes: 0, the classifier tells benign
     from malignant and P(normal) stays the network's; N > 0, it also learns "none" on N crops of each normal
     training image (the first around the network's peak region on it, the others on random and dark spots)
-    and joins P(normal) too (:func:`combine_none_probs`).
+    and joins P(normal) too (:func:`combine_none_probs`). arch: the torchvision ResNet it is (``ARCHS``, one input
+    channel); start: ``"scratch"`` (random weights) or ``"network"``: the multi-task network's encoder of the same
+    arch, handed to :func:`train_crop_classifier` as ``init`` (the scan stage's, e78).
     """
 
     size: int = 128
@@ -79,6 +86,8 @@ class CropSettings:
     test_margins: tuple[float, ...] = (1.5, 2.0, 2.5)
     seed: int = 0
     normal_boxes: int = 0
+    arch: str = "resnet18"
+    start: str = "scratch"
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -93,16 +102,49 @@ class CropSettings:
             problems.append(f"size={self.size} (at least 16 px)")
         if not isinstance(self.normal_boxes, int) or isinstance(self.normal_boxes, bool) or self.normal_boxes < 0:
             problems.append(f"normal_boxes={self.normal_boxes!r} (a whole number, 0 or more)")
+        if self.arch not in ARCHS:
+            problems.append(f"arch={self.arch!r} (one of {', '.join(ARCHS)})")
+        if self.start not in STARTS:
+            problems.append(f"start={self.start!r} (one of {', '.join(STARTS)})")
         problems += crop_training_problems(self)
         if problems:
             raise CropClassifierError("crop classifier settings out of range: " + "; ".join(problems))
 
 
-def make_net(num_classes: int = len(LESION_CLASSES)) -> torch.nn.Module:
-    """ResNet-18 from scratch, one input channel, ``num_classes`` outputs (benign, malignant by default)."""
-    net = torchvision.models.resnet18(num_classes=num_classes)
+def make_net(num_classes: int = len(LESION_CLASSES), arch: str = "resnet18") -> torch.nn.Module:
+    """A torchvision ResNet (``ARCHS``; ResNet-18 by default) with random weights, one input channel,
+    ``num_classes`` outputs (benign, malignant by default)."""
+    if arch not in ARCHS:
+        raise CropClassifierError(f"arch={arch!r}: the classifier is one of {', '.join(ARCHS)}")
+    net = getattr(torchvision.models, arch)(num_classes=num_classes)
     net.conv1 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
     return net
+
+
+def start_from_encoder(net: torch.nn.Module, encoder: dict[str, torch.Tensor], arch: str) -> None:
+    """Copy a multi-task network's encoder weights (its ``unet.encoder.state_dict()``: smp's ResNet encoder of
+    ``arch``, the classifier's own arch) into ``net``; its last layer keeps its random weights. An encoder of
+    three input channels gives the sum of its first convolution's three filters (the grey scan in all three).
+    Weights that do not fit are a CropClassifierError naming the first."""
+    encoder = dict(encoder)
+    conv1 = encoder.get("conv1.weight")
+    if conv1 is not None and conv1.ndim == 4 and conv1.shape[1] == 3:
+        encoder["conv1.weight"] = conv1.sum(dim=1, keepdim=True)
+    own = net.state_dict()
+    wrong = [k for k, v in encoder.items() if k not in own or own[k].shape != v.shape]
+    missing = sorted(k for k in own if k not in encoder and not k.startswith("fc."))
+    if wrong or missing:
+        first = wrong[0] if wrong else missing[0]
+        shape = tuple(encoder[first].shape) if first in encoder else "missing"
+        raise CropClassifierError(f"start=network: the network's encoder is not a {arch} (its {first}: {shape}); "
+                                  "the classifier starts from an encoder of its own arch (or start=scratch)")
+    net.load_state_dict(encoder, strict=False)
+
+
+def network_encoder(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The multi-task network's encoder weights (a copy, on the CPU), what :func:`start_from_encoder` reads."""
+    net = getattr(net, "_orig_mod", net)  # a compiled network
+    return {k: v.detach().cpu().clone() for k, v in net.unet.encoder.state_dict().items()}
 
 
 def to_grey(image: np.ndarray) -> np.ndarray:
@@ -122,7 +164,7 @@ class CropClassifier(torch.nn.Module):
         self.settings = settings or CropSettings()
         self.trained_on = list(trained_on)
         self.classes = tuple(classes)
-        self.net = make_net(len(self.classes))
+        self.net = make_net(len(self.classes), self.settings.arch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -225,11 +267,13 @@ def train_crop_classifier(images: Sequence[np.ndarray], boxes: Sequence[Box], la
                           settings: CropSettings, names: Sequence[str] = (), device: str | torch.device = "cpu",
                           autocast: torch.dtype | None = None,
                           on_epoch: Callable[[int, float], None] | None = None,
-                          classes: Sequence[str] = LESION_CLASSES) -> tuple[CropClassifier, list[float]]:
+                          classes: Sequence[str] = LESION_CLASSES,
+                          init: dict[str, torch.Tensor] | None = None) -> tuple[CropClassifier, list[float]]:
     """Train on random square crops around ``boxes`` (ground-truth lesion boxes at the images' own size);
     ``labels`` index ``classes`` (0 = benign, 1 = malignant); ``names`` are recorded as the images it was trained
-    on. Returns the network (eval mode) and the mean training loss of each epoch; ``on_epoch(epoch, loss)``
-    after each."""
+    on. ``init``: with ``settings.start == "network"``, the multi-task network's encoder weights it starts from
+    (:func:`network_encoder`). Returns the network (eval mode) and the mean training loss of each epoch;
+    ``on_epoch(epoch, loss)`` after each."""
     if not len(images) == len(boxes) == len(labels):
         raise ValueError(f"{len(images)} images, {len(boxes)} boxes and {len(labels)} labels")
     labels = np.asarray(labels, dtype=np.int64)
@@ -240,10 +284,16 @@ def train_crop_classifier(images: Sequence[np.ndarray], boxes: Sequence[Box], la
     if any(b is None for b in boxes):
         raise CropClassifierError("every training image needs a lesion (a non-empty mask)")
     s = settings
+    if (init is not None) != (s.start == "network"):
+        raise CropClassifierError(f"start={s.start}: " + ("it needs the network's encoder weights (init)" if init is None
+                                                          else "encoder weights given (init) to a classifier from scratch"))
     g = np.random.default_rng(s.seed)
     torch.manual_seed(s.seed)
     device = torch.device(device)
-    model = CropClassifier(s, names, classes).to(device).to(memory_format=torch.channels_last)
+    model = CropClassifier(s, names, classes)
+    if init is not None:
+        start_from_encoder(model.net, init, s.arch)
+    model = model.to(device).to(memory_format=torch.channels_last)
     greys = [to_grey(im) for im in images]
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     steps = s.epochs * math.ceil(len(greys) / s.batch_size)

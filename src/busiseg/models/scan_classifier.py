@@ -8,7 +8,9 @@ probabilities (:func:`join_scan_probs`). It is the crop stage's network and trai
 (:mod:`busiseg.models.crop_classifier`: torchvision ResNet-18 from scratch, one channel, AdamW one-cycle, flips
 and brightness/contrast) with the scan's own square as the "crop": the longer side, the shorter padded with
 black (:func:`whole_box`), cut during training with a margin of U(``zoom``) and moved by up to ``jitter`` of
-the side, read at test whole and mirrored. Measured in docs/results.md (e67); entry points:
+the side, read at test whole and mirrored. ``ScanSettings.start="network"`` (e78) makes it a ResNet of the
+multi-task network's own encoder (ResNet-34 for ``busi_cpu``) started from that encoder's weights and fine-tuned
+the same way. Measured in docs/results.md (e67, e78); entry points:
 ``scan_stage=default`` in ``busiseg.train``, ``python -m busiseg.scan_stage train RUN``, and the
 ``scan_classifier=`` key of eval and predict.
 """
@@ -46,7 +48,10 @@ class ScanSettings:
     size: the side the scan's square is resized to (px). epochs, batch_size, lr, weight_decay: AdamW with a
     one-cycle schedule (20 % warm-up). zoom: a training square's side is the scan's longer side times U(lo, hi)
     (below 1 zooms in); jitter: its centre moves by up to this share of the side (each axis). seed: the
-    training's random seed."""
+    training's random seed. arch: the torchvision ResNet (resnet18, resnet34, resnet50); start: ``"scratch"``
+    (random weights) or ``"network"``: the run's multi-task network's encoder, which must then be of ``arch``
+    (``busiseg.train`` takes ``model.encoder_name`` where ``arch`` is null), fine-tuned on the whole scans (e78,
+    docs/results.md)."""
 
     size: int = 224
     epochs: int = 40
@@ -56,6 +61,8 @@ class ScanSettings:
     zoom: tuple[float, float] = (0.85, 1.15)
     jitter: float = 0.08
     seed: int = 0
+    arch: str = "resnet18"
+    start: str = "scratch"
 
     def __post_init__(self) -> None:
         self.zoom = tuple(float(v) for v in self.zoom)  # type: ignore[assignment]
@@ -69,7 +76,7 @@ class ScanSettings:
         """The crop classifier's settings that train and read whole scans this way."""
         return CropSettings(size=self.size, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                             weight_decay=self.weight_decay, train_margin=self.zoom, jitter=self.jitter,
-                            test_margins=(1.0,), seed=self.seed)
+                            test_margins=(1.0,), seed=self.seed, arch=self.arch, start=self.start)
 
 
 def whole_box(image: np.ndarray) -> Box:
@@ -81,13 +88,15 @@ def whole_box(image: np.ndarray) -> Box:
 def train_scan_classifier(images: Sequence[np.ndarray], labels: Sequence[int], settings: ScanSettings,
                           names: Sequence[str] = (), device: str | torch.device = "cpu",
                           autocast: torch.dtype | None = None,
-                          on_epoch: Callable[[int, float], None] | None = None) -> tuple[CropClassifier, list[float]]:
+                          on_epoch: Callable[[int, float], None] | None = None,
+                          init: dict[str, torch.Tensor] | None = None) -> tuple[CropClassifier, list[float]]:
     """Train on the whole ``images`` (uint8, at their own size) with ``labels`` 0 normal, 1 benign, 2 malignant;
-    ``names`` are recorded as the images it was trained on. Returns the network (eval mode) and the mean
-    training loss of each epoch."""
+    ``names`` are recorded as the images it was trained on. ``init``: with ``settings.start == "network"``, the
+    multi-task network's encoder weights (``busiseg.models.crop_classifier.network_encoder``). Returns the network
+    (eval mode) and the mean training loss of each epoch."""
     try:
         return train_crop_classifier(images, [whole_box(im) for im in images], labels, settings.crop_settings(),
-                                     names, device, autocast, on_epoch, classes=CLASS_NAMES)
+                                     names, device, autocast, on_epoch, classes=CLASS_NAMES, init=init)
     except CropClassifierError as exc:
         raise ScanClassifierError(str(exc).replace("crop classifier", "scan classifier")) from exc
 
