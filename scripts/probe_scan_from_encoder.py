@@ -23,7 +23,6 @@ scores."""
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -32,36 +31,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
 
 import busiseg.models.crop_classifier as crop_classifier
 from busiseg.atomic import write_csv_atomic
 from busiseg.checkpoint import load_model
 from busiseg.data.busi import load_record, root_from_env, scan_busi
 from busiseg.data.labels import CLASS_NAMES
+from busiseg.models.crop_classifier import make_net, network_encoder, start_from_encoder
 from busiseg.models.scan_classifier import ScanSettings, join_scan_probs, scan_probs, train_scan_classifier
-from busiseg.run_info import cpu_has_bf16
 
-DTYPE = torch.bfloat16 if cpu_has_bf16() else None
-PROBS = tuple(f"prob_{c}" for c in CLASS_NAMES)
-
-
-def read_test(path: Path) -> dict[str, np.ndarray]:
-    with open(path, newline="") as f:
-        return {r["image"]: np.array([float(r[k]) for k in PROBS]) for r in csv.DictReader(f) if r["part"] == "test"}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from probe_scan_classifier import DTYPE, PROBS, read_test  # noqa: E402  (e67's reader of a fold's test rows)
 
 
 def resnet34_from(ckpt: Path | None) -> torch.nn.Module:
-    """torchvision ResNet-34, one input channel, 3 outputs; the encoder's weights from ``ckpt`` (None: scratch)."""
-    net = torchvision.models.resnet34(num_classes=len(CLASS_NAMES))
-    net.conv1 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+    """ResNet-34, one input channel, 3 outputs; the encoder's weights from ``ckpt`` (None: scratch). Built before
+    the fine-tune seeds the RNG, as e78 ran (so its new layer's start is not the one ``init=`` would give)."""
+    net = make_net(len(CLASS_NAMES), "resnet34")
     if ckpt is not None:
-        unet, _ = load_model(ckpt)
-        encoder = unet.unet.encoder.state_dict()
-        missing, unexpected = net.load_state_dict(encoder, strict=False)
-        if unexpected or sorted(missing) != ["fc.bias", "fc.weight"]:
-            raise SystemExit(f"error: {ckpt}: encoder weights do not fit a ResNet-34 (missing {missing}, "
-                             f"unexpected {unexpected})")
+        start_from_encoder(net, network_encoder(load_model(ckpt)[0]), "resnet34")
     return net
 
 

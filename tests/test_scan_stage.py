@@ -280,7 +280,8 @@ def test_the_scan_stage_can_start_from_the_networks_encoder(scanned_sweep, tmp_p
         model = load_scan_classifier(file)
         assert (model.settings.arch, model.settings.start) == ("resnet18", "network")
         np.testing.assert_allclose(model.net.state_dict()[key].numpy(), encoder[key].numpy(), atol=1e-6)
-    # the stage's default classifier starts from scratch: none of the network's weights
+    # the stage's default classifier of the same run starts from scratch: none of its network's weights
+    encoder = load_model(sweep / "0" / "checkpoints" / "last.ckpt")[0].unet.encoder.state_dict()
     scratch = load_scan_classifier(sweep / "0" / FILE_NAME)
     assert scratch.settings.start == "scratch" and not np.allclose(scratch.net.state_dict()[key].numpy(),
                                                                    encoder[key].numpy(), atol=1e-3)

@@ -143,7 +143,6 @@ def start_from_encoder(net: torch.nn.Module, encoder: dict[str, torch.Tensor], a
 
 def network_encoder(net: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The multi-task network's encoder weights (a copy, on the CPU), what :func:`start_from_encoder` reads."""
-    net = getattr(net, "_orig_mod", net)  # a compiled network
     return {k: v.detach().cpu().clone() for k, v in net.unet.encoder.state_dict().items()}
 
 
