@@ -2,8 +2,8 @@
 (docs/results.md, e54)
 
     BUSI_ROOT=/path/to/Dataset_BUSI_with_GT python scripts/probe_crop_refine.py SWEEP \
-        [--folds 0 1 2 3 4] [--epochs 30] [--seed-offset 0] [--out per_image.csv] \
-        [--figure examples.png]
+        [--folds 0 1 2 3 4] [--epochs 30] [--size 128] [--encoder resnet18] [--seed-offset 0] \
+        [--out per_image.csv] [--figure examples.png]
 
 SWEEP is a k-fold sweep of ``experiment=busi_cpu`` (SWEEP/F/split.json, checkpoints/last.ckpt, and for the
 check predictions.csv). ``busi_cpu`` segments the whole scan at 128 px, where a small lesion is a few dozen
@@ -110,7 +110,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("sweep", type=Path, help="k-fold sweep of experiment=busi_cpu (one run per fold)")
     ap.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--epochs", type=int, default=RefinerSettings.epochs)
+    ap.add_argument("--size", type=int, default=RefinerSettings.size, help="crop side fed to the refiner (px; e79)")
+    ap.add_argument("--encoder", default=RefinerSettings.encoder, help="the refiner's smp encoder (e79)")
     ap.add_argument("--seed-offset", type=int, default=0, help="added to each refiner's seed (the run's + fold)")
     ap.add_argument("--out", type=Path, help="per-image Dice (CSV) here")
     ap.add_argument("--figure", type=Path, help="a PNG of the images the refiner helped and hurt most")
@@ -137,7 +139,8 @@ def main() -> int:
         train = [n for n in split["train"] if records[n].label > 0]
         t0 = time.time()
         refiner, _ = train_mask_refiner([decoded[n][0] for n in train], [decoded[n][1] for n in train],
-                                        RefinerSettings(epochs=args.epochs, seed=seed), train, autocast=DTYPE,
+                                        RefinerSettings(epochs=args.epochs, size=args.size,
+                                                        encoder=args.encoder, seed=seed), train, autocast=DTYPE,
                                         on_epoch=report)
         fit = time.time() - t0
         held = split["val"]
